@@ -1,0 +1,103 @@
+"""Input validation for the rotated-query op: clear errors that name the argument.
+
+Shape, dtype and device checks run everywhere (they are static under tracing); checks that read
+tensor values (block ids, lengths, delta range) run only in eager mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rope import MAX_ABS_DELTA
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int32, torch.int64)
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    block_delta: torch.Tensor,
+    seq_lens: torch.Tensor,
+    rotary_dim: int,
+    interleaved: bool,
+) -> None:
+    """Raise TypeError/ValueError naming the first argument that breaks the op's contract."""
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),
+                    ("block_delta", block_delta), ("seq_lens", seq_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q: expected [batch, num_heads, q_len, head_dim], got shape {tuple(q.shape)}")
+    if k_pool.dim() != 4:
+        raise ValueError(
+            f"k_pool: expected [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(k_pool.shape)}"
+        )
+    if v_pool.shape != k_pool.shape:
+        raise ValueError(f"v_pool: expected the shape of k_pool {tuple(k_pool.shape)}, got {tuple(v_pool.shape)}")
+    batch, num_heads, q_len, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, pool_dim = k_pool.shape
+    if q.dtype not in _FLOATS:
+        raise TypeError(f"q: expected a floating dtype {_FLOATS}, got {q.dtype}")
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),
+                    ("block_delta", block_delta), ("seq_lens", seq_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
+    if pool_dim != head_dim:
+        raise ValueError(f"k_pool: head_dim {pool_dim} does not match q's head_dim {head_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"q: num_heads ({num_heads}) must be a multiple of k_pool's num_kv_heads ({num_kv_heads})"
+        )
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table: expected [batch={batch}, max_blocks], got shape {tuple(block_table.shape)}")
+    if block_table.dtype not in _INTS:
+        raise TypeError(f"block_table: expected an int32/int64 tensor, got {block_table.dtype}")
+    if block_delta.shape != block_table.shape:
+        raise ValueError(
+            f"block_delta: expected the shape of block_table {tuple(block_table.shape)}, got {tuple(block_delta.shape)}"
+        )
+    if block_delta.dtype not in _INTS:
+        raise TypeError(f"block_delta: expected an int64 tensor, got {block_delta.dtype}")
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens: expected shape [batch={batch}], got {tuple(seq_lens.shape)}")
+    if seq_lens.dtype not in _INTS:
+        raise TypeError(f"seq_lens: expected an int32/int64 tensor, got {seq_lens.dtype}")
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rope.rotary_dim: expected an even number in (0, head_dim={head_dim}], got {rotary_dim}")
+    if _is_tracing() or q.device.type == "meta":
+        return
+    max_blocks = block_table.shape[1]
+    if seq_lens.numel():
+        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        if lo < q_len or hi > max_blocks * block_size:
+            raise ValueError(
+                f"seq_lens: expected values in [q_len={q_len}, max_blocks*block_size={max_blocks * block_size}], "
+                f"got min {lo}, max {hi}"
+            )
+    used = _used_blocks(seq_lens, block_size, max_blocks)
+    if used.any():
+        ids = block_table[used]
+        if int(ids.min()) < 0 or int(ids.max()) >= num_blocks:
+            raise ValueError(
+                f"block_table: block ids must lie in [0, num_blocks={num_blocks}), got min {int(ids.min())}, "
+                f"max {int(ids.max())}"
+            )
+        deltas = block_delta[used]
+        if int(deltas.abs().max()) >= MAX_ABS_DELTA:
+            raise ValueError(f"block_delta: expected |delta| < 2^46, got {int(deltas.abs().max())}")
+
+
+def _used_blocks(seq_lens: torch.Tensor, block_size: int, max_blocks: int) -> torch.Tensor:
+    """Mask [batch, max_blocks] of the blocks that hold part of each sequence's view."""
+    n_used = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+    return torch.arange(max_blocks, device=seq_lens.device)[None, :] < n_used[:, None]

@@ -1,0 +1,153 @@
+"""`gauge::rotated_query_attention`: the torch.library op, its fake kernel, autograd, public entry.
+
+Schema (the contract the passes, the codegen and the ONNX export rely on):
+
+    rotated_query_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
+        Tensor block_delta, Tensor seq_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
+        float scale, bool causal) -> (Tensor out, Tensor lse)
+
+`inv_freq` is float64 `[rotary_dim // 2]`.  `lse` is `[batch, num_heads, q_len]`, float32
+(float64 for float64 inputs).  The CPU kernel is the paged loop of `paged_attention`; the CUDA
+kernel is the generated Triton code (`gaugecompile.codegen`).  Gradients (q, k_pool, v_pool) come
+from a backward op that differentiates the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .checks import check_attention_inputs
+from .paged_attention import paged_attention
+from .reference import attention_one, gather_view, reference_attention, rerotate_view
+from .rope import RopeSpec
+
+__all__ = ["rotated_query_attention", "IMPLS"]
+
+IMPLS = ("auto", "cpu", "triton", "reference")
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("gauge::rotated_query_attention", mutates_args=())
+def _rqa_op(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    if q.device.type == "cuda":
+        from .codegen import triton_attention
+
+        return triton_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq,
+                                rotary_dim, interleaved, scale, causal)
+    return paged_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq,
+                           rotary_dim, interleaved, scale, causal)
+
+
+@_rqa_op.register_fake
+def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved,
+              scale, causal):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+def _reference_outputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
+                       interleaved, scale, causal):
+    """Differentiable reference for the backward op (computes in q's dtype)."""
+    block_size = k_pool.shape[1]
+    outs, lses = [], []
+    for b, length in enumerate(seq_lens.tolist()):
+        k = rerotate_view(gather_view(k_pool, block_table[b], length), block_delta[b], block_size,
+                          inv_freq, rotary_dim, interleaved)
+        o, lse = attention_one(q[b], k, gather_view(v_pool, block_table[b], length), scale, causal)
+        outs.append(o)
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+@torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())
+def _rqa_backward_op(
+    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
+    block_delta: Tensor, seq_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
+    scale: float, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) for t in (q, k_pool, v_pool)]
+        out, lse = _reference_outputs(*inputs, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
+                                      interleaved, scale, causal)
+        grads = torch.autograd.grad((out, lse), inputs, (grad_out.to(out.dtype), grad_lse.to(lse.dtype)),
+                                    allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k_pool, v_pool), strict=True))
+
+
+@_rqa_backward_op.register_fake
+def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, *rest):
+    return torch.empty_like(q), torch.empty_like(k_pool), torch.empty_like(v_pool)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.attrs = inputs[7:]
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(q)
+    if grad_lse is None:
+        grad_lse = q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))
+    dq, dk, dv = _rqa_backward_op(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens,
+                                  inv_freq, *ctx.attrs)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_rqa_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rotated_query_attention(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    block_table: Tensor,
+    block_delta: Tensor,
+    seq_lens: Tensor,
+    rope: RopeSpec,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    impl: str = "auto",
+    return_lse: bool = False,
+):
+    """Attention of rotated queries over a static block pool, rotating the query per block instead
+    of moving or re-rotating keys.
+
+    q: [batch, num_heads, q_len, head_dim], rotated at its own logical positions (the last q_len
+    tokens of each view). k_pool/v_pool: [num_blocks, block_size, num_kv_heads, head_dim], keys
+    stored rotated at their write positions. block_table/block_delta: [batch, max_blocks];
+    seq_lens: [batch]. impl: "auto" (the registered op: paged CPU loop, Triton on CUDA), "cpu"
+    (the paged loop on any device), "triton" (generated kernels; on the CPU only under
+    TRITON_INTERPRET=1), "reference" (gather + re-rotate + softmax).
+    """
+    if not isinstance(rope, RopeSpec):
+        raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return reference_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope, scale=scale,
+                                   causal=causal, return_lse=return_lse)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim,
+                           rope.interleaved)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    args = (q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.inv_freq.to(q.device),
+            rope.rotary_dim, rope.interleaved, scale, bool(causal))
+    if impl == "auto":
+        out, lse = torch.ops.gauge.rotated_query_attention(*args)
+    elif impl == "cpu":
+        out, lse = paged_attention(*args)
+    else:
+        from .codegen import triton_attention
+
+        out, lse = triton_attention(*args)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,143 @@
+"""The rotary basis: `RopeSpec`, exact angles for integer offsets, and rotations.
+
+Every implementation of the op (reference, CPU, Triton, ONNX) takes its cos/sin from
+`delta_cos_sin`, so they all agree on the angle of an integer offset, however large.
+
+Why not `delta * inv_freq` in float: at |delta| ~ 2^31 a float32 product has an absolute error of
+up to 128 rad and a float64 product of ~2e-7 rad.  Here the product is split into four exact
+float64 products (the offset into 16-bit halves, the frequency into two 26-bit halves by
+Veltkamp splitting); each is reduced modulo 2*pi with a three-part Cody-Waite constant, whose
+first two parts have 24 bits so that `k * C` is exact for every k < 2^29.  The result is accurate
+to about 1e-15 rad for |delta| < 2^31 and inv_freq <= 1, using only float64 tensor ops, so it
+traces, compiles and exports like any other tensor code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mpmath
+import torch
+
+__all__ = ["RopeSpec", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA"]
+
+#: Offsets are exact below this bound (the op rejects larger ones).
+MAX_ABS_DELTA = 2**46
+
+
+def _two_pi_parts() -> tuple[float, float, float, float]:
+    """2*pi as C1 + C2 + C3 (C1, C2 with 24 significant bits), and 1/(2*pi)."""
+    with mpmath.workprec(200):
+        two_pi = 2 * mpmath.pi
+        parts = []
+        rest = two_pi
+        for _ in range(2):
+            m, e = mpmath.frexp(rest)  # rest = m * 2^e, 0.5 <= m < 1
+            c = mpmath.ldexp(mpmath.floor(mpmath.ldexp(m, 24)), e - 24)
+            parts.append(float(c))
+            rest -= c
+        parts.append(float(rest))
+        return parts[0], parts[1], parts[2], float(1 / two_pi)
+
+
+_C1, _C2, _C3, _INV_TWO_PI = _two_pi_parts()
+_VELTKAMP = float(2**27 + 1)
+
+
+def _reduce(p: torch.Tensor) -> torch.Tensor:
+    """p mod 2*pi into [-pi, pi], for exact float64 p with |p| < 2^31."""
+    k = torch.round(p * _INV_TWO_PI)
+    return ((p - k * _C1) - k * _C2) - k * _C3
+
+
+def reduced_angles(delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """`delta[..., None] * inv_freq` reduced into [-pi, pi], in float64, exact to ~1e-15 rad."""
+    delta = delta.to(torch.int64)
+    theta = inv_freq.to(device=delta.device, dtype=torch.float64)
+    d_hi = ((delta >> 16) << 16).to(torch.float64).unsqueeze(-1)
+    d_lo = (delta & 0xFFFF).to(torch.float64).unsqueeze(-1)
+    c = theta * _VELTKAMP
+    t_hi = c - (c - theta)
+    t_lo = theta - t_hi
+    total = _reduce(d_hi * t_hi) + _reduce(d_hi * t_lo) + _reduce(d_lo * t_hi) + _reduce(d_lo * t_lo)
+    return _reduce(total)
+
+
+def delta_cos_sin(
+    delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `delta * inv_freq` (shape `delta.shape + (F,)`), computed in float64."""
+    angle = reduced_angles(delta, inv_freq)
+    return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
+    """Apply R(angle) to the last dim of `x`; `cos`/`sin` have F = rotary_dim // 2 in the last dim.
+
+    Rotate-half pairs (i, i + F); interleaved pairs (2i, 2i + 1); dims >= rotary_dim pass through.
+    R(-angle) is `rotate(x, cos, -sin, ...)`.
+    """
+    half = rotary_dim // 2
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if not rest.shape[-1]:
+        return out
+    return torch.cat((out, rest.expand(*out.shape[:-1], rest.shape[-1])), dim=-1)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """A static rotary basis: frequencies, how many dims rotate, and how pairs are formed.
+
+    `inv_freq` is the per-pair angular frequency (already scaled: linear, NTK, Llama-3, YaRN);
+    `attention_factor` is YaRN's cos/sin multiplier, which the model applies when it rotates and
+    which the op therefore never needs (rotations by deltas are pure rotations).
+    """
+
+    inv_freq: torch.Tensor
+    rotary_dim: int | None = None
+    interleaved: bool = False
+    attention_factor: float = 1.0
+    _key: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        inv = torch.as_tensor(self.inv_freq).detach().to("cpu", torch.float64).reshape(-1).clone()
+        if inv.numel() == 0:
+            raise ValueError("RopeSpec.inv_freq: expected a non-empty 1-D tensor of frequencies")
+        if not torch.isfinite(inv).all() or (inv < 0).any():
+            raise ValueError("RopeSpec.inv_freq: expected finite, non-negative frequencies")
+        rotary_dim = 2 * inv.numel() if self.rotary_dim is None else int(self.rotary_dim)
+        if rotary_dim != 2 * inv.numel():
+            raise ValueError(
+                f"RopeSpec.rotary_dim: expected 2 * len(inv_freq) = {2 * inv.numel()}, got {rotary_dim}"
+            )
+        object.__setattr__(self, "inv_freq", inv)
+        object.__setattr__(self, "rotary_dim", rotary_dim)
+        object.__setattr__(self, "interleaved", bool(self.interleaved))
+        object.__setattr__(self, "_key", (tuple(inv.tolist()), rotary_dim, bool(self.interleaved)))
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RopeSpec) and self._key == other._key
+
+    @classmethod
+    def from_base(cls, base: float, rotary_dim: int, *, interleaved: bool = False) -> RopeSpec:
+        """The default RoPE basis: inv_freq[i] = base^(-2i / rotary_dim)."""
+        exps = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+        return cls(1.0 / (float(base) ** exps), rotary_dim, interleaved)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at integer positions (exact angles), shape `positions.shape + (rotary_dim // 2,)`."""
+        return delta_cos_sin(positions, self.inv_freq, dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate `x[..., n, head_dim]` to integer `positions[..., n]` (broadcast over heads by the caller)."""
+        cos, sin = self.cos_sin(positions, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return rotate(x.to(cos.dtype), cos, sin, self.rotary_dim, self.interleaved).to(x.dtype)
