@@ -3,9 +3,10 @@
 Importing this package registers the `gauge::rotated_query_attention` op.
 """
 
+from .materialize import materialize_kv
 from .ops import rotated_query_attention
 from .reference import reference_attention
 from .rope import RopeSpec
 
-__all__ = ["RopeSpec", "rotated_query_attention", "reference_attention"]
+__all__ = ["RopeSpec", "materialize_kv", "rotated_query_attention", "reference_attention"]
 __version__ = "0.1.0"
