@@ -9,7 +9,8 @@ Schema (the contract the passes, the codegen and the ONNX export rely on):
 `inv_freq` is float64 `[rotary_dim // 2]`.  `lse` is `[batch, num_heads, q_len]`, float32
 (float64 for float64 inputs).  The CPU kernel is the paged loop of `paged_attention`; the CUDA
 kernel is the generated Triton code (`gaugecompile.codegen`).  Gradients (q, k_pool, v_pool) come
-from a backward op that differentiates the reference.
+from a backward op with the explicit adjoint
+(`attention_backward`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import math
 import torch
 from torch import Tensor
 
+from .attention_backward import attention_backward
 from .checks import check_attention_inputs
 from .paged_attention import paged_attention
-from .reference import attention_one, gather_view, reference_attention, rerotate_view
+from .reference import reference_attention
 from .rope import RopeSpec
 
 __all__ = ["rotated_query_attention", "IMPLS"]
@@ -53,33 +55,14 @@ def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, r
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
-def _reference_outputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
-                       interleaved, scale, causal):
-    """Differentiable reference for the backward op (computes in q's dtype)."""
-    block_size = k_pool.shape[1]
-    outs, lses = [], []
-    for b, length in enumerate(seq_lens.tolist()):
-        k = rerotate_view(gather_view(k_pool, block_table[b], length), block_delta[b], block_size,
-                          inv_freq, rotary_dim, interleaved)
-        o, lse = attention_one(q[b], k, gather_view(v_pool, block_table[b], length), scale, causal)
-        outs.append(o)
-        lses.append(lse)
-    return torch.stack(outs), torch.stack(lses)
-
-
 @torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())
 def _rqa_backward_op(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
     block_delta: Tensor, seq_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
     scale: float, causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (q, k_pool, v_pool)]
-        out, lse = _reference_outputs(*inputs, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
-                                      interleaved, scale, causal)
-        grads = torch.autograd.grad((out, lse), inputs, (grad_out.to(out.dtype), grad_lse.to(lse.dtype)),
-                                    allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k_pool, v_pool), strict=True))
+    return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens,
+                              inv_freq, rotary_dim, interleaved, scale, causal)
 
 
 @_rqa_backward_op.register_fake

@@ -21,19 +21,32 @@ from .rope import delta_cos_sin, rotate
 TILE_TOKENS = 4096
 
 
+MIN_VIEW_BLOCKS = 8
+
+
 def _runs(table: list[int], deltas: list[int], tile_blocks: int) -> list[tuple[int, int]]:
-    """Split logical blocks [0, n) into tiles of at most `tile_blocks` blocks, ending a tile early
-    where physical contiguity or the delta changes, so most tiles are views with one delta."""
-    tiles, start = [], 0
+    """Split logical blocks [0, n) into tiles of at most `tile_blocks` blocks.
+
+    A run of >= MIN_VIEW_BLOCKS blocks that are physically consecutive with one delta becomes its own
+    tile (read as a view, query rotated once); shorter irregular stretches are grouped into gathered
+    tiles so that a fragmented table costs a few large tiles, not one tiny tile per block.
+    """
     n = len(table)
-    for j in range(1, n + 1):
-        boundary = j == n or j - start >= tile_blocks
-        if not boundary and (table[j] != table[j - 1] + 1 or deltas[j] != deltas[j - 1]):
-            # Merge short irregular stretches into one gathered tile rather than many tiny views.
-            boundary = j - start >= 8
-        if boundary:
-            tiles.append((start, j))
-            start = j
+    regular = [j + 1 < n and table[j + 1] == table[j] + 1 and deltas[j + 1] == deltas[j] for j in range(n)]
+    run_end = list(range(1, n + 1))  # exclusive end of the regular run starting at j
+    for j in range(n - 2, -1, -1):
+        if regular[j]:
+            run_end[j] = run_end[j + 1]
+    tiles, j = [], 0
+    while j < n:
+        if run_end[j] - j >= MIN_VIEW_BLOCKS:
+            end = min(run_end[j], j + tile_blocks)
+        else:
+            end = j + 1
+            while end < n and end - j < tile_blocks and run_end[end] - end < MIN_VIEW_BLOCKS:
+                end += 1
+        tiles.append((j, end))
+        j = end
     return tiles
 
 

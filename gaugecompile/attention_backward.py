@@ -1,0 +1,67 @@
+"""Gradients of rotated-query attention for q, k_pool and v_pool.
+
+Written out (not autograd) because it runs inside a custom-op kernel, where autograd is off.
+Per sequence it re-forms the view exactly as the reference does (O(L*d), like any attention
+backward), applies the softmax-attention adjoint, rotates the key gradient back to storage by
+R(delta)^T = R(-delta), and scatter-adds both gradients into the pool slots the view read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import gather_view, rerotate_view
+from .rope import delta_cos_sin, rotate
+
+
+def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, table, delta, length, inv_freq, rotary_dim,
+                       interleaved, scale, causal):
+    """dq [H, Q, D] and dK, dV [L, Hkv, D] of one sequence (dK already rotated back to storage)."""
+    block_size = k_pool.shape[1]
+    k = rerotate_view(gather_view(k_pool, table, length), delta, block_size, inv_freq, rotary_dim, interleaved)
+    v = gather_view(v_pool, table, length)
+    num_heads, q_len, _ = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
+    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    scores = (q @ kh.transpose(-1, -2)) * scale
+    if causal:
+        qpos = torch.arange(length - q_len, length, device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(length, device=q.device)[None, :] > qpos, float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # [H, Q, L]
+    out = p @ vh
+    dp = grad_out @ vh.transpose(-1, -2)
+    # d/dS of (sum dO*O + sum dlse*lse): softmax adjoint plus dlse/dS = P
+    ds = p * (dp - (grad_out * out).sum(-1, keepdim=True) + grad_lse[..., None])
+    dq = (ds @ kh) * scale
+    dk = ((ds.transpose(-1, -2) @ q) * scale).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
+    dv = (p.transpose(-1, -2) @ grad_out).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
+    cos, sin = delta_cos_sin(delta.repeat_interleave(block_size)[:length], inv_freq, dk.dtype)
+    return dq, rotate(dk, cos[:, None], -sin[:, None], rotary_dim, interleaved), dv
+
+
+def attention_backward(
+    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
+    block_delta: Tensor, seq_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk_pool, dv_pool) for the op's (out, lse) cotangents; computed in float32/float64."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    block_size = k_pool.shape[1]
+    k32, v32 = k_pool.to(cdt), v_pool.to(cdt)
+    dq = torch.empty(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros((k_pool.shape[0] * block_size, *k_pool.shape[2:]), dtype=cdt, device=q.device)
+    dv = torch.zeros_like(dk)
+    for b, length in enumerate(seq_lens.tolist()):
+        n_blocks = -(-length // block_size)
+        table = block_table[b, :n_blocks].long()
+        dq[b], dk_b, dv_b = _sequence_backward(
+            grad_out[b].to(cdt), grad_lse[b].to(cdt), q[b].to(cdt), k32, v32, table, block_delta[b, :n_blocks],
+            length, inv_freq, rotary_dim, interleaved, scale, causal,
+        )
+        slots = (table[:, None] * block_size + torch.arange(block_size, device=q.device)).flatten()[:length]
+        dk.index_add_(0, slots, dk_b)
+        dv.index_add_(0, slots, dv_b)
+    return dq.to(q.dtype), dk.view(k_pool.shape).to(k_pool.dtype), dv.view(v_pool.shape).to(v_pool.dtype)
