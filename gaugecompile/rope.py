@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import mpmath
 import torch
 
-__all__ = ["RopeSpec", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA"]
+__all__ = ["RopeSpec", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA", "TWO_PI_PARTS", "INV_TWO_PI"]
 
 #: Offsets are exact below this bound (the op rejects larger ones).
 MAX_ABS_DELTA = 2**46
@@ -41,6 +41,9 @@ def _two_pi_parts() -> tuple[float, float, float, float]:
 
 
 _C1, _C2, _C3, _INV_TWO_PI = _two_pi_parts()
+#: 2*pi = C1 + C2 + C3 and 1/(2*pi): the reduction constants every kernel must use (Triton, ONNX).
+TWO_PI_PARTS: tuple[float, float, float] = (_C1, _C2, _C3)
+INV_TWO_PI: float = _INV_TWO_PI
 _VELTKAMP = float(2**27 + 1)
 
 

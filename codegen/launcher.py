@@ -1,0 +1,107 @@
+"""Host side of the generated kernels: exact angles, the split-KV decision, buffers and launches.
+
+Every launch goes through `torch.library.wrap_triton`, so the same code runs eagerly and is
+visible to Inductor when traced inside the `triton_op` (see `op.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+from .cache import interpreting, load_kernels
+from .spec import KernelSpec, spec_for
+
+__all__ = ["launch", "choose_splits"]
+
+#: A split-KV program should still cover at least this many keys.
+MIN_SPLIT_TOKENS = 512
+MAX_SPLITS = 64
+_LOG2E = 1.4426950408889634
+_VELTKAMP = float(2**27 + 1)  # splits a float64 frequency into two 26-bit halves
+
+
+def choose_splits(programs: int, max_blocks: int, block_size: int, device: torch.device) -> int:
+    """How many KV splits fill the GPU: enough programs for two waves, each split >= MIN_SPLIT_TOKENS keys.
+
+    Decided from shapes only (never from tensor values), so it is static under tracing.  Off the GPU
+    (the interpreter runs programs one after another) there is nothing to fill: 1.
+    """
+    if device.type != "cuda" or programs <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    by_occupancy = -(-2 * sms // programs)
+    by_length = max(1, max_blocks * block_size // MIN_SPLIT_TOKENS)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS, max_blocks))
+
+
+def launch(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, num_splits: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Run the generated kernels.  num_splits: 0 picks automatically, 1 forces one pass, n > 1 forces n splits."""
+    batch, num_heads, q_len, head_dim = q.shape
+    num_kv_heads = k_pool.shape[2]
+    max_blocks = block_table.shape[1]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty((batch, num_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_heads, q_len), dtype=acc_dtype, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+
+    base = spec_for(q, k_pool, rotary_dim, interleaved, causal)
+    row_tiles = -(-(base.group * q_len) // base.block_m)
+    programs = batch * num_kv_heads * row_tiles
+    splits = num_splits or choose_splits(programs, max_blocks, k_pool.shape[1], q.device)
+    splits = max(1, min(int(splits), max_blocks))
+    spec = spec_for(q, k_pool, rotary_dim, interleaved, causal, split_kv=splits > 1)
+    module = load_kernels(spec)
+    kernel = getattr(module, f"rqa_{spec.key}")
+
+    # One cos and one sin per (sequence, block, frequency), from exact float64 angles: O(blocks * F).
+    half = rotary_dim // 2
+    cos = torch.empty((batch, max_blocks, half), dtype=acc_dtype, device=q.device)
+    sin = torch.empty_like(cos)
+    theta = inv_freq.to(torch.float64)
+    split = theta * _VELTKAMP
+    theta_hi = split - (split - theta)
+    theta_lo = theta - theta_hi
+    blocks_per_split = -(-max_blocks // splits)
+    if splits > 1:
+        part = torch.empty((batch, num_heads, q_len, splits, head_dim), dtype=acc_dtype, device=q.device)
+        part_lse = torch.empty((batch, num_heads, q_len, splits), dtype=acc_dtype, device=q.device)
+        dst, dst_lse = part, part_lse
+        o_strides, l_strides = part.stride(), part_lse.stride()
+    else:  # the split index is always 0: its stride is irrelevant
+        dst, dst_lse = out, lse
+        o_strides, l_strides = (*out.stride()[:3], 0, out.stride(3)), (*lse.stride(), 0)
+    if interpreting() and is_fake(q):
+        # Shape propagation only: interpreted kernels cannot take fake tensors (on the GPU, wrap_triton
+        # turns the launches below into no-ops under fake tensors by itself).
+        return out, lse
+    rows = batch * max_blocks
+    wrap_triton(getattr(module, f"angles_{spec.key}"))[(-(-rows // 32),)](
+        block_delta.contiguous(), theta_hi, theta_lo, cos, sin, rows, num_warps=4)
+    grid = (batch * num_kv_heads, row_tiles, splits)
+    wrap_triton(kernel)[grid](
+        q, k_pool, v_pool, block_table, cos, sin, seq_lens, dst, dst_lse,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *block_table.stride(), cos.stride(0), cos.stride(1),
+        *o_strides, *l_strides,
+        num_kv_heads, q_len, blocks_per_split, float(scale) * _LOG2E,
+        num_warps=_num_warps(spec),
+    )
+    if splits > 1:
+        merge = getattr(module, f"merge_{spec.key}")
+        wrap_triton(merge)[(batch * num_heads * q_len,)](
+            part, part_lse, out, lse, splits, BLOCK_S=1 << (splits - 1).bit_length(), num_warps=4,
+        )
+    return out, lse
+
+
+def _num_warps(spec: KernelSpec) -> int:
+    tile_elems = max(spec.block_m, spec.block_n) * max(spec.head_dim, 64)
+    return 8 if tile_elems >= 64 * 128 else 4

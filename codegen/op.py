@@ -1,0 +1,76 @@
+"""`gauge::rotated_query_attention_triton`: the generated kernels as a `torch.library.triton_op`.
+
+A `triton_op` (unlike an opaque custom op) lets torch.compile / Inductor see the Triton kernels
+inside it.  Its gradients reuse the core op's backward (`gauge::rotated_query_attention_backward`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch.library import triton_op
+
+import gaugecompile.ops  # noqa: F401  (registers gauge::rotated_query_attention_backward)
+
+from .cache import interpreting
+from .launcher import launch
+
+__all__ = ["triton_attention"]
+
+
+@triton_op("gauge::rotated_query_attention_triton", mutates_args=())
+def _rqa_triton(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    return launch(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved, scale,
+                  causal, num_splits)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.attrs = inputs[7:11]
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(q)
+    if grad_lse is None:
+        grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    dq, dk, dv = torch.ops.gauge.rotated_query_attention_backward(
+        grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, *ctx.attrs)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_rqa_triton.register_autograd(_backward, setup_context=_setup_context)
+
+# Under TRITON_INTERPRET=1 the kernels are interpreted functions that no tracer can capture, so
+# AOTAutograd must keep the op whole (it runs eagerly inside the compiled graph) instead of
+# decomposing it into kernel calls; on the GPU the usual decomposition makes the kernels visible.
+_decompose = _rqa_triton._torch_dispatch_fns.get(FunctionalTensorMode)
+
+
+@_rqa_triton.register_torch_dispatch(FunctionalTensorMode)
+def _functional(mode, op, types, args, kwargs):
+    if interpreting() or _decompose is None:
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    return _decompose(mode, op, types, args, kwargs)
+
+
+def triton_attention(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, *, num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rotated-query attention through the generated Triton kernels: (out in q's dtype, lse [B, H, Q]).
+
+    Same semantics as `torch.ops.gauge.rotated_query_attention`; inputs are validated by the caller.
+    On the CPU it needs TRITON_INTERPRET=1 (set before triton is imported).  `num_splits`: None
+    chooses the split-KV factor from the shapes and the GPU, 1 forbids splitting, n > 1 forces n.
+    """
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits: expected None or a positive int, got {num_splits!r}")
+    return torch.ops.gauge.rotated_query_attention_triton(
+        q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, int(rotary_dim), bool(interleaved),
+        float(scale), bool(causal), int(num_splits or 0))
