@@ -1,12 +1,33 @@
 """gaugecompile: rotated-query attention over static KV block pools, found and rewritten by torch.compile.
 
-Importing this package registers the `gauge::rotated_query_attention` op.
+Importing this package registers the `gauge::rotated_query_attention` and `gauge::materialize_kv`
+ops. Parts that need transformers or onnx load on first use, so `import gaugecompile` stays light.
 """
+
+import importlib
 
 from .materialize import materialize_kv
 from .ops import rotated_query_attention
 from .reference import reference_attention
 from .rope import RopeSpec
 
-__all__ = ["RopeSpec", "materialize_kv", "rotated_query_attention", "reference_attention"]
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "ManifoldCache": "gaugecompile.cache",
+    "KVChunk": "gaugecompile.cache",
+    "CachePoolFullError": "gaugecompile.cache",
+    "explain": "gaugecompile.explain",
+    "ExplainReport": "gaugecompile.explain",
+    "export_onnx": "gaugecompile.onnx",
+}
+
+__all__ = ["RopeSpec", "materialize_kv", "rotated_query_attention", "reference_attention", *_LAZY]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gaugecompile' has no attribute {name!r}")

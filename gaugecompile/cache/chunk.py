@@ -1,0 +1,40 @@
+"""`KVChunk`: a reference-counted handle on a run of cached tokens, to splice at any position."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .mapping import Piece
+
+if TYPE_CHECKING:
+    from .manifold import ManifoldCache
+
+__all__ = ["KVChunk"]
+
+
+class KVChunk:
+    """Tokens of a `ManifoldCache` at relative logical positions [0, span), holding references on their blocks.
+
+    The blocks stay alive (and are never overwritten in place) until `free()`; splicing the chunk into
+    sequences shares them again.  Made by `ManifoldCache.chunk` or `ManifoldCache.prefill`.
+    """
+
+    def __init__(self, cache: ManifoldCache, pieces: list[Piece], span: int) -> None:
+        self.cache = cache
+        self.pieces = list(pieces)
+        self.span = span
+        self.freed = False
+        cache.allocator.incref(p.phys for p in self.pieces)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.b - p.a for p in self.pieces)
+
+    def free(self) -> None:
+        """Release the chunk's block references (idempotent)."""
+        if not self.freed:
+            self.cache.allocator.decref(p.phys for p in self.pieces)
+            self.freed = True
+
+    def __repr__(self) -> str:
+        return f"KVChunk(tokens={self.num_tokens}, span={self.span}, pieces={len(self.pieces)}, freed={self.freed})"

@@ -1,0 +1,491 @@
+"""`ManifoldCache`: a transformers Cache whose reorganisations are O(blocks) edits of a block table.
+
+Frames.  The model rotates each new key at the position it is given, which for transformers is
+`get_seq_length() + i`.  This cache therefore reports a monotonic *frame* counter as its sequence
+length (the positions the model has consumed; raised after an edit to at least the longest view, so
+masks stay well formed) and stores new keys at stored position `frame + i`.  Each sequence keeps the
+logical position of its next token; its query "shift" is `sigma_q = next_logical - frame`, and a block
+whose tokens have `logical = stored + sigma_b` is re-rotated by `delta_b = sigma_b - sigma_q`: the
+keys land in the query's frame, where relative positions are the logical ones.  With no edits every
+delta is 0.
+
+Eagerly `update()` returns `gaugecompile.materialize_kv(...)` of the untouched pools (gather +
+re-rotate), so every attention implementation is exact; compiled with the gauge backend that node is
+what the passes turn into one rotated-query attention over the pools.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..materialize import materialize_kv
+from .chunk import KVChunk
+from .mapping import NewBlock, Piece, SeqMap, consecutive_runs, repack, seq_pieces, shifted, split_at
+from .pool import BlockAllocator
+from .rope_config import kv_shape_from_config, rope_from_config
+from .storage import BlockStorage
+
+__all__ = ["ManifoldCache", "MAX_COW_BLOCKS"]
+
+#: An edit may copy at most this many blocks (the blocks an unaligned cut splits).
+MAX_COW_BLOCKS = 2
+
+
+class ManifoldCache(Cache):
+    """Block-pool KV cache with fork/reorder/delete/chunk/splice/set_window as block-table edits.
+
+    `max_tokens` is the total number of tokens all sequences and chunks may hold; the pool gets
+    `ceil(max_tokens / block_size) + max_batch_size` blocks (room for one partial block per row).
+    Rows of a forward are the sequences in `batch` (creation order; `fork` appends, `free` removes);
+    a forward with k times as many rows as sequences forks each sequence k times first, so a prompt
+    prefilled once is shared by all beams or samples of a later `generate`.
+    """
+
+    is_compileable = False  # generate() must not auto-compile this cache with the default backend
+
+    def __init__(
+        self, config, *, max_batch_size: int, max_tokens: int, block_size: int = 16,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(layers=[])
+        for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
+                            ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        self.rope = rope_from_config(config)
+        self.shape = kv_shape_from_config(config)
+        if dtype is None:
+            dtype = getattr(config, "dtype", None)
+            dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        self.block_size = block_size
+        self.max_batch_size = max_batch_size
+        num_blocks = -(-max_tokens // block_size) + max_batch_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.storage = BlockStorage(
+            self.shape.num_layers, num_blocks, block_size, self.shape.num_kv_heads, self.shape.head_dim,
+            self.rope, dtype, torch.device(device or "cpu"),
+        )
+        self._seqs: dict[int, SeqMap] = {}
+        self._batch: list[int] = []
+        self._next_id = 0
+        self._frame = 0
+        self._window: tuple[int, int] | None = None
+        self.peak_blocks_in_use = 0
+        self._fwd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+
+    # ----------------------------------------------------------------- accounting and views
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        return self.allocator.free_blocks
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.allocator.blocks_in_use
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.storage.bytes_per_block
+
+    @property
+    def sequences(self) -> tuple[int, ...]:
+        """Ids of all live sequences."""
+        return tuple(self._seqs)
+
+    @property
+    def batch(self) -> tuple[int, ...]:
+        """Sequence ids of the rows of the next forward, in row order."""
+        return tuple(self._batch)
+
+    @property
+    def k_pools(self) -> list[torch.Tensor]:
+        return self.storage.k_pools
+
+    @property
+    def v_pools(self) -> list[torch.Tensor]:
+        return self.storage.v_pools
+
+    def seq_len(self, seq: int) -> int:
+        """Tokens in the view of `seq`."""
+        return self._get(seq).length
+
+    def positions(self, seq: int) -> list[int]:
+        """Logical position of every token in the view of `seq` (O(tokens); for inspection and tests)."""
+        m = self._get(seq)
+        out: list[int] = []
+        for p in seq_pieces(m, self.block_size):
+            out.extend((self.storage.stored[p.phys, p.a:p.b] + p.shift).tolist())
+        return out
+
+    def next_position(self, seq: int) -> int:
+        """Logical position the next token of `seq` will take."""
+        return self._get(seq).next_logical
+
+    def mapping(self, seq: int) -> tuple[list[int], list[int]]:
+        """(physical blocks, per-block delta in the frame of the next query) of `seq`."""
+        m = self._get(seq)
+        sq = m.next_logical - self._frame
+        return list(m.blocks), [s - sq for s in m.sigma]
+
+    # ----------------------------------------------------------------- transformers Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The frame counter: positions the model has consumed (what it rotates the next token at)."""
+        return self._frame
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset): the view plus the query; offset puts the query's frame after the view."""
+        past = self._common_length() if self._batch else 0
+        return past + query_length, self._frame - past
+
+    @property
+    def is_initialized(self) -> bool:
+        return True
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._batch) if self._batch else -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.reorder(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        old = list(self._batch)
+        self.reorder_ids([old[i] for i in rows])
+        for seq in old:
+            self.free(seq)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll back the last `-tokens_to_remove` tokens of every row (transformers' convention: <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"tokens_to_remove: expected <= 0 (tokens to drop from the end), got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0:
+            return
+        for seq in self._batch:
+            m = self._seqs[seq]
+            if n > m.length:
+                raise ValueError(f"tokens_to_remove: sequence {seq} has only {m.length} tokens")
+        for seq in self._batch:
+            m = self._seqs[seq]
+            self.delete(seq, self.positions(seq)[m.length - n], m.next_logical)
+        self._frame = max(self._frame - n, self._longest())
+
+    def reset(self) -> None:
+        for seq in list(self._seqs):
+            self.free(seq)
+        self._frame = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new K/V ([batch, kv_heads, q, head_dim]) into the pools; return the materialised view."""
+        if layer_idx == 0:
+            self._begin_forward(key_states.shape[0], key_states.shape[2])
+        table, delta, slots, length = self._fwd
+        k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
+        k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
+        k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
+        v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
+        k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, length)
+        if layer_idx == self.shape.num_layers - 1:
+            self._end_forward()
+        return k.to(key_states.dtype), v.to(value_states.dtype)
+
+    # ----------------------------------------------------------------- forward bookkeeping (host)
+    @torch.compiler.disable
+    def _begin_forward(self, rows: int, q: int) -> None:
+        """Once per forward: place the new tokens (copy-on-write of shared/misaligned last blocks) and build tables."""
+        if rows > self.max_batch_size:
+            raise ValueError(f"batch: {rows} rows exceed max_batch_size={self.max_batch_size}")
+        if not self._batch:
+            self._batch = [self._new_seq(SeqMap()) for _ in range(rows)]
+        elif rows != len(self._batch):
+            if rows % len(self._batch):
+                raise ValueError(
+                    f"batch: the forward has {rows} rows but the cache has {len(self._batch)} sequences in its batch "
+                    "(expected the same number or a multiple of it)"
+                )
+            self._repeat_interleave(rows // len(self._batch))
+        self._common_length()
+        bs = self.block_size
+        plans, needed = [], 0
+        for seq in self._batch:
+            m = self._seqs[seq]
+            sq = m.next_logical - self._frame
+            r = m.length % bs
+            cow = r > 0 and (self.allocator.refcount[m.blocks[-1]] > 1 or m.sigma[-1] != sq)
+            fresh = -(-(r + q) // bs) - (1 if r else 0)
+            plans.append((m, sq, r, cow, fresh))
+            needed += fresh + cow
+        self.allocator.require(needed, f"appending {q} tokens to {rows} sequences")
+
+        copies: list[tuple[int, NewBlock]] = []
+        released: list[int] = []  # released after the copies read them
+        slots: list[int] = []
+        for m, sq, r, cow, fresh in plans:
+            if cow:
+                old = m.blocks[-1]
+                (new,) = self.allocator.allocate(1)
+                copies.append((new, NewBlock(None, sq, r, (Piece(old, 0, r, m.sigma[-1]),))))
+                m.blocks[-1], m.sigma[-1] = new, sq
+                released.append(old)
+            if fresh:
+                m.blocks.extend(self.allocator.allocate(fresh))
+                m.sigma.extend([sq] * fresh)
+            start = m.length
+            for i in range(q):
+                j, s = divmod(start + i, bs)
+                slots.append(m.blocks[j] * bs + s)
+                self.storage.stored[m.blocks[j], s] = self._frame + i
+            m.length += q
+            m.next_logical += q
+        self.storage.copy_blocks(copies)
+        self.allocator.decref(released)
+        self._frame += q  # views grew by q too; the frame must not move otherwise inside a forward
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
+        device = self.storage.device
+        length = self._common_length()
+        table, delta = self._tables()
+        self._fwd = (table, delta, torch.tensor(slots, device=device), length)
+
+    @torch.compiler.disable
+    def _end_forward(self) -> None:
+        if self._window is not None:
+            for seq in self._batch:
+                self._apply_window(seq)
+            self._touch()
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(self._seqs[s].blocks) for s in self._batch)
+        table = torch.zeros(len(self._batch), width, dtype=torch.int64)
+        delta = torch.zeros(len(self._batch), width, dtype=torch.int64)
+        for row, seq in enumerate(self._batch):
+            m = self._seqs[seq]
+            sq = m.next_logical - self._frame
+            n = len(m.blocks)
+            table[row, :n] = torch.tensor(m.blocks, dtype=torch.int64)
+            delta[row, :n] = torch.tensor(m.sigma, dtype=torch.int64) - sq
+        return table.to(self.storage.device), delta.to(self.storage.device)
+
+    def _common_length(self) -> int:
+        lengths = [self._seqs[s].length for s in self._batch]
+        if len(set(lengths)) > 1:
+            raise ValueError(
+                f"batch: every sequence of a forward must have the same view length, got lengths {lengths} "
+                f"for sequences {self._batch}"
+            )
+        return lengths[0] if lengths else 0
+
+    # ----------------------------------------------------------------- sequence operations
+    def fork(self, seq: int, n: int) -> list[int]:
+        """`n` new sequences sharing every block of `seq` (appended to the batch)."""
+        m = self._get(seq)
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n: expected a non-negative int, got {n!r}")
+        ids = []
+        for _ in range(n):
+            self.allocator.incref(m.blocks)
+            ids.append(self._new_seq(m.copy()))
+        self._batch.extend(ids)
+        return ids
+
+    def set_batch(self, seqs: Sequence[int]) -> None:
+        """Choose which live sequences (in row order) the next forward runs; they must have equal view lengths."""
+        seqs = [int(s) for s in seqs]
+        for s in seqs:
+            self._get(s)
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"seqs: expected distinct sequence ids, got {seqs}")
+        self._batch = seqs
+
+    def reorder(self, beam_idx: torch.Tensor | Sequence[int]) -> None:
+        """Row i of the batch takes the content of row `beam_idx[i]` (beam search); blocks are shared, not copied."""
+        idx = [int(i) for i in torch.as_tensor(beam_idx).reshape(-1).tolist()]
+        if len(idx) != len(self._batch) or any(not 0 <= i < len(self._batch) for i in idx):
+            raise ValueError(f"beam_idx: expected {len(self._batch)} row indices in [0, {len(self._batch)}), got {idx}")
+        self.reorder_ids([self._batch[i] for i in idx], rows=list(self._batch))
+
+    def reorder_ids(self, sources: list[int], rows: list[int] | None = None) -> None:
+        """Set sequence `rows[i]` (default: new sequences) to a shared copy of `sources[i]`; make `rows` the batch."""
+        new = [self._get(s).copy() for s in sources]
+        for m in new:
+            self.allocator.incref(m.blocks)
+        if rows is None:
+            rows = [self._new_seq(m) for m in new]
+        else:
+            for seq, m in zip(rows, new, strict=True):
+                self.allocator.decref(self._seqs[seq].blocks)
+                self._seqs[seq] = m
+        self._batch = list(rows)
+        self._touch()
+
+    def free(self, seq: int) -> None:
+        """Drop `seq` and release its blocks."""
+        m = self._get(seq)
+        self.allocator.decref(m.blocks)
+        del self._seqs[seq]
+        if seq in self._batch:
+            self._batch.remove(seq)
+        self._touch()
+
+    def delete(self, seq: int, start: int, end: int) -> None:
+        """Remove logical tokens [start, end); later tokens move down by end - start (their data does not move)."""
+        self._check_range(start, end)
+        m = self._get(seq)
+        before, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
+        _, after = split_at(rest, end, self.storage.stored)
+        nxt = m.next_logical - (end - start) if m.next_logical >= end else min(m.next_logical, start)
+        self._commit(seq, before + shifted(after, start - end), nxt, f"delete({seq}, {start}, {end})")
+
+    def chunk(self, seq: int, start: int, end: int) -> KVChunk:
+        """A shareable, reference-counted handle on the tokens of `seq` at logical [start, end)."""
+        self._check_range(start, end)
+        m = self._get(seq)
+        _, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
+        inside, _ = split_at(rest, end, self.storage.stored)
+        return KVChunk(self, shifted(inside, -start), end - start)
+
+    def splice(self, seq: int, chunk: KVChunk, at: int) -> None:
+        """Place `chunk` at logical `at`; tokens at or after `at` move up by its span.
+
+        `at` beyond the end leaves a gap: that attaches a stream at offset `at` (any offset up to 2^46).
+        """
+        if not isinstance(chunk, KVChunk) or chunk.cache is not self or chunk.freed:
+            raise ValueError("chunk: expected a live KVChunk of this cache")
+        if not isinstance(at, int) or at < 0:
+            raise ValueError(f"at: expected a non-negative int, got {at!r}")
+        m = self._get(seq)
+        before, after = split_at(seq_pieces(m, self.block_size), at, self.storage.stored)
+        pieces = before + shifted(chunk.pieces, at) + shifted(after, chunk.span)
+        nxt = at + chunk.span if at >= m.next_logical else m.next_logical + chunk.span
+        self._commit(seq, pieces, nxt, f"splice({seq}, chunk, at={at})")
+
+    def set_window(self, sink: int, window: int | None) -> None:
+        """StreamingLLM: keep the blocks holding the first `sink` tokens and the fewest recent blocks holding at
+        least `window` tokens; kept tokens take consecutive positions (sink from 0, window right after).
+
+        Applied now to every sequence and after every forward; `window=None` turns the policy off.
+        """
+        if window is None:
+            self._window = None
+            return
+        if not isinstance(sink, int) or sink < 0 or not isinstance(window, int) or window < 1:
+            raise ValueError(f"sink/window: expected sink >= 0 and window >= 1 ints, got {sink!r}, {window!r}")
+        self._window = (sink, window)
+        for seq in list(self._seqs):
+            self._apply_window(seq)
+        self._touch()
+
+    def prefill(self, model: torch.nn.Module, input_ids: torch.Tensor) -> KVChunk:
+        """Run `model` on `input_ids` ([1, n]) alone, at positions 0..n-1, and return its KV as a chunk.
+
+        The chunk attends only to itself; splice it anywhere, in any sequence of this cache.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids: expected shape [1, n], got {tuple(input_ids.shape)}")
+        saved = (self._batch, self._frame, self._window)
+        self._batch, self._frame, self._window = [], 0, None
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, past_key_values=self, use_cache=True)
+            (tmp,) = self._batch
+            chunk = self.chunk(tmp, 0, self._seqs[tmp].next_logical)
+            self.free(tmp)
+        finally:
+            self._batch, self._frame, self._window = saved
+            self._touch()
+        return chunk
+
+    # ----------------------------------------------------------------- internals
+    def _get(self, seq: int) -> SeqMap:
+        if seq not in self._seqs:
+            raise ValueError(f"seq: no live sequence {seq!r} (live: {sorted(self._seqs)})")
+        return self._seqs[seq]
+
+    @staticmethod
+    def _check_range(start: int, end: int) -> None:
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise ValueError(f"start/end: expected ints with 0 <= start <= end, got {start!r}, {end!r}")
+
+    def _new_seq(self, m: SeqMap) -> int:
+        seq = self._next_id
+        self._next_id += 1
+        self._seqs[seq] = m
+        return seq
+
+    def _longest(self) -> int:
+        return max((m.length for m in self._seqs.values()), default=0)
+
+    def _touch(self) -> None:
+        """After any change: keep the frame at least the longest view (so kv_offset >= 0), track the peak."""
+        self._frame = max(self._frame, self._longest()) if self._seqs else 0
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
+
+    def _repeat_interleave(self, repeats: int) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats: expected a positive int, got {repeats}")
+        order = []
+        for seq in list(self._batch):
+            order.append(seq)
+            extra = self.fork(seq, repeats - 1)
+            order.extend(extra)
+        self._batch = order
+
+    def _commit(self, seq: int, pieces: list[Piece], next_logical: int, what: str) -> None:
+        """Repack `pieces` as the new mapping of `seq`: check copy budget and pool, then copy, then swap refs."""
+        plan = repack(pieces, self.block_size)
+        cows = sum(b.phys is None for b in plan)
+        if cows > MAX_COW_BLOCKS:
+            raise ValueError(
+                f"{what}: the edit moves tokens off block boundaries and would copy {cows} blocks; at most "
+                f"{MAX_COW_BLOCKS} may be copied (use block-aligned ranges: block_size={self.block_size})"
+            )
+        self.allocator.require(cows, what)
+        copies = []
+        blocks = []
+        for blk in plan:
+            if blk.phys is None:
+                (phys,) = self.allocator.allocate(1)
+                copies.append((phys, blk))
+            else:
+                phys = blk.phys
+                self.allocator.incref([phys])
+            blocks.append(phys)
+        self.storage.copy_blocks(copies)
+        old = self._seqs[seq]
+        self.allocator.decref(old.blocks)
+        self._seqs[seq] = SeqMap(blocks, [b.sigma for b in plan], sum(b.n for b in plan), next_logical)
+        self._touch()
+
+    def _apply_window(self, seq: int) -> None:
+        sink, window = self._window
+        m = self._seqs[seq]
+        bs = self.block_size
+        sink_blocks = min(math.ceil(sink / bs), len(m.blocks))
+        recent = m.length - sink_blocks * bs
+        evict = max(0, (recent - window) // bs) if recent > 0 else 0
+        kept = seq_pieces(m, bs)
+        kept = kept[:sink_blocks] + kept[sink_blocks + evict:]
+        pieces, index = [], 0
+        stored = self.storage.stored
+        for p in kept:
+            for a, b in consecutive_runs(p.phys, p.a, p.b, stored):
+                pieces.append(Piece(p.phys, a, b, index - int(stored[p.phys, a])))
+                index += b - a
+        if pieces == seq_pieces(m, bs) and m.next_logical == index:
+            return
+        self._commit(seq, pieces, index, f"set_window({sink}, {window}) on sequence {seq}")

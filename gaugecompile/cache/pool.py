@@ -1,0 +1,62 @@
+"""Block allocator with reference counts: which physical KV blocks are free, and who shares the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["BlockAllocator", "CachePoolFullError"]
+
+
+class CachePoolFullError(RuntimeError):
+    """Raised before any state changes when an operation needs more free blocks than the pool has."""
+
+
+class BlockAllocator:
+    """Free list + per-block reference counts; a block returns to the free list when its count drops to 0."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks: expected a positive int, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.refcount = np.zeros(num_blocks, dtype=np.int64)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def require(self, n: int, what: str) -> None:
+        """Raise CachePoolFullError if fewer than `n` blocks are free (call before changing any state)."""
+        if n > len(self._free):
+            raise CachePoolFullError(
+                f"KV block pool full: {what} needs {n} free blocks, {len(self._free)} of {self.num_blocks} are free "
+                "(raise max_tokens, free sequences or chunks, or use set_window)"
+            )
+
+    def allocate(self, n: int, what: str = "allocation") -> list[int]:
+        """`n` fresh blocks with reference count 1."""
+        self.require(n, what)
+        ids = [self._free.pop() for _ in range(n)]
+        self.refcount[ids] = 1
+        return ids
+
+    def incref(self, ids: Iterable[int]) -> None:
+        ids = np.fromiter(ids, dtype=np.int64)
+        if ids.size:
+            np.add.at(self.refcount, ids, 1)
+
+    def decref(self, ids: Iterable[int]) -> None:
+        ids = np.fromiter(ids, dtype=np.int64)
+        if not ids.size:
+            return
+        np.subtract.at(self.refcount, ids, 1)
+        touched = np.unique(ids)
+        if (self.refcount[touched] < 0).any():
+            raise AssertionError("block reference count went negative")
+        self._free.extend(int(b) for b in touched[self.refcount[touched] == 0][::-1])
