@@ -1,0 +1,158 @@
+"""Attention detector: scaled_dot_product_attention in every ATen form, and the explicit
+matmul-scale-mask-softmax-matmul chain of eager attention, with repeat-kv (expand/reshape) for GQA.
+
+Every layout step between a site and its q/k/v is proven by `probe_chain`, so a match means: the
+site computes softmax(scale * q k^T + masks) v with k/v the head-repeated `k`/`v` found here.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.fx.operator_schemas import normalize_function
+
+from .fx_utils import LAYOUT_OPS, AnalysisError, aten, getitem_of, is_call, probe_chain, static_shape, val
+
+#: sdpa overload -> name shown in reports; every one returns the attention output first.
+SDPA_FORMS = {
+    aten.scaled_dot_product_attention.default: "sdpa",
+    aten._scaled_dot_product_flash_attention_for_cpu.default: "sdpa-flash-cpu",
+    aten._scaled_dot_product_flash_attention.default: "sdpa-flash",
+    aten._scaled_dot_product_efficient_attention.default: "sdpa-efficient",
+    aten._scaled_dot_product_cudnn_attention.default: "sdpa-cudnn",
+}
+_SOFTMAX = (aten._softmax.default, aten.softmax.int)
+_MATMUL = (aten.bmm.default, aten.matmul.default)
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+             torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
+@dataclass
+class AttentionMatch:
+    """q [B,H,Q,D], k/v [B,Hkv,L,D] (before the head repeat), what the site adds to the scores."""
+
+    anchor: fx.Node  # the replacement is inserted before this node
+    out: fx.Node  # node whose uses get the replacement's output, shape [B,H,Q,D]
+    form: str
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: float
+    is_causal: bool = False
+    masks: list[fx.Node] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # conditions already known to fail
+
+
+def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> fx.Node:
+    """The deepest 4-D node behind `arg` whose head-repeat (to `heads`) laid out by `final` is `arg`."""
+    path = [arg]
+    while is_call(path[-1], *LAYOUT_OPS):
+        path.append(path[-1].args[0])
+    want = static_shape(arg)
+    for cand in reversed(path):
+        v = val(cand)
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or heads % v.shape[1]:
+            continue
+        rep = heads // v.shape[1]
+        try:
+            probe_chain(cand, arg, lambda t, rep=rep: final(t.repeat_interleave(rep, dim=1)).reshape(want))
+            return cand
+        except (AnalysisError, RuntimeError):
+            continue
+    raise AnalysisError(f"{arg.name} is not a head-repeated view of a [batch, kv_heads, len, head_dim] tensor")
+
+
+def _match_sdpa(node: fx.Node) -> AttentionMatch:
+    _, kw = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    q, k, v = kw["query"], kw["key"], kw["value"]
+    problems = []
+    if kw.get("dropout_p", 0.0):
+        problems.append(f"dropout_p={kw['dropout_p']}")
+    if node.target is aten.scaled_dot_product_attention.default:
+        out = node
+    else:
+        out = getitem_of(node, 0)
+        extra = [u for u in node.users if u is not out]
+        if extra:
+            problems.append("the attention's log-sum-exp/extra outputs are used (training graph)")
+    mask = kw.get("attn_mask", kw.get("attn_bias"))
+    scale = kw.get("scale")
+    scale = 1.0 / float(static_shape(q)[-1]) ** 0.5 if scale is None else float(scale)
+    k_base = _resolve(k, static_shape(k)[1], lambda t: t)
+    v_base = _resolve(v, static_shape(v)[1], lambda t: t)
+    return AttentionMatch(out, out, SDPA_FORMS[node.target], q, k_base, v_base, scale,
+                          bool(kw.get("is_causal", False)), [mask] if mask is not None else [], problems)
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
+    """softmax(scale * (q @ k^T) + mask) @ v, or None if `softmax` is not inside such a chain."""
+    if softmax.args[1] not in (-1, len(static_shape(softmax)) - 1):
+        return None
+    # forward: softmax -> layout -> matmul(p, v) -> layout -> out [B, H, Q, D]
+    p = softmax
+    while (nxt := _single_user(p)) is not None and is_call(nxt, *LAYOUT_OPS):
+        p = nxt
+    mm2 = _single_user(p)
+    if not is_call(mm2, *_MATMUL) or mm2.args[0] is not p:
+        return None
+    out = mm2
+    while val(out).dim() != 4 and (nxt := _single_user(out)) is not None and is_call(nxt, *LAYOUT_OPS):
+        out = nxt
+    if val(out).dim() != 4:
+        return None
+    bsz, heads, q_len, dim = static_shape(out)
+    # backward: scores <- [mask adds, scale mul/div, layout] <- matmul(q, k^T)
+    scale, masks, problems = 1.0, [], []
+    s = softmax.args[0]
+    while True:
+        if is_call(s, *_RESHAPES):
+            s = s.args[0]
+        elif is_call(s, aten.mul.Tensor, aten.div.Tensor) and isinstance(s.args[1], (int, float)):
+            scale = scale * s.args[1] if s.target is aten.mul.Tensor else scale / s.args[1]
+            s = s.args[0]
+        elif is_call(s, aten.add.Tensor) and isinstance(s.args[1], fx.Node):
+            masks.append(s.args[1])
+            s = s.args[0]
+        else:
+            break
+    if not is_call(s, *_MATMUL):
+        return None
+    mm1 = s
+    q_len_l = static_shape(softmax)[-1]
+    try:
+        probe_chain(softmax, mm2.args[0], lambda t: t.reshape(static_shape(mm2.args[0])))
+        probe_chain(mm2, out, lambda t: t.reshape(bsz, heads, q_len, dim))
+        q = _resolve(mm1.args[0], heads, lambda t: t.reshape(static_shape(mm1.args[0])))
+        k = _resolve(mm1.args[1], heads, lambda t: t.transpose(-2, -1).reshape(static_shape(mm1.args[1])))
+        v = _resolve(mm2.args[1], heads, lambda t: t.reshape(static_shape(mm2.args[1])))
+    except AnalysisError:
+        return None
+    if static_shape(q) != (bsz, heads, q_len, dim) or static_shape(k)[2] != q_len_l:
+        return None
+    if any(u.target is not operator.getitem and u is not p and not is_call(u, *LAYOUT_OPS) for u in softmax.users):
+        problems.append("the attention probabilities are used elsewhere")
+    return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems)
+
+
+def find_attention(graph: fx.Graph) -> list[AttentionMatch | tuple[fx.Node, str]]:
+    """All attention sites; a site whose structure could not be read is returned as (node, reason)."""
+    found: list = []
+    for node in list(graph.nodes):
+        try:
+            if is_call(node, *SDPA_FORMS):
+                found.append(_match_sdpa(node))
+            elif is_call(node, *_SOFTMAX):
+                m = _match_eager(node)
+                if m is not None:
+                    found.append(m)
+        except AnalysisError as exc:
+            found.append((node, str(exc)))
+    return found

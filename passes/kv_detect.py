@@ -1,0 +1,161 @@
+"""KV-gather detector: how an attention's keys/values were assembled from a cache.
+
+Recognised (keys and values must be assembled the same way):
+- `gauge::materialize_kv` (ManifoldCache's gather + re-rotation of a block pool);
+- `cat` of pieces along the sequence (a past cache and new tokens; sink + window + new);
+- per piece: `index_select`/advanced indexing on the batch dim by a table (beam reorder),
+  a slice along the sequence, and RoPE re-applied to cached keys with one shift per row
+  (StreamingLLM-style position shifting), on top of any tensor: a cache input, a static buffer
+  written with `index_copy`/`index_put`/`slice_scatter`, or fresh keys.
+
+Every piece becomes a block pool with no copy: `[batch, kv_heads, len, dim]` permuted to
+`[num_blocks=batch, block_size=len, kv_heads, dim]`, block table = the row index, delta = the shift.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .fx_utils import AnalysisError, aten, is_call, layout_root, static_shape, val
+from .rope_detect import match_rope
+
+MATERIALIZE = torch.ops.gauge.materialize_kv.default
+_CACHE_WRITES = (aten.index_copy.default, aten.index_put.default, aten.slice_scatter.default,
+                 aten.select_scatter.default, aten.copy.default, aten.scatter.src)
+
+
+@dataclass
+class Piece:
+    """One block pool: keys/values [B', Hkv, L, D] (as FX nodes), optional row table and per-row shift."""
+
+    k: fx.Node
+    v: fx.Node
+    length: int
+    table: fx.Node | None = None
+    shift: fx.Node | None = None  # integer positions, one per row (or one for all)
+    inv_freq: fx.Node | None = None
+    rotary_dim: int = 2
+    interleaved: bool = False
+    materialize: fx.Node | None = None  # the materialize_kv node (its args are the pool and mapping)
+    kinds: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KVPlan:
+    pieces: list[Piece]
+    gather_nodes: list[fx.Node]  # must vanish for the rewrite to pay off
+    kinds: list[str]
+    from_cache: bool  # False: fresh keys only (not a cache site)
+
+    @property
+    def label(self) -> str:
+        return "+".join(dict.fromkeys(self.kinds)) or "fresh"
+
+
+def ident_root(node):
+    """Walk back through ops that keep every element in place (clone, alias, same-dtype convert)."""
+    while is_call(node, aten.clone.default, aten.alias.default, aten.contiguous.default,
+                  torch.ops.prims.convert_element_type.default) and val(node).dtype == val(node.args[0]).dtype:
+        node = node.args[0]
+    return node
+
+
+def _is_cache_source(node) -> bool:
+    root = layout_root(node)
+    return isinstance(root, fx.Node) and (root.op in ("placeholder", "get_attr") or is_call(root, *_CACHE_WRITES))
+
+
+def _seq_cat(node) -> list[fx.Node] | None:
+    if not is_call(node, aten.cat.default):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else 0
+    return list(node.args[0]) if dim in (2, -2) and val(node).dim() == 4 else None
+
+
+def _row_table(node) -> tuple[fx.Node, fx.Node] | None:
+    """(source, index) when `node` selects batch rows of `source` by an integer index tensor."""
+    if is_call(node, aten.index_select.default) and node.args[1] == 0:
+        return node.args[0], node.args[2]
+    if is_call(node, aten.index.Tensor) and len(node.args[1]) == 1 and node.args[1][0] is not None:
+        idx = node.args[1][0]
+        if val(idx).dim() == 1 and not val(idx).is_floating_point() and val(idx).dtype != torch.bool:
+            return node.args[0], idx
+    return None
+
+
+def _piece(k: fx.Node, v: fx.Node, plan: KVPlan) -> Piece:
+    length = static_shape(k)[2]
+    if static_shape(v)[2] != length:
+        raise AnalysisError("keys and values pieces have different lengths")
+    piece = Piece(k, v, length)
+    rope = match_rope(k)
+    if rope is not None and rope.cos is not None and _is_cache_source(rope.x):
+        angle = rope.angle()
+        if angle is None or angle.kind != "inv_freq":
+            reason = "dynamic inv_freq (it depends on the sequence length)" if angle and angle.kind == "dynamic" \
+                else f"cos/sin of the re-rotation come from a {angle.kind if angle else 'unknown'} source"
+            raise AnalysisError(f"cached keys are re-rotated but {reason}")
+        if angle.factor != 1.0:
+            raise AnalysisError(f"cached keys are re-rotated with a scaled cos/sin (factor {angle.factor})")
+        cos_shape = tuple(val(rope.cos).shape)
+        if len(cos_shape) < 2 or cos_shape[-2] != 1 or (len(cos_shape) >= 3 and cos_shape[-3] != 1):
+            raise AnalysisError("cached keys are re-rotated by per-token positions, not one shift per row")
+        if val(angle.positions).numel() not in (1, static_shape(k)[0]):
+            raise AnalysisError("the re-rotation shift is not one integer per row")
+        if static_shape(rope.x) != static_shape(k):
+            raise AnalysisError("the re-rotated keys are not laid out as [batch, kv_heads, len, head_dim]")
+        piece.k, piece.shift, piece.inv_freq = rope.x, angle.positions, angle.inv_freq
+        piece.rotary_dim, piece.interleaved = rope.rotary_dim, rope.interleaved
+        piece.kinds.append(f"rerotation({rope.kind})")
+        plan.gather_nodes.append(rope.out)
+    k_rows, v_rows = _row_table(ident_root(piece.k)), _row_table(ident_root(piece.v))
+    if (k_rows is None) != (v_rows is None) or (k_rows and k_rows[1] is not v_rows[1]):
+        raise AnalysisError("keys and values are gathered by different tables")
+    if k_rows is not None:
+        plan.gather_nodes += [ident_root(piece.k), ident_root(piece.v)]
+        piece.k, piece.v, piece.table = k_rows[0], v_rows[0], k_rows[1]
+        if static_shape(piece.k)[1:] != static_shape(k)[1:]:
+            raise AnalysisError("the row gather is not laid out as [batch, kv_heads, len, head_dim]")
+        piece.kinds.append("index_select")
+    for node in (piece.k, piece.v):
+        if is_call(layout_root(node), *_CACHE_WRITES):
+            piece.kinds.append(f"static-cache({layout_root(node).target.__name__.split('.')[0]})")
+            break
+    if piece.kinds or _is_cache_source(piece.k):
+        plan.from_cache = True
+    plan.kinds += piece.kinds
+    return piece
+
+
+def plan_kv(k: fx.Node, v: fx.Node) -> KVPlan:
+    """Decompose keys/values [B, Hkv, L, D] into block pools; AnalysisError says what does not fit."""
+    plan = KVPlan([], [], [], False)
+    mat_k, mat_v = ident_root(k), ident_root(v)
+    if mat_k.target is operator.getitem and is_call(mat_k.args[0], MATERIALIZE):
+        mat = mat_k.args[0]
+        if not (mat_v.args[0] is mat and mat_k.args[1] == 0 and mat_v.args[1] == 1):
+            raise AnalysisError("keys and values come from different materialize_kv calls")
+        if static_shape(k) != static_shape(mat_k) or static_shape(v) != static_shape(mat_v):
+            raise AnalysisError("materialize_kv outputs are reshaped before the attention")
+        plan.pieces.append(Piece(k, v, static_shape(k)[2], materialize=mat, kinds=["materialize_kv"]))
+        plan.gather_nodes.append(mat)
+        plan.kinds.append("materialize_kv")
+        plan.from_cache = True
+        return plan
+    k_parts, v_parts = _seq_cat(mat_k), _seq_cat(mat_v)
+    if k_parts is not None or v_parts is not None:
+        if k_parts is None or v_parts is None or len(k_parts) != len(v_parts):
+            raise AnalysisError("keys and values are concatenated differently")
+        plan.gather_nodes += [mat_k, mat_v]
+        plan.kinds.append("cat")
+        plan.from_cache = True
+        parts = [(a, b) for a, b in zip(k_parts, v_parts, strict=True) if static_shape(a)[2]]
+    else:
+        parts = [(k, v)]
+    for a, b in parts:
+        plan.pieces.append(_piece(a, b, plan))
+    return plan

@@ -1,0 +1,49 @@
+"""What the passes found: one `Site` per attention over cached keys, gathered in a `PassReport`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Site", "PassReport", "GaugeRefusedError"]
+
+
+class GaugeRefusedError(RuntimeError):
+    """Raised in strict mode when a site cannot be proven equivalent; the message quotes the reason."""
+
+
+@dataclass
+class Site:
+    """One attention site.  `reason` is empty for rewritten sites, the failed condition otherwise."""
+
+    node: str
+    attention: str  # "sdpa" / "sdpa-flash-cpu" / ... / "eager-chain"
+    gather: str  # "materialize_kv", "cat", "cat+index_select", "rerotation", "static-cache", ...
+    rope: str  # RoPE kind applied to the queries ("rotate-half", "interleaved", "complex", "+partial", "none")
+    location: str
+    rewritten: bool
+    reason: str = ""
+    pieces: int = 0
+
+    def describe(self) -> str:
+        """One line: what, where, and why not (for refused sites)."""
+        head = f"{self.attention} over {self.gather} (q rope: {self.rope}) at {self.location}"
+        if self.rewritten:
+            return f"{head} -> rotated_query_attention x{self.pieces}"
+        return f"{head} -> refused: {self.reason}"
+
+
+@dataclass
+class PassReport:
+    """Sites rewritten and refused in one graph, plus attentions with no cache behind them."""
+
+    rewritten: list[Site] = field(default_factory=list)
+    refused: list[Site] = field(default_factory=list)
+    plain_attention: int = 0
+
+    def add(self, site: Site) -> None:
+        (self.rewritten if site.rewritten else self.refused).append(site)
+
+    def extend(self, other: PassReport) -> None:
+        self.rewritten.extend(other.rewritten)
+        self.refused.extend(other.refused)
+        self.plain_attention += other.plain_attention

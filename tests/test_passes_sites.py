@@ -1,0 +1,154 @@
+"""Hand-written patterns (not transformers): each is detected, rewritten (or refused) and equals eager."""
+
+import functools
+
+import pytest
+import torch
+from gaugecompile.passes import GaugeRefusedError
+
+import gaugecompile
+from gaugecompile import RopeSpec
+from gaugecompile.backend import gauge_backend
+
+B, H, HKV, D, L = 2, 4, 2, 16, 12
+ROPE = RopeSpec.from_base(10000.0, D)
+
+
+def _compile(fn, inner="eager", strict=False):
+    sink = []
+    torch._dynamo.reset()
+    backend = functools.partial(gauge_backend, inner=inner, strict=strict, report_sink=sink)
+    return torch.compile(fn, backend=backend, dynamic=False), sink
+
+
+def _sites(sink):
+    rewritten = [s for r, _, _ in sink for s in r.rewritten]
+    refused = [s for r, _, _ in sink for s in r.refused]
+    return rewritten, refused
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x, pos, inv_freq):
+    """Rotate-half RoPE of x [B, h, n, D] at integer positions pos (broadcastable to [B, n])."""
+    ang = pos[..., None].float() * inv_freq
+    emb = torch.cat((ang, ang), -1)[:, None]
+    return x * emb.cos() + _rotate_half(x) * emb.sin()
+
+
+def _eager_attention(q, k, v, mask=None):
+    k = k[:, :, None].expand(B, HKV, H // HKV, *k.shape[2:]).reshape(B, H, *k.shape[2:])
+    v = v[:, :, None].expand(B, HKV, H // HKV, *v.shape[2:]).reshape(B, H, *v.shape[2:])
+    w = torch.matmul(q, k.transpose(2, 3)) * D**-0.5
+    if mask is not None:
+        w = w + mask
+    return torch.matmul(torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    g = torch.Generator().manual_seed(0)
+    kp, vp = torch.randn(9, 4, HKV, D, generator=g), torch.randn(9, 4, HKV, D, generator=g)
+    table = torch.tensor([[3, 0, 7], [5, 8, 1]])
+    delta = torch.tensor([[0, -9, 40], [2, 2, 100]])
+    return kp, vp, table, delta
+
+
+@pytest.mark.parametrize("form", ["sdpa", "eager"])
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_materialize_site_rewritten(pool, form, inner):
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 1, D)
+
+    def f(q, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        if form == "sdpa":
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return _eager_attention(q, k, v)
+
+    compiled, sink = _compile(f, inner)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta), f(q, kp, vp, table, delta), atol=1e-4, rtol=1e-4)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused
+    assert rewritten[0].gather == "materialize_kv"
+
+
+def test_prefill_over_materialized_past_with_causal_mask(pool):
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 3, D)
+
+    def f(q, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        mask = torch.full((3, L), float("-inf")).triu(L - 3 + 1)
+        return _eager_attention(q, k, v, mask)
+
+    compiled, sink = _compile(f)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta), f(q, kp, vp, table, delta), atol=1e-4, rtol=1e-4)
+    assert len(_sites(sink)[0]) == 1
+
+
+class BeamReorder(torch.nn.Module):
+    """Reorders its past cache by beam index inside forward, then attends over past + new tokens."""
+
+    def forward(self, q, k_new, v_new, past_k, past_v, beam_idx):
+        k = torch.cat([past_k.index_select(0, beam_idx), k_new], dim=2)
+        v = torch.cat([past_v.index_select(0, beam_idx), v_new], dim=2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+class StreamingLLM(torch.nn.Module):
+    """Keeps `sinks` tokens, re-rotates the rest of its window back by `shift` every step (StreamingLLM)."""
+
+    def __init__(self, sinks=2):
+        super().__init__()
+        self.sinks = sinks
+        self.register_buffer("inv_freq", ROPE.inv_freq.float(), persistent=False)
+
+    def forward(self, q, k_new, v_new, past_k, past_v, shift):
+        window = _rope(past_k[:, :, self.sinks:], -shift[:, None], self.inv_freq)
+        k = torch.cat([past_k[:, :, : self.sinks], window, k_new], dim=2)
+        v = torch.cat([past_v[:, :, : self.sinks], past_v[:, :, self.sinks:], v_new], dim=2)
+        return _eager_attention(q, k, v)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("model_cls", [BeamReorder, StreamingLLM])
+def test_cache_reorganisation_rewritten(model_cls, inner):
+    g = torch.Generator().manual_seed(1)
+    q, k_new, v_new = (torch.randn(B, s, 1, D, generator=g) for s in (H, HKV, HKV))
+    past_k, past_v = torch.randn(B, HKV, L, D, generator=g), torch.randn(B, HKV, L, D, generator=g)
+    extra = torch.tensor([1, 0]) if model_cls is BeamReorder else torch.tensor([3, 17])
+    model = model_cls()
+    compiled, sink = _compile(model, inner)
+    for step in range(2):  # every step re-rotates / reorders again
+        args = (q + step, k_new, v_new, past_k, past_v, extra)
+        torch.testing.assert_close(compiled(*args), model(*args), atol=1e-4, rtol=1e-4)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused, refused
+    kind = "index_select" if model_cls is BeamReorder else "rerotation"
+    assert kind in rewritten[0].gather
+    assert rewritten[0].pieces == (2 if model_cls is BeamReorder else 3)
+
+
+def test_refused_padding_mask_keeps_results_and_strict_raises(pool):
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 1, D)
+
+    def f(q, kp, vp, table, delta, pad):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        return _eager_attention(q, k, v, pad)
+
+    pad = torch.zeros(B, 1, 1, L)
+    pad[0, ..., :3] = float("-inf")
+    compiled, sink = _compile(f)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta, pad), f(q, kp, vp, table, delta, pad))
+    rewritten, refused = _sites(sink)
+    assert not rewritten and len(refused) == 1
+    assert "runtime input" in refused[0].reason
+    strict, _ = _compile(f, strict=True)
+    with pytest.raises(Exception, match="runtime input"):
+        strict(q, kp, vp, table, delta, pad)
+    assert issubclass(GaugeRefusedError, RuntimeError)
