@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import mpmath
 import torch
 
-__all__ = ["RopeSpec", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA", "TWO_PI_PARTS", "INV_TWO_PI"]
+__all__ = [
+    "RopeSpec", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA", "TWO_PI_PARTS", "INV_TWO_PI", "VELTKAMP",
+]
 
 #: Offsets are exact below this bound (the op rejects larger ones).
 MAX_ABS_DELTA = 2**46
@@ -44,7 +46,8 @@ _C1, _C2, _C3, _INV_TWO_PI = _two_pi_parts()
 #: 2*pi = C1 + C2 + C3 and 1/(2*pi): the reduction constants every kernel must use (Triton, ONNX).
 TWO_PI_PARTS: tuple[float, float, float] = (_C1, _C2, _C3)
 INV_TWO_PI: float = _INV_TWO_PI
-_VELTKAMP = float(2**27 + 1)
+#: Veltkamp splitting factor: theta * VELTKAMP splits a float64 into two 26-bit halves.
+VELTKAMP = float(2**27 + 1)
 
 
 def _reduce(p: torch.Tensor) -> torch.Tensor:
@@ -59,7 +62,7 @@ def reduced_angles(delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     theta = inv_freq.to(device=delta.device, dtype=torch.float64)
     d_hi = ((delta >> 16) << 16).to(torch.float64).unsqueeze(-1)
     d_lo = (delta & 0xFFFF).to(torch.float64).unsqueeze(-1)
-    c = theta * _VELTKAMP
+    c = theta * VELTKAMP
     t_hi = c - (c - theta)
     t_lo = theta - t_hi
     total = _reduce(d_hi * t_hi) + _reduce(d_hi * t_lo) + _reduce(d_lo * t_hi) + _reduce(d_lo * t_lo)

@@ -1,0 +1,113 @@
+"""A transformers forward step over ManifoldCache's pools, with the pools and mapping as graph inputs.
+
+`ManifoldCache` does its bookkeeping (which blocks, which slots, which deltas) on the host, so it
+cannot be traced.  For export, that bookkeeping is done once, eagerly, and its result -- block
+table, per-block deltas, the slots the new tokens are written to -- becomes graph inputs, together
+with every layer's pools.  `PoolView` is the cache the model sees while being traced: `update()`
+writes the new keys/values into the pools (out of place, so the updated pools are outputs) and
+returns `materialize_kv` of them, which is exactly the site the gauge passes rewrite into one
+rotated-query attention per layer.
+
+The frame (what the model rotates the new tokens at, and where the causal mask puts them) and the
+view length are static: the passes prove the mask from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..materialize import materialize_kv
+from ..rope import RopeSpec
+
+__all__ = ["PoolView", "CacheStep"]
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)` only when it changes something: a same-dtype `.to` still leaves an `aten.to` node in
+    an exported graph, between `materialize_kv` and the attention."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class PoolView(Cache):
+    """A transformers Cache over explicit tensors: pools, block table, deltas and write slots of one forward."""
+
+    def __init__(self, rope: RopeSpec, frame: int, length: int, block_table: torch.Tensor, block_delta: torch.Tensor,
+                 slots: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor]) -> None:
+        super().__init__(layers=[])
+        self.rope, self.frame, self.length = rope, frame, length
+        self.block_table, self.block_delta, self.slots = block_table, block_delta, slots
+        self.k_pools, self.v_pools = list(k_pools), list(v_pools)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.frame
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset) as ManifoldCache gives them: the view, with the query in the frame after it."""
+        return self.length, self.frame - (self.length - query_length)
+
+    @property
+    def is_initialized(self) -> bool:
+        return True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write the new K/V ([batch, kv_heads, q, head_dim]) at `slots`; return the materialised view."""
+        pools = []
+        for pool, new in ((self.k_pools[layer_idx], key_states), (self.v_pools[layer_idx], value_states)):
+            rows = _cast(new.transpose(1, 2).reshape(-1, *pool.shape[2:]), pool.dtype)
+            pools.append(pool.flatten(0, 1).index_copy(0, self.slots, rows).view(pool.shape))
+        self.k_pools[layer_idx], self.v_pools[layer_idx] = pools
+        k, v = materialize_kv(pools[0], pools[1], self.block_table, self.block_delta, self.rope, self.length)
+        return _cast(k, key_states.dtype), _cast(v, value_states.dtype)
+
+
+class CacheStep(torch.nn.Module):
+    """`model` run on new tokens over a ManifoldCache's state given as tensors.
+
+    forward(input_ids [B, Q], position_ids [B, Q], block_table [B, M], block_delta [B, M],
+    slots [B*Q], k_pools (one [N, S, Hkv, D] per layer), v_pools) -> (logits, k_pools, v_pools)
+    with the pools updated by the step.  `frame` is the cache's frame before the step
+    (`cache.get_seq_length()`), `length` the view length after it.
+    """
+
+    def __init__(self, model: torch.nn.Module, rope: RopeSpec, frame: int, length: int) -> None:
+        super().__init__()
+        if not isinstance(rope, RopeSpec):
+            raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
+        for name, value in (("frame", frame), ("length", length)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+        self.model, self.rope, self.frame, self.length = model, rope, frame, length
+
+    def forward(self, input_ids, position_ids, block_table, block_delta, slots, k_pools, v_pools):
+        view = PoolView(self.rope, self.frame, self.length, block_table, block_delta, slots, k_pools, v_pools)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=view, use_cache=True)
+        return out.logits, tuple(view.k_pools), tuple(view.v_pools)
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, cache, input_ids: torch.Tensor):
+        """Run one step of `model` on `input_ids` eagerly with ManifoldCache `cache` (advancing it), and
+        return `(step, args, logits)`: the module, its inputs for that same step (pools as they were
+        before it) and the eager logits -- what an export of the step must reproduce."""
+        from ..cache import ManifoldCache
+
+        if not isinstance(cache, ManifoldCache):
+            raise TypeError(f"cache: expected a gaugecompile ManifoldCache, got {type(cache).__name__}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected a [batch, q_len] tensor, got {shape}")
+        frame = cache.get_seq_length()
+        k_pools = tuple(p.clone() for p in cache.k_pools)
+        v_pools = tuple(p.clone() for p in cache.v_pools)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+        block_table, block_delta, slots, length = cache._fwd  # the mapping this step used
+        batch, q_len = input_ids.shape
+        position_ids = (frame + torch.arange(q_len, device=input_ids.device)).expand(batch, q_len)
+        args = (input_ids, position_ids, block_table, block_delta, slots, k_pools, v_pools)
+        return cls(model, cache.rope, frame, length), args, logits

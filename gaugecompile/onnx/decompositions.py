@@ -1,0 +1,56 @@
+"""How the gauge ops leave the exported program before ONNX translation.
+
+- `gauge::rotated_query_attention` becomes `torch.onnx.ops.symbolic_multi_out`, which the exporter
+  writes verbatim as one `ai.gauge::RotatedQueryAttention` node (defined by `function.py`).
+- `gauge::materialize_kv` that the passes left in place (a refused site) becomes its gather +
+  re-rotate in standard torch ops, so a refused site still exports and computes exactly what it
+  computed eagerly -- the same exact float64 angles, just without the custom node.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rope import delta_cos_sin, rotate
+from .function import DOMAIN, OP_TYPE, VERSION
+
+__all__ = ["DECOMPOSITIONS"]
+
+
+def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
+                             interleaved, scale, causal):
+    block_size = k_pool.shape[1]
+    if not isinstance(block_size, int):
+        raise ValueError("k_pool: the block size (dim 1) must be static for ONNX export, got a dynamic dim")
+    out, lse = torch.onnx.ops.symbolic_multi_out(
+        f"{DOMAIN}::{OP_TYPE}",
+        [q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq],
+        {"rotary_dim": int(rotary_dim), "interleaved": int(bool(interleaved)), "scale": float(scale),
+         "causal": int(bool(causal)), "block_size": block_size},
+        dtypes=(q.dtype, q.dtype),
+        shapes=(q.shape, q.shape[:3]),
+        version=VERSION,
+    )
+    # The node's lse has q's dtype; the op's lse is float32 unless q is float64.
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _materialize_kv(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length):
+    """`gauge::materialize_kv` in torch ops: K/V [B, Hkv, length, D], keys re-rotated by their delta."""
+    block_size = k_pool.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    ids = block_table[:, :n_blocks].long()
+    k = k_pool[ids].flatten(1, 2)[:, :length]
+    v = v_pool[ids].flatten(1, 2)[:, :length]
+    token_delta = block_delta[:, :n_blocks].repeat_interleave(block_size, dim=1)[:, :length]
+    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)
+    k = rotate(k.to(cdt), cos[:, :, None], sin[:, :, None], rotary_dim, interleaved).to(k_pool.dtype)
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+
+
+#: The decomposition table given to `ExportedProgram.run_decompositions` before ONNX export.
+DECOMPOSITIONS = {
+    torch.ops.gauge.rotated_query_attention.default: _rotated_query_attention,
+    torch.ops.gauge.materialize_kv.default: _materialize_kv,
+}

@@ -1,0 +1,104 @@
+"""Export of a materialising attention (materialize_kv + sdpa), the pattern the gauge passes rewrite:
+rewritten, it is one ai.gauge node; left in place (a refused site), it exports in standard ops.
+Either way onnxruntime equals PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from gaugecompile.passes import GaugeRefusedError
+
+import gaugecompile
+from gaugecompile import RopeSpec
+from gaugecompile.onnx import DOMAIN, export_onnx, run
+
+TOL32 = 1e-4
+
+
+class MaterialisingAttention(torch.nn.Module):
+    """What a cache does eagerly: gather + re-rotate the whole view, then plain sdpa (GQA)."""
+
+    def __init__(self, rope: RopeSpec, block_size: int, cast: bool = False):
+        super().__init__()
+        self.rope, self.block_size, self.cast = rope, block_size, cast
+
+    def forward(self, q, k_pool, v_pool, block_table, block_delta):
+        length = block_table.shape[1] * self.block_size
+        k, v = gaugecompile.materialize_kv(k_pool, v_pool, block_table, block_delta, self.rope, length)
+        if self.cast:  # a cast to the same dtype, as caches write it: an aten.to node in the exported graph
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+class BiasedAttention(MaterialisingAttention):
+    """A soft additive bias over the keys: the op cannot express it, so the passes must refuse the site."""
+
+    def forward(self, q, k_pool, v_pool, block_table, block_delta):
+        length = block_table.shape[1] * self.block_size
+        k, v = gaugecompile.materialize_kv(k_pool, v_pool, block_table, block_delta, self.rope, length)
+        bias = -0.1 * torch.arange(length, dtype=q.dtype).view(1, 1, 1, -1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+def inputs(gen, batch, q_len, num_blocks, max_blocks, *, rope_dim=16, heads=4, kv_heads=2, block_size=4):
+    q = torch.randn(batch, heads, q_len, rope_dim, generator=gen)
+    k_pool = torch.randn(num_blocks, block_size, kv_heads, rope_dim, generator=gen)
+    v_pool = torch.randn(num_blocks, block_size, kv_heads, rope_dim, generator=gen)
+    table = torch.randint(0, num_blocks, (batch, max_blocks), generator=gen)
+    sign = torch.randint(0, 2, (batch, max_blocks), generator=gen) * 2 - 1
+    delta = sign * (2**30 - torch.randint(0, 10**5, (batch, max_blocks), generator=gen))
+    return q, k_pool, v_pool, table, delta
+
+
+def dynamic_shapes():
+    batch, q_len = torch.export.Dim("batch"), torch.export.Dim("q_len")
+    blocks, pool = torch.export.Dim("max_blocks", max=4096), torch.export.Dim("num_blocks")
+    return ({0: batch, 2: q_len}, {0: pool}, {0: pool}, {0: batch, 1: blocks}, {0: batch, 1: blocks})
+
+
+def check_parity(path, module, gen, sizes):
+    for batch, q_len, num_blocks, max_blocks in sizes:
+        feeds = inputs(gen, batch, q_len, num_blocks, max_blocks)
+        (got,) = run(path, feeds)
+        with torch.no_grad():
+            err = float(np.abs(got - module(*feeds).numpy()).max())
+        assert err < TOL32, err
+
+
+@pytest.mark.parametrize("interleaved,rotary_dim", [(False, 16), (True, 10)])
+def test_refused_site_exports_in_standard_ops(tmp_path, interleaved, rotary_dim):
+    module = BiasedAttention(RopeSpec.from_base(10000.0, rotary_dim, interleaved=interleaved), 4)
+    gen = torch.Generator().manual_seed(rotary_dim)
+    path = tmp_path / "refused.onnx"
+    with pytest.warns(UserWarning, match="site left in standard ops"):
+        model = export_onnx(module, inputs(gen, 2, 3, 6, 2), path, dynamic_shapes=dynamic_shapes())
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert not [n for n in model.graph.node if n.domain == DOMAIN]
+    check_parity(path, module, gen, [(1, 1, 5, 3), (3, 2, 9, 5)])
+
+
+def test_strict_raises_on_a_refused_site(tmp_path):
+    module = BiasedAttention(RopeSpec.from_base(10000.0, 16), 4)
+    gen = torch.Generator().manual_seed(2)
+    with pytest.raises(GaugeRefusedError):
+        export_onnx(module, inputs(gen, 2, 3, 6, 2), tmp_path / "strict.onnx", strict=True)
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_passes_rewrite_the_site_into_one_node(tmp_path, cast):
+    module = MaterialisingAttention(RopeSpec.from_base(10000.0, 16), 4, cast=cast)
+    gen = torch.Generator().manual_seed(11)
+    path = tmp_path / "rewritten.onnx"
+    example = inputs(gen, 2, 3, 6, 2)
+    model = export_onnx(module, example, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert [n.op_type for n in model.graph.node if n.domain == DOMAIN] == ["RotatedQueryAttention"]
+    assert not [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]  # no key re-rotation left
+    for _ in range(2):
+        feeds = inputs(gen, 2, 3, 6, 2)
+        (got,) = run(path, feeds)
+        with torch.no_grad():
+            err = float(np.abs(got - module(*feeds).numpy()).max())
+        assert err < TOL32, err
