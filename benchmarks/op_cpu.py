@@ -10,6 +10,7 @@ non-zero delta), and a fragmented table (random blocks, random deltas).
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 
@@ -47,13 +48,16 @@ def main() -> None:
         "fragmented": (torch.randperm(n_blocks, generator=g)[None],
                        torch.randint(-(2**31), 2**31, (1, n_blocks), generator=g)),
     }
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# decode, batch 1, {heads} heads, head dim {head_dim}, {args.tokens} tokens, block {block_size}, float32")
     print(f"{'mapping':<16} {'op (ms)':>9} {'reference (ms)':>15} {'speed-up':>9} {'max |diff|':>11}")
     for name, (table, delta) in mappings.items():
-        call = lambda impl: gc.rotated_query_attention(q, k_pool, v_pool, table, delta, lens, rope, impl=impl)
-        t_op, t_ref = _time(lambda: call("auto"), args.repeat), _time(lambda: call("reference"), args.repeat)
-        diff = float((call("auto") - call("reference")).abs().max())
+        op = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope, impl="auto")
+        ref = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope,
+                                impl="reference")
+        t_op, t_ref = _time(op, args.repeat), _time(ref, args.repeat)
+        diff = float((op() - ref()).abs().max())
         print(f"{name:<16} {t_op * 1e3:9.2f} {t_ref * 1e3:15.2f} {t_ref / t_op:8.1f}x {diff:11.2e}")
 
 
