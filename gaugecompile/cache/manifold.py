@@ -12,12 +12,21 @@ delta is 0.
 Eagerly `update()` returns `gaugecompile.materialize_kv(...)` of the untouched pools (gather +
 re-rotate), so every attention implementation is exact; compiled with the gauge backend that node is
 what the passes turn into one rotated-query attention over the pools.
+
+Under torch.compile.  The host bookkeeping of a forward (allocation, copy-on-write, tables) is one
+`torch.compiler.disable`d call made from `get_mask_sizes`, which transformers calls before the first
+layer, so a compiled forward is: a small graph, the bookkeeping, one graph with every layer's
+`materialize_kv` feeding its attention, a small graph.  Lengths reach the graph as tensor sizes (the
+frame counter and the view length are the sizes of empty tensors, tables are padded to power-of-two
+widths, all marked dynamic), so decode steps do not recompile.  A forward on an empty batch learns its
+row count only in update() and does its bookkeeping there; `new_sequences(rows)` avoids that.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache
@@ -29,10 +38,37 @@ from .pool import BlockAllocator
 from .rope_config import kv_shape_from_config, rope_from_config
 from .storage import BlockStorage
 
-__all__ = ["ManifoldCache", "MAX_COW_BLOCKS"]
+__all__ = ["ManifoldCache", "MAX_COW_BLOCKS", "StepMapping"]
 
 #: An edit may copy at most this many blocks (the blocks an unaligned cut splits).
 MAX_COW_BLOCKS = 2
+
+
+class _Forward(NamedTuple):
+    """What the layers of one forward read: tables, the pool slots of the new tokens, the view length
+    (as the size of `sizes`, shape [0, length], so that a compiled graph gets a SymInt) and the query length."""
+
+    table: torch.Tensor
+    delta: torch.Tensor
+    slots: torch.Tensor
+    sizes: torch.Tensor
+    q: int
+
+
+class StepMapping(NamedTuple):
+    """The mapping one forward used (`ManifoldCache.last_step`): what an exported step takes as inputs."""
+
+    block_table: torch.Tensor
+    block_delta: torch.Tensor
+    slots: torch.Tensor
+    length: int
+
+
+def _size_carrier(n: int) -> torch.Tensor:
+    """An empty tensor of shape [0, n], marked dynamic in dim 1: a length Dynamo traces as a SymInt."""
+    t = torch.empty(0, n)
+    torch._dynamo.maybe_mark_dynamic(t, 1)
+    return t
 
 
 class ManifoldCache(Cache):
@@ -72,10 +108,12 @@ class ManifoldCache(Cache):
         self._seqs: dict[int, SeqMap] = {}
         self._batch: list[int] = []
         self._next_id = 0
-        self._frame = 0
+        self._frame_sizes = torch.empty(0, 0)
         self._window: tuple[int, int] | None = None
         self.peak_blocks_in_use = 0
-        self._fwd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        self._fwd: _Forward | None = None
+        #: The mapping the most recent forward used (block table, deltas, pool slots written, view length).
+        self.last_step: StepMapping | None = None
 
     # ----------------------------------------------------------------- accounting and views
     @property
@@ -135,17 +173,39 @@ class ManifoldCache(Cache):
         return list(m.blocks), [s - sq for s in m.sigma]
 
     # ----------------------------------------------------------------- transformers Cache API
+    @property
+    def _frame(self) -> int:
+        return self._frame_sizes.shape[1]
+
+    @_frame.setter
+    def _frame(self, value: int) -> None:
+        if value != self._frame_sizes.shape[1]:
+            self._frame_sizes = _size_carrier(value)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """The frame counter: positions the model has consumed (what it rotates the next token at)."""
-        return self._frame
+        """The frame counter: positions the model has consumed (what it rotates the next token at).
+
+        Read from the size of a tensor, so that a compiled model sees a dynamic SymInt, not a constant.
+        """
+        return self._frame_sizes.shape[1]
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        """(kv_length, kv_offset): the view plus the query; offset puts the query's frame after the view."""
-        past = self._common_length() if self._batch else 0
-        return past + query_length, self._frame - past
+        """(kv_length, kv_offset): the view plus the query; offset puts the query's frame after the view.
+
+        transformers asks this once per forward before any layer runs, so this is where a forward on a
+        non-empty batch does its host bookkeeping (`_begin_forward`, assuming one row per sequence): the
+        graph break of a compiled model then falls before the layers, and every layer's attention is
+        traced in one graph with its `materialize_kv`.  Both sizes come from tensor sizes (SymInts).
+        """
+        if self._fwd is None:
+            if not self._batch:  # rows unknown until update(): that forward does its bookkeeping there
+                return query_length, self._frame_sizes.shape[1]
+            self._begin_forward(len(self._batch), query_length)
+        sizes = self._fwd.sizes
+        return sizes.shape[1], self._frame_sizes.shape[1] - sizes.shape[1]
 
     @property
     def is_initialized(self) -> bool:
@@ -185,6 +245,7 @@ class ManifoldCache(Cache):
         self._frame = max(self._frame - n, self._longest())
 
     def reset(self) -> None:
+        self._fwd = None
         for seq in list(self._seqs):
             self.free(seq)
         self._frame = 0
@@ -193,22 +254,31 @@ class ManifoldCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new K/V ([batch, kv_heads, q, head_dim]) into the pools; return the materialised view."""
-        if layer_idx == 0:
+        if layer_idx == 0 and (self._fwd is None or key_states.shape[0] != len(self._batch)):
             self._begin_forward(key_states.shape[0], key_states.shape[2])
-        table, delta, slots, length = self._fwd
+        table, delta, slots, sizes, _ = self._fwd
         k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
         v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
-        k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, length)
+        k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, sizes.shape[1])
         if layer_idx == self.shape.num_layers - 1:
-            self._end_forward()
+            self._fwd = None
+            if self._window is not None:
+                self._end_forward()
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     # ----------------------------------------------------------------- forward bookkeeping (host)
     @torch.compiler.disable
     def _begin_forward(self, rows: int, q: int) -> None:
-        """Once per forward: place the new tokens (copy-on-write of shared/misaligned last blocks) and build tables."""
+        """Once per forward: place the new tokens (copy-on-write of shared/misaligned last blocks) and build tables.
+
+        Called again by update() when the forward turns out to have more rows than `get_mask_sizes` assumed
+        (the first step of beams over a prefilled prompt): the tokens placed then are rolled back first.
+        """
+        if self._fwd is not None:
+            placed, self._fwd = self._fwd.q, None
+            self.crop(-placed)
         if rows > self.max_batch_size:
             raise ValueError(f"batch: {rows} rows exceed max_batch_size={self.max_batch_size}")
         if not self._batch:
@@ -257,10 +327,10 @@ class ManifoldCache(Cache):
         self.allocator.decref(released)
         self._frame += q  # views grew by q too; the frame must not move otherwise inside a forward
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
-        device = self.storage.device
-        length = self._common_length()
         table, delta = self._tables()
-        self._fwd = (table, delta, torch.tensor(slots, device=device), length)
+        slots_t, length = torch.tensor(slots, device=self.storage.device), self._common_length()
+        self._fwd = _Forward(table, delta, slots_t, _size_carrier(length), q)
+        self.last_step = StepMapping(table, delta, slots_t, length)
 
     @torch.compiler.disable
     def _end_forward(self) -> None:
@@ -270,7 +340,8 @@ class ManifoldCache(Cache):
             self._touch()
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(self._seqs[s].blocks) for s in self._batch)
+        """Block table and deltas of the batch, padded to a power-of-two width >= 2 (marked dynamic)."""
+        width = 1 << max(1, (max(len(self._seqs[s].blocks) for s in self._batch) - 1).bit_length())
         table = torch.zeros(len(self._batch), width, dtype=torch.int64)
         delta = torch.zeros(len(self._batch), width, dtype=torch.int64)
         for row, seq in enumerate(self._batch):
@@ -279,7 +350,10 @@ class ManifoldCache(Cache):
             n = len(m.blocks)
             table[row, :n] = torch.tensor(m.blocks, dtype=torch.int64)
             delta[row, :n] = torch.tensor(m.sigma, dtype=torch.int64) - sq
-        return table.to(self.storage.device), delta.to(self.storage.device)
+        table, delta = table.to(self.storage.device), delta.to(self.storage.device)
+        torch._dynamo.maybe_mark_dynamic(table, 1)
+        torch._dynamo.maybe_mark_dynamic(delta, 1)
+        return table, delta
 
     def _common_length(self) -> int:
         lengths = [self._seqs[s].length for s in self._batch]
@@ -300,6 +374,21 @@ class ManifoldCache(Cache):
         for _ in range(n):
             self.allocator.incref(m.blocks)
             ids.append(self._new_seq(m.copy()))
+        self._batch.extend(ids)
+        return ids
+
+    def new_sequences(self, n: int) -> list[int]:
+        """`n` new empty sequences, appended to the batch.
+
+        A forward on an empty batch learns its row count only in the first layer's update(), so a compiled
+        model breaks its graph there (inside the layer loop, which makes Dynamo trace each layer on its
+        own); opening the rows first moves that bookkeeping before the layers.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive int, got {n!r}")
+        if len(self._batch) + n > self.max_batch_size:
+            raise ValueError(f"n: {len(self._batch)} + {n} rows exceed max_batch_size={self.max_batch_size}")
+        ids = [self._new_seq(SeqMap()) for _ in range(n)]
         self._batch.extend(ids)
         return ids
 

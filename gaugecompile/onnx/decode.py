@@ -106,7 +106,7 @@ class CacheStep(torch.nn.Module):
         v_pools = tuple(p.clone() for p in cache.v_pools)
         with torch.no_grad():
             logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
-        block_table, block_delta, slots, length = cache._fwd  # the mapping this step used
+        block_table, block_delta, slots, length = cache.last_step  # the mapping this step used
         batch, q_len = input_ids.shape
         position_ids = (frame + torch.arange(q_len, device=input_ids.device)).expand(batch, q_len)
         args = (input_ids, position_ids, block_table, block_delta, slots, k_pools, v_pools)
