@@ -52,7 +52,8 @@ def _rqa_op(
 @_rqa_op.register_fake
 def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved,
               scale, causal):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    # the kernels return contiguous outputs whatever q's strides are; the fake must say the same
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())

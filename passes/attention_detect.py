@@ -15,7 +15,19 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-from .fx_utils import LAYOUT_OPS, AnalysisError, aten, getitem_of, is_call, probe_chain, static_shape, val
+from .fx_utils import (
+    LAYOUT_OPS,
+    AnalysisError,
+    as_int,
+    aten,
+    getitem_of,
+    is_call,
+    known_equal,
+    probe_chain,
+    shape,
+    static_dim,
+    val,
+)
 
 #: sdpa overload -> name shown in reports; every one returns the attention output first.
 SDPA_FORMS = {
@@ -45,6 +57,7 @@ class AttentionMatch:
     is_causal: bool = False
     masks: list[fx.Node] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # conditions already known to fail
+    assume_square: bool = False  # set by the rewriter: rewritten under a run-time check q_len == kv_len
 
 
 def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> fx.Node:
@@ -52,18 +65,27 @@ def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Ten
     path = [arg]
     while is_call(path[-1], *LAYOUT_OPS):
         path.append(path[-1].args[0])
-    want = static_shape(arg)
     for cand in reversed(path):
         v = val(cand)
-        if not isinstance(v, torch.Tensor) or v.dim() != 4 or heads % v.shape[1]:
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
             continue
-        rep = heads // v.shape[1]
+        cand_heads = as_int(v.shape[1])
+        if not isinstance(cand_heads, int) or heads % cand_heads:
+            continue
+        rep = heads // cand_heads
         try:
-            probe_chain(cand, arg, lambda t, rep=rep: final(t.repeat_interleave(rep, dim=1)).reshape(want))
+            probe_chain(cand, arg, lambda t, dims, rep=rep: final(t.repeat_interleave(rep, dim=1)).reshape(dims(arg)))
             return cand
         except (AnalysisError, RuntimeError):
             continue
     raise AnalysisError(f"{arg.name} is not a head-repeated view of a [batch, kv_heads, len, head_dim] tensor")
+
+
+def _resolve_own_heads(arg: fx.Node) -> fx.Node:
+    """sdpa's k/v: behind a repeat-kv when its head count is static; a symbolic one is taken as is
+    (sdpa's own `enable_gqa` grouping is the op's)."""
+    heads = as_int(shape(arg)[1])
+    return _resolve(arg, heads, lambda t: t) if isinstance(heads, int) else arg
 
 
 def _match_sdpa(node: fx.Node) -> AttentionMatch:
@@ -81,9 +103,8 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
             problems.append("the attention's log-sum-exp/extra outputs are used (training graph)")
     mask = kw.get("attn_mask", kw.get("attn_bias"))
     scale = kw.get("scale")
-    scale = 1.0 / float(static_shape(q)[-1]) ** 0.5 if scale is None else float(scale)
-    k_base = _resolve(k, static_shape(k)[1], lambda t: t)
-    v_base = _resolve(v, static_shape(v)[1], lambda t: t)
+    scale = 1.0 / float(static_dim(q, -1)) ** 0.5 if scale is None else float(scale)
+    k_base, v_base = _resolve_own_heads(k), _resolve_own_heads(v)
     return AttentionMatch(out, out, SDPA_FORMS[node.target], q, k_base, v_base, scale,
                           bool(kw.get("is_causal", False)), [mask] if mask is not None else [], problems)
 
@@ -94,7 +115,7 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
     """softmax(scale * (q @ k^T) + mask) @ v, or None if `softmax` is not inside such a chain."""
-    if softmax.args[1] not in (-1, len(static_shape(softmax)) - 1):
+    if softmax.args[1] not in (-1, len(shape(softmax)) - 1):
         return None
     # forward: softmax -> layout -> matmul(p, v) -> layout -> out [B, H, Q, D]
     p = softmax
@@ -108,7 +129,9 @@ def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
         out = nxt
     if val(out).dim() != 4:
         return None
-    bsz, heads, q_len, dim = static_shape(out)
+    heads = as_int(shape(out)[1])
+    if not isinstance(heads, int):
+        return None
     # backward: scores <- [mask adds, scale mul/div, layout] <- matmul(q, k^T)
     scale, masks, problems = 1.0, [], []
     s = softmax.args[0]
@@ -126,16 +149,17 @@ def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
     if not is_call(s, *_MATMUL):
         return None
     mm1 = s
-    q_len_l = static_shape(softmax)[-1]
+    q_len_l = shape(softmax)[-1]
+    a1, k1, v2 = mm1.args[0], mm1.args[1], mm2.args[1]
     try:
-        probe_chain(softmax, mm2.args[0], lambda t: t.reshape(static_shape(mm2.args[0])))
-        probe_chain(mm2, out, lambda t: t.reshape(bsz, heads, q_len, dim))
-        q = _resolve(mm1.args[0], heads, lambda t: t.reshape(static_shape(mm1.args[0])))
-        k = _resolve(mm1.args[1], heads, lambda t: t.transpose(-2, -1).reshape(static_shape(mm1.args[1])))
-        v = _resolve(mm2.args[1], heads, lambda t: t.reshape(static_shape(mm2.args[1])))
+        probe_chain(softmax, mm2.args[0], lambda t, dims: t.reshape(dims(mm2.args[0])))
+        probe_chain(mm2, out, lambda t, dims: t.reshape(dims(out)))
+        q = _resolve(a1, heads, lambda t: t)
+        k = _resolve(k1, heads, lambda t: t.transpose(-2, -1))
+        v = _resolve(v2, heads, lambda t: t)
     except AnalysisError:
         return None
-    if static_shape(q) != (bsz, heads, q_len, dim) or static_shape(k)[2] != q_len_l:
+    if not known_equal(shape(q), shape(out)) or not known_equal(shape(k)[2], q_len_l):
         return None
     if any(u.target is not operator.getitem and u is not p and not is_call(u, *LAYOUT_OPS) for u in softmax.users):
         problems.append("the attention probabilities are used elsewhere")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 
+import sympy
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -42,6 +45,126 @@ def static_shape(node) -> tuple[int, ...]:
     if not all(isinstance(d, int) for d in s):
         raise AnalysisError(f"dynamic shape {s} on {node.name}: the proof needs static shapes")
     return s
+
+
+def as_int(d):
+    """`d` as an int when it is one, or a SymInt the shape environment has pinned to a constant."""
+    if isinstance(d, torch.SymInt):
+        expr = d.node.shape_env.replace(d.node.expr)
+        if expr.is_number:
+            return int(expr)
+    return d
+
+
+def static_dim(node, dim: int) -> int:
+    """One dimension that must be static (head count, head dim)."""
+    d = as_int(shape(node)[dim])
+    if not isinstance(d, int):
+        raise AnalysisError(f"dimension {dim} of {node.name} is dynamic ({d}); it must be static")
+    return d
+
+
+def known_equal(a, b) -> bool:
+    """True when two sizes (ints or SymInts, or tuples of them) are equal for every value of their symbols.
+
+    Decided without adding guards: a pass must not narrow what the compiled graph accepts.
+    """
+    if isinstance(a, (tuple, list, torch.Size)) or isinstance(b, (tuple, list, torch.Size)):
+        return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(statically_known_true(a == b))
+
+
+# ----------------------------------------------------------------------------- size environments
+#: Extra assignments tried besides the traced sizes; distinct per symbol so independent sizes differ.
+_PERTURBATIONS = (8, 21)
+#: Moves of one symbol alone (small ones first: guards often bound a size by a product of others).
+_SINGLE_STEPS = (1, -1, 3, 8)
+_ENVS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shape_env(graph: fx.Graph):
+    for node in graph.nodes:
+        v = node.meta.get("val")
+        vals = [v] if not isinstance(v, torch.Tensor) else list(v.shape)
+        for d in vals:
+            if isinstance(d, torch.SymInt):
+                return d.node.shape_env
+    return None
+
+
+def _free_symbols(graph: fx.Graph, shape_env) -> list[sympy.Symbol]:
+    found: dict = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        v = node.meta.get("val")
+        vals = list(v.shape) if isinstance(v, torch.Tensor) else [v]
+        for d in vals:
+            if isinstance(d, torch.SymInt):
+                for sym in shape_env.replace(d.node.expr).free_symbols:
+                    found[sym] = None
+    return sorted(found, key=str)
+
+
+def size_envs(graph: fx.Graph) -> list[dict]:
+    """Assignments of the graph's size symbols under which the proofs are checked.
+
+    Static graphs: one empty assignment.  Dynamic graphs: the traced sizes, then every symbol moved
+    alone, all symbols moved by different amounts, and all scaled by 2 -- each kept only if it
+    satisfies every guard the graph was compiled under (sizes stay >= 2: 0 and 1 are specialised).
+    A pattern that holds at all of them follows
+    the symbols (a mask built as `kv_idx <= q_idx + offset`, a view of `[b, h, s, d]`); one that holds
+    at the traced sizes by chance (two independent lengths that happen to be equal) is caught.
+    """
+    if graph in _ENVS:
+        return _ENVS[graph]
+    shape_env = _shape_env(graph)
+    envs: list[dict] = [{}]
+    if shape_env is not None:
+        symbols = _free_symbols(graph, shape_env)
+        hints = {s: shape_env.backed_var_to_val.get(s) for s in symbols}
+        if any(h is None for h in hints.values()):
+            raise AnalysisError("the graph has data-dependent (unbacked) sizes")
+        hints = {s: int(h) for s, h in hints.items()}
+        candidates = [{**hints, s: h + step} for s, h in hints.items() for step in _SINGLE_STEPS if h + step > 1]
+        candidates += [{s: h + step * (i + 1) for i, (s, h) in enumerate(hints.items())} for step in _PERTURBATIONS]
+        candidates.append({s: 2 * h for s, h in hints.items()})
+        guards = [g.expr for g in shape_env.guards]
+        envs = [{s: sympy.Integer(h) for s, h in hints.items()}]
+        for cand in candidates:
+            env = {s: sympy.Integer(h) for s, h in cand.items()}
+            if all(_holds(g, env, shape_env) for g in guards):
+                envs.append(env)
+    _ENVS[graph] = envs
+    return envs
+
+
+def _holds(expr, env: dict, shape_env) -> bool:
+    try:
+        return bool(shape_env.replace(expr).xreplace(env))
+    except TypeError:
+        return False
+
+
+def concrete(value, env: dict):
+    """`value` (int, SymInt, or a list/tuple of them) under the assignment `env`."""
+    if isinstance(value, (list, tuple, torch.Size)):
+        return type(value)(concrete(v, env) for v in value) if not isinstance(value, torch.Size) else \
+            tuple(concrete(v, env) for v in value)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        expr = value.node.shape_env.replace(value.node.expr).xreplace(env)
+        if expr.free_symbols:
+            raise AnalysisError(f"size {value} depends on symbols the proof cannot assign")
+        if isinstance(value, torch.SymInt):
+            return int(expr)
+        return float(expr) if isinstance(value, torch.SymFloat) else bool(expr)
+    return value
+
+
+def concrete_shape(node, env: dict) -> tuple[int, ...]:
+    return tuple(concrete(shape(node), env))
 
 
 def is_call(node, *targets) -> bool:
@@ -83,24 +206,44 @@ def real_mode(fn):
 
 @real_mode
 def probe_chain(
-    root, node, expected: Callable[[torch.Tensor], torch.Tensor], extra_ops: frozenset = frozenset()
+    root, node, expected: Callable[[torch.Tensor, Callable], torch.Tensor], extra_ops: frozenset = frozenset()
 ) -> None:
-    """Prove that the chain root -> node computes `expected(root)` by running it on distinct values.
+    """Prove that the chain root -> node computes `expected(root, dims)` by running it on distinct values.
 
     Layout ops (and `extra_ops` such as neg/cat) are index maps independent of the data, so equality
     on a tensor of distinct integers (exact in float64) proves equality for every input of that shape.
+    Dynamic shapes: checked under every assignment of `size_envs`; `dims(n)` is n's shape under it.
     """
-    base = torch.arange(1, torch.Size(static_shape(root)).numel() + 1, dtype=torch.float64)
-    memo = {root: base.reshape(static_shape(root))}
+    for env in size_envs(node.graph):
+        _probe_once(root, node, expected, extra_ops, env)
+
+
+def _eval_size_node(n, env):
+    """A node computing a size (sym_size, a SymInt placeholder, size arithmetic) under `env`."""
+    v = val(n)
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        return concrete(v, env)
+    return None
+
+
+def _probe_once(root, node, expected, extra_ops, env) -> None:
+    root_shape = concrete_shape(root, env)
+    base = torch.arange(1, torch.Size(root_shape).numel() + 1, dtype=torch.float64)
+    memo = {root: base.reshape(root_shape)}
     allowed = LAYOUT_OPS | extra_ops
 
     def ev(n):
         if isinstance(n, (list, tuple)):
             return type(n)(ev(a) for a in n)
+        if isinstance(n, torch.SymInt):
+            return concrete(n, env)
         if not isinstance(n, fx.Node):
             return n
         if n in memo:
             return memo[n]
+        size = _eval_size_node(n, env)
+        if size is not None:
+            return size
         if not is_call(n, *allowed):
             raise AnalysisError(f"{n.name} ({n.target}) is not a pure layout op")
         args = ev(list(n.args))
@@ -112,26 +255,31 @@ def probe_chain(
         memo[n] = out
         return out
 
-    got, want = ev(node), expected(memo[root])
+    got, want = ev(node), expected(memo[root], lambda n: concrete_shape(n, env))
     if got.shape != want.shape or not torch.equal(got, want):
         raise AnalysisError(f"{node.name} is not the expected layout of {root.name}")
 
 
 @real_mode
-def const_eval(node, owner: torch.nn.Module | None):
-    """Evaluate a node whose inputs are all constants (iota, full, arange, get_attr, ...).
+def const_eval(node, owner: torch.nn.Module | None, env: dict | None = None):
+    """Evaluate a node whose inputs are all constants (iota, full, arange, get_attr, sizes), sizes taken
+    under the assignment `env` (see `size_envs`).
 
     Raises AnalysisError naming the runtime input it depends on.
     """
+    env = env or {}
     memo: dict = {}
 
     def ev(n):
         if not isinstance(n, fx.Node):
             if isinstance(n, (list, tuple)):
                 return type(n)(ev(a) for a in n)
-            return n
+            return concrete(n, env)
         if n in memo:
             return memo[n]
+        size = _eval_size_node(n, env)
+        if size is not None:
+            return size
         if n.op == "placeholder":
             raise AnalysisError(f"the mask depends on the runtime input {n.name}")
         if n.op == "get_attr":
@@ -140,21 +288,28 @@ def const_eval(node, owner: torch.nn.Module | None):
             out = n.target(*ev(list(n.args)), **{k: ev(v) for k, v in n.kwargs.items()})
         else:
             raise AnalysisError(f"the mask depends on {n.op} {n.name}")
-        if isinstance(out, torch.SymInt) or (isinstance(out, torch.Tensor) and out.device.type == "meta"):
-            raise AnalysisError("the mask has dynamic shape")
+        if isinstance(out, torch.Tensor) and out.device.type == "meta":
+            raise AnalysisError("the mask could not be evaluated (meta tensor)")
         memo[n] = out
         return out
 
     return ev(node)
 
 
+#: Frames of shared helpers (attention dispatch, decorators, torch itself): the model's own frame is more useful.
+_HELPER_FRAMES = ("/transformers/integrations/", "/transformers/utils/", "/transformers/masking_utils",
+                  "/torch/", "/gaugecompile/")
+
+
 def location(node) -> str:
-    """Last frame of the node's stack trace (file:line in function), or the node name."""
+    """The innermost frame of the node's stack trace in the model's own code (e.g. the attention module in
+    modeling_llama.py rather than transformers' sdpa helper), as file:line in function; or the node name."""
     trace = node.meta.get("stack_trace") or ""
     frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
     if not frames:
         return node.name
-    return frames[-1].replace("File ", "").replace('"', "")
+    own = [f for f in frames if not any(h in f for h in _HELPER_FRAMES)]
+    return (own or frames)[-1].replace("File ", "").replace('"', "")
 
 
 class Builder:
@@ -176,4 +331,8 @@ class Builder:
             fkwargs = fx.node.map_aggregate(kwargs, to_val)
             with self.fake_mode:
                 node.meta["val"] = target(*fargs, **fkwargs)
+            if isinstance(target, torch._ops.OpOverload) and target.namespace == "gauge":
+                # Inductor constrains a custom op's inputs to these strides only when it finds them here;
+                # without them a pass-inserted op gets whatever layout its inputs happen to have
+                node.meta["eager_input_vals"] = (fargs, fkwargs)
         return node

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .fx_utils import AnalysisError, aten, is_call, layout_root, static_shape, val
+from .fx_utils import AnalysisError, aten, is_call, known_equal, layout_root, shape, val
 from .rope_detect import match_rope
 
 MATERIALIZE = torch.ops.gauge.materialize_kv.default
@@ -34,7 +34,7 @@ class Piece:
 
     k: fx.Node
     v: fx.Node
-    length: int
+    length: int | torch.SymInt
     table: fx.Node | None = None
     shift: fx.Node | None = None  # integer positions, one per row (or one for all)
     inv_freq: fx.Node | None = None
@@ -88,8 +88,8 @@ def _row_table(node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _piece(k: fx.Node, v: fx.Node, plan: KVPlan) -> Piece:
-    length = static_shape(k)[2]
-    if static_shape(v)[2] != length:
+    length = shape(k)[2]
+    if not known_equal(shape(v)[2], length):
         raise AnalysisError("keys and values pieces have different lengths")
     piece = Piece(k, v, length)
     rope = match_rope(k)
@@ -102,11 +102,13 @@ def _piece(k: fx.Node, v: fx.Node, plan: KVPlan) -> Piece:
         if angle.factor != 1.0:
             raise AnalysisError(f"cached keys are re-rotated with a scaled cos/sin (factor {angle.factor})")
         cos_shape = tuple(val(rope.cos).shape)
-        if len(cos_shape) < 2 or cos_shape[-2] != 1 or (len(cos_shape) >= 3 and cos_shape[-3] != 1):
+        if len(cos_shape) < 2 or not known_equal(cos_shape[-2], 1) or (
+                len(cos_shape) >= 3 and not known_equal(cos_shape[-3], 1)):
             raise AnalysisError("cached keys are re-rotated by per-token positions, not one shift per row")
-        if val(angle.positions).numel() not in (1, static_shape(k)[0]):
+        numel = val(angle.positions).numel()
+        if not (known_equal(numel, 1) or known_equal(numel, shape(k)[0])):
             raise AnalysisError("the re-rotation shift is not one integer per row")
-        if static_shape(rope.x) != static_shape(k):
+        if not known_equal(shape(rope.x), shape(k)):
             raise AnalysisError("the re-rotated keys are not laid out as [batch, kv_heads, len, head_dim]")
         piece.k, piece.shift, piece.inv_freq = rope.x, angle.positions, angle.inv_freq
         piece.rotary_dim, piece.interleaved = rope.rotary_dim, rope.interleaved
@@ -118,7 +120,7 @@ def _piece(k: fx.Node, v: fx.Node, plan: KVPlan) -> Piece:
     if k_rows is not None:
         plan.gather_nodes += [ident_root(piece.k), ident_root(piece.v)]
         piece.k, piece.v, piece.table = k_rows[0], v_rows[0], k_rows[1]
-        if static_shape(piece.k)[1:] != static_shape(k)[1:]:
+        if not known_equal(shape(piece.k)[1:], shape(k)[1:]):
             raise AnalysisError("the row gather is not laid out as [batch, kv_heads, len, head_dim]")
         piece.kinds.append("index_select")
     for node in (piece.k, piece.v):
@@ -139,9 +141,9 @@ def plan_kv(k: fx.Node, v: fx.Node) -> KVPlan:
         mat = mat_k.args[0]
         if not (mat_v.args[0] is mat and mat_k.args[1] == 0 and mat_v.args[1] == 1):
             raise AnalysisError("keys and values come from different materialize_kv calls")
-        if static_shape(k) != static_shape(mat_k) or static_shape(v) != static_shape(mat_v):
+        if not (known_equal(shape(k), shape(mat_k)) and known_equal(shape(v), shape(mat_v))):
             raise AnalysisError("materialize_kv outputs are reshaped before the attention")
-        plan.pieces.append(Piece(k, v, static_shape(k)[2], materialize=mat, kinds=["materialize_kv"]))
+        plan.pieces.append(Piece(k, v, shape(k)[2], materialize=mat, kinds=["materialize_kv"]))
         plan.gather_nodes.append(mat)
         plan.kinds.append("materialize_kv")
         plan.from_cache = True
@@ -153,7 +155,7 @@ def plan_kv(k: fx.Node, v: fx.Node) -> KVPlan:
         plan.gather_nodes += [mat_k, mat_v]
         plan.kinds.append("cat")
         plan.from_cache = True
-        parts = [(a, b) for a, b in zip(k_parts, v_parts, strict=True) if static_shape(a)[2]]
+        parts = [(a, b) for a, b in zip(k_parts, v_parts, strict=True) if not known_equal(shape(a)[2], 0)]
     else:
         parts = [(k, v)]
     for a, b in parts:

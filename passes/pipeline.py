@@ -32,6 +32,7 @@ def _site(graph: fx.Graph, site: AttentionMatch, owner) -> tuple[Site | None, bo
         flags = check_rewrite(graph, site, plan, owner)
         rewrite(graph, site, plan, flags)
         record.rewritten, record.pieces = True, len(plan.pieces)
+        record.assumes = "q_len == kv_len" if site.assume_square else ""
     except AnalysisError as exc:
         record.reason = str(exc)
     except (RuntimeError, IndexError, TypeError, ValueError, AttributeError) as exc:  # unexpected structure

@@ -23,12 +23,14 @@ class Site:
     rewritten: bool
     reason: str = ""
     pieces: int = 0
+    assumes: str = ""  # a condition the rewritten graph checks at run time (raises if it fails)
 
     def describe(self) -> str:
         """One line: what, where, and why not (for refused sites)."""
         head = f"{self.attention} over {self.gather} (q rope: {self.rope}) at {self.location}"
         if self.rewritten:
-            return f"{head} -> rotated_query_attention x{self.pieces}"
+            note = f" (checked at run time: {self.assumes})" if self.assumes else ""
+            return f"{head} -> rotated_query_attention x{self.pieces}{note}"
         return f"{head} -> refused: {self.reason}"
 
 

@@ -9,9 +9,10 @@ import operator
 
 import torch
 from torch import fx
+from torch._prims_common import is_contiguous_or_false
 
 from .attention_detect import AttentionMatch
-from .fx_utils import AnalysisError, Builder, aten, const_eval, static_shape, val
+from .fx_utils import AnalysisError, Builder, as_int, aten, concrete, const_eval, known_equal, shape, size_envs, val
 from .kv_detect import KVPlan
 
 RQA = torch.ops.gauge.rotated_query_attention.default
@@ -27,8 +28,9 @@ def _visible(mask_val: torch.Tensor) -> torch.Tensor:
     return mask_val > _MASKED
 
 
-def causal_mode(site: AttentionMatch, q_len: int, kv_len: int, owner) -> str:
-    """'none' or 'causal' (bottom-right), or AnalysisError naming what the mask does instead."""
+def causal_mode(site: AttentionMatch, q_len: int, kv_len: int, owner, env: dict | None = None) -> str:
+    """'none' or 'causal' (bottom-right) at concrete sizes (`env` assigns the graph's size symbols),
+    or AnalysisError naming what the mask does instead."""
     if site.is_causal and site.masks:
         raise AnalysisError("both is_causal and an explicit mask")
     if site.is_causal:
@@ -37,7 +39,7 @@ def causal_mode(site: AttentionMatch, q_len: int, kv_len: int, owner) -> str:
         return "causal" if q_len > 1 else "none"
     visible = torch.ones(q_len, kv_len, dtype=torch.bool)
     for mask in site.masks:
-        visible = visible & _visible(const_eval(mask, owner))
+        visible = visible & _visible(const_eval(mask, owner, env))
     flat = visible.reshape(-1, q_len, kv_len)
     causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
     if bool(flat.all()):
@@ -61,14 +63,9 @@ def dead_after(graph: fx.Graph, replaced: fx.Node) -> set[fx.Node]:
     return dead
 
 
-def check_rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) -> list[bool]:
-    """Per-piece causal flags, or AnalysisError with the failed condition."""
-    if site.problems:
-        raise AnalysisError("; ".join(site.problems))
-    q_len = static_shape(site.q)[2]
-    lengths = [p.length for p in plan.pieces]
+def _piece_flags(mode: str, q_len: int, lengths: list[int]) -> tuple[bool, ...]:
+    """Which pieces need the (bottom-right) causal mask: only the last, holding the queries' own keys."""
     total = sum(lengths)
-    mode = causal_mode(site, q_len, total, owner)
     flags, start = [], 0
     for length in lengths:
         end = start + length
@@ -79,6 +76,40 @@ def check_rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) ->
         else:
             raise AnalysisError("the causal diagonal crosses a piece boundary that is not the last piece")
         start = end
+    return tuple(flags)
+
+
+def check_rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) -> list[bool]:
+    """Per-piece causal flags, or AnalysisError with the failed condition.
+
+    With dynamic shapes the mask and causality are evaluated under every assignment of `size_envs`
+    (the traced sizes and perturbed ones) and must give the same flags at all of them.
+    """
+    if site.problems:
+        raise AnalysisError("; ".join(site.problems))
+    q_sym, kv_sym = shape(site.q)[2], sum(p.length for p in plan.pieces)
+    # is_causal is top-left aligned: the op's bottom-right mask is the same only when q_len == kv_len.  When the
+    # graph does not tie the two sizes (the decision was taken in another graph, as transformers does when a
+    # cache's bookkeeping breaks the graph) but they are equal at the traced sizes, the rewrite asserts it at run
+    # time: the rewritten graph either computes what the original did or raises.
+    # Only over materialize_kv, whose view ends with the queries' own tokens (top-left with q_len < kv_len would
+    # hide the cache from every query); elsewhere the site is refused.
+    unequal = site.is_causal and not site.masks and not known_equal(q_sym, 1) and not known_equal(q_sym, kv_sym)
+    if unequal and not all(p.materialize is not None for p in plan.pieces):
+        raise AnalysisError(f"is_causal with q_len {q_sym} and kv_len {kv_sym} not provably equal is top-left aligned")
+    site.assume_square = unequal
+    found = set()
+    for env in size_envs(graph):
+        q_len = concrete(shape(site.q)[2], env)
+        lengths = [concrete(p.length, env) for p in plan.pieces]
+        if q_len > sum(lengths) or (site.assume_square and q_len != sum(lengths)):
+            continue  # more queries than keys (rows with no key, outside the op's contract), or excluded by the assert
+        found.add(_piece_flags(causal_mode(site, q_len, sum(lengths), owner, env), q_len, lengths))
+    if not found:
+        raise AnalysisError("more queries than keys at the traced sizes")
+    if len(found) != 1:
+        raise AnalysisError("the mask's causal structure changes with the sequence length")
+    flags = list(found.pop())
     dead = dead_after(graph, site.out)
     alive = [n.name for n in plan.gather_nodes if n not in dead]
     if alive:
@@ -87,11 +118,34 @@ def check_rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) ->
     return flags
 
 
+def _size(b: Builder, node: fx.Node, dim: int):
+    """Dimension `dim` of `node` as an int, or a `sym_size` node when it is symbolic."""
+    d = shape(node)[dim]
+    return d if isinstance(d, int) else b(aten.sym_size.int, node, dim)
+
+
+def _assert_square(b: Builder, graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> None:
+    """Insert `assert q_len == kv_len` (the condition under which is_causal is the op's causal mask)."""
+    total = None
+    for piece in plan.pieces:
+        length = piece.materialize.args[7] if piece.materialize is not None else _size(b, piece.k, 2)
+        total = length if total is None else b(operator.add, total, length)
+    same = b(operator.eq, _size(b, site.q, 2), total)
+    with graph.inserting_before(site.anchor):
+        graph.call_function(aten._assert_scalar.default,
+                            (same, "gauge: is_causal attention rewritten for q_len == kv_len, got unequal sizes"))
+
+
 def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[bool]) -> fx.Node:
     """Insert the rotated-query attention(s) before the site and redirect the site's users to them."""
     b = Builder(graph, site.anchor)
     q = site.q
-    bsz = static_shape(q)[0]
+    if not is_contiguous_or_false(val(q)):
+        # the op returns a contiguous output and its fake kernel copies q's strides: give it a contiguous q
+        q = b(aten.clone.default, q, memory_format=torch.contiguous_format)
+    bsz = _size(b, q, 0)
+    if site.assume_square:
+        _assert_square(b, graph, site, plan)
     dev = val(q).device
     i64 = dict(dtype=torch.int64, device=dev)
     outs = []
@@ -118,7 +172,7 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
                              b(aten.reshape.default, piece.inv_freq, [-1]), torch.float64)
                 if val(inv_freq).shape[0] * 2 != piece.rotary_dim:
                     raise AnalysisError("the re-rotation's inv_freq does not match its rotary width")
-            seq = b(aten.full.default, [bsz], piece.length, **i64)
+            seq = b(aten.full.default, [bsz], _size(b, piece.k, 2), **i64)
             args = (kp, vp, table, delta, seq, inv_freq, piece.rotary_dim, piece.interleaved)
         call = b(RQA, q, *args, site.scale, causal)
         outs.append((b(operator.getitem, call, 0), b(operator.getitem, call, 1)))
@@ -138,5 +192,22 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
             term = b(aten.mul.Tensor, out, b(aten.unsqueeze.default, b(aten.div.Tensor, w, total), -1))
             acc = term if acc is None else b(aten.add.Tensor, acc, term)
         new_out = b(torch.ops.prims.convert_element_type.default, acc, val(q).dtype)
+    new_out = _match_layout(b, new_out, site.out)
     site.out.replace_all_uses_with(new_out)
     return new_out
+
+
+def _match_layout(b: Builder, new: fx.Node, old: fx.Node) -> fx.Node:
+    """Lay `new` (contiguous) out in `old`'s dimension order: later `view`s (flash attention returns
+    [B, Q, H, D] memory seen as [B, H, Q, D]) rely on it."""
+    old_val = val(old)
+    if is_contiguous_or_false(old_val):
+        return new
+    strides = [as_int(st) for st in old_val.stride()]
+    if not all(isinstance(st, int) for st in strides):
+        strides = [concrete(st, size_envs(b.graph)[0]) for st in old_val.stride()]
+    order = sorted(range(len(strides)), key=lambda d: (-strides[d], d))
+    if order == list(range(len(strides))):
+        return new
+    physical = b(aten.clone.default, b(aten.permute.default, new, order), memory_format=torch.contiguous_format)
+    return b(aten.permute.default, physical, [order.index(d) for d in range(len(order))])

@@ -63,7 +63,7 @@ def _mul_operands(node):
 
 def _proves(x, r, fn) -> bool:
     try:
-        probe_chain(x, r, fn, _ROT_OPS)
+        probe_chain(x, r, lambda t, _dims: fn(t), _ROT_OPS)
         return True
     except (AnalysisError, RuntimeError, TypeError, IndexError):
         return False
