@@ -7,7 +7,6 @@ site computes softmax(scale * q k^T + masks) v with k/v the head-repeated `k`/`v
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,6 +57,8 @@ class AttentionMatch:
     masks: list[fx.Node] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # conditions already known to fail
     assume_square: bool = False  # set by the rewriter: rewritten under a run-time check q_len == kv_len
+    kernels: list[tuple] = field(default_factory=list)  # set by the rewriter: (q, k_pool, rotary_dim, interleaved,
+    #                                                      causal) of each op call, q/k_pool as fake tensors
 
 
 def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> fx.Node:
@@ -113,17 +114,43 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _forward_chain(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """(p, mm2, other users): softmax -> layout ops -> matmul(p, v), and the users off that path (None if no
+    single such path)."""
+    p, others = softmax, []
+    while True:
+        path = [u for u in p.users if is_call(u, *LAYOUT_OPS) or (is_call(u, *_MATMUL) and u.args[0] is p)]
+        if len(path) != 1:
+            return None
+        others += [u for u in p.users if u is not path[0]]
+        if is_call(path[0], *_MATMUL):
+            return p, path[0], others
+        p = path[0]
+
+
+def _scores_operand(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(scores, mask) of `scores + mask` in either order: the scores side is the one a matmul feeds."""
+    a, b = add.args[:2]
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return None
+    for scores, mask in ((a, b), (b, a)):
+        s = scores
+        while is_call(s, *_RESHAPES, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor):
+            s = s.args[0]
+        if is_call(s, *_MATMUL):
+            return scores, mask
+    return None
+
+
 def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
     """softmax(scale * (q @ k^T) + mask) @ v, or None if `softmax` is not inside such a chain."""
     if softmax.args[1] not in (-1, len(shape(softmax)) - 1):
         return None
     # forward: softmax -> layout -> matmul(p, v) -> layout -> out [B, H, Q, D]
-    p = softmax
-    while (nxt := _single_user(p)) is not None and is_call(nxt, *LAYOUT_OPS):
-        p = nxt
-    mm2 = _single_user(p)
-    if not is_call(mm2, *_MATMUL) or mm2.args[0] is not p:
+    chain = _forward_chain(softmax)
+    if chain is None:
         return None
+    p, mm2, others = chain
     out = mm2
     while val(out).dim() != 4 and (nxt := _single_user(out)) is not None and is_call(nxt, *LAYOUT_OPS):
         out = nxt
@@ -141,15 +168,15 @@ def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
         elif is_call(s, aten.mul.Tensor, aten.div.Tensor) and isinstance(s.args[1], (int, float)):
             scale = scale * s.args[1] if s.target is aten.mul.Tensor else scale / s.args[1]
             s = s.args[0]
-        elif is_call(s, aten.add.Tensor) and isinstance(s.args[1], fx.Node):
-            masks.append(s.args[1])
-            s = s.args[0]
+        elif is_call(s, aten.add.Tensor) and (split := _scores_operand(s)) is not None:
+            s, mask = split
+            masks.append(mask)
         else:
             break
     if not is_call(s, *_MATMUL):
         return None
     mm1 = s
-    q_len_l = shape(softmax)[-1]
+    kv_len = shape(softmax)[-1]
     a1, k1, v2 = mm1.args[0], mm1.args[1], mm2.args[1]
     try:
         probe_chain(softmax, mm2.args[0], lambda t, dims: t.reshape(dims(mm2.args[0])))
@@ -159,10 +186,10 @@ def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
         v = _resolve(v2, heads, lambda t: t)
     except AnalysisError:
         return None
-    if not known_equal(shape(q), shape(out)) or not known_equal(shape(k)[2], q_len_l):
+    if not known_equal(shape(q), shape(out)) or not known_equal(shape(k)[2], kv_len):
         return None
-    if any(u.target is not operator.getitem and u is not p and not is_call(u, *LAYOUT_OPS) for u in softmax.users):
-        problems.append("the attention probabilities are used elsewhere")
+    if others:
+        problems.append("the attention probabilities are used elsewhere (" + ", ".join(u.name for u in others) + ")")
     return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems)
 
 
@@ -179,4 +206,6 @@ def find_attention(graph: fx.Graph) -> list[AttentionMatch | tuple[fx.Node, str]
                     found.append(m)
         except AnalysisError as exc:
             found.append((node, str(exc)))
+        except (RuntimeError, IndexError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            found.append((node, f"the attention's structure could not be analysed ({type(exc).__name__}: {exc})"))
     return found

@@ -21,7 +21,11 @@ LAYOUT_OPS = {
     aten.clone.default, aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.default, aten.alias.default, aten.contiguous.default,
     aten.slice.Tensor, prims.convert_element_type.default, aten._to_copy.default,
+    # pre-dispatch (torch.export) spellings
+    aten.flatten.using_ints, aten.to.dtype, aten.type_as.default,
 }
+#: Conversions (identity on values for the proofs; layout_root only walks through dtype-preserving ones).
+_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default)
 
 
 class AnalysisError(Exception):
@@ -180,7 +184,7 @@ def getitem_of(node, index: int):
 
 
 def _same_dtype_convert(node) -> bool:
-    if node.target is prims.convert_element_type.default:
+    if node.target in (prims.convert_element_type.default, aten.to.dtype, aten.type_as.default):
         return val(node).dtype == val(node.args[0]).dtype
     if node.target is aten._to_copy.default:
         return set(node.kwargs) <= {"dtype"} and val(node).dtype == val(node.args[0]).dtype
@@ -248,7 +252,7 @@ def _probe_once(root, node, expected, extra_ops, env) -> None:
             raise AnalysisError(f"{n.name} ({n.target}) is not a pure layout op")
         args = ev(list(n.args))
         kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "layout", "device", "pin_memory")}
-        if n.target in (prims.convert_element_type.default, aten._to_copy.default):
+        if n.target in _CONVERTS:
             out = args[0]
         else:
             out = n.target(*args, **kwargs)

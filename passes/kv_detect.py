@@ -87,13 +87,22 @@ def _row_table(node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
+def _per_row(rope, k: fx.Node) -> bool:
+    """A RoPE that can be a re-rotation: one angle per row (cos [.., 1, 1, F]) of keys laid out as `k` is.
+    Otherwise (per-token positions, another layout) it is the rotation that made these keys, kept as it is."""
+    cos_shape = tuple(val(rope.cos).shape)
+    per_row = len(cos_shape) >= 2 and known_equal(cos_shape[-2], 1) and (
+        len(cos_shape) < 3 or known_equal(cos_shape[-3], 1))
+    return per_row and known_equal(shape(rope.x), shape(k))
+
+
 def _piece(k: fx.Node, v: fx.Node, plan: KVPlan) -> Piece:
     length = shape(k)[2]
     if not known_equal(shape(v)[2], length):
         raise AnalysisError("keys and values pieces have different lengths")
     piece = Piece(k, v, length)
     rope = match_rope(k)
-    if rope is not None and rope.cos is not None and _is_cache_source(rope.x):
+    if rope is not None and rope.cos is not None and _is_cache_source(rope.x) and _per_row(rope, k):
         angle = rope.angle()
         if angle is None or angle.kind != "inv_freq":
             reason = "dynamic inv_freq (it depends on the sequence length)" if angle and angle.kind == "dynamic" \
@@ -101,15 +110,9 @@ def _piece(k: fx.Node, v: fx.Node, plan: KVPlan) -> Piece:
             raise AnalysisError(f"cached keys are re-rotated but {reason}")
         if angle.factor != 1.0:
             raise AnalysisError(f"cached keys are re-rotated with a scaled cos/sin (factor {angle.factor})")
-        cos_shape = tuple(val(rope.cos).shape)
-        if len(cos_shape) < 2 or not known_equal(cos_shape[-2], 1) or (
-                len(cos_shape) >= 3 and not known_equal(cos_shape[-3], 1)):
-            raise AnalysisError("cached keys are re-rotated by per-token positions, not one shift per row")
         numel = val(angle.positions).numel()
         if not (known_equal(numel, 1) or known_equal(numel, shape(k)[0])):
             raise AnalysisError("the re-rotation shift is not one integer per row")
-        if not known_equal(shape(rope.x), shape(k)):
-            raise AnalysisError("the re-rotated keys are not laid out as [batch, kv_heads, len, head_dim]")
         piece.k, piece.shift, piece.inv_freq = rope.x, angle.positions, angle.inv_freq
         piece.rotary_dim, piece.interleaved = rope.rotary_dim, rope.interleaved
         piece.kinds.append(f"rerotation({rope.kind})")

@@ -7,7 +7,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .attention_detect import AttentionMatch, find_attention
-from .fx_utils import AnalysisError, layout_root, location, real_mode
+from .fx_utils import AnalysisError, concrete, layout_root, location, real_mode, size_envs
 from .kv_detect import plan_kv
 from .report import GaugeRefusedError, PassReport, Site
 from .rewriter import check_rewrite, is_impure, rewrite
@@ -17,6 +17,11 @@ from .rope_detect import match_rope
 def _rope_kind(q) -> str:
     match = match_rope(layout_root(q)) or match_rope(q)
     return match.kind if match is not None else "none"
+
+
+def concrete_shape_of(t: torch.Tensor, env: dict) -> tuple[int, ...]:
+    """A fake tensor's shape at the traced sizes."""
+    return tuple(concrete(tuple(t.shape), env))
 
 
 def _site(graph: fx.Graph, site: AttentionMatch, owner) -> tuple[Site | None, bool]:
@@ -32,6 +37,9 @@ def _site(graph: fx.Graph, site: AttentionMatch, owner) -> tuple[Site | None, bo
         flags = check_rewrite(graph, site, plan, owner)
         rewrite(graph, site, plan, flags)
         record.rewritten, record.pieces = True, len(plan.pieces)
+        env = size_envs(graph)[0]
+        record.kernels = [(concrete_shape_of(q, env), concrete_shape_of(kp, env), str(q.dtype).removeprefix("torch."),
+                           int(rot), bool(inter), bool(causal)) for q, kp, rot, inter, causal in site.kernels]
         record.assumes = "q_len == kv_len" if site.assume_square else ""
     except AnalysisError as exc:
         record.reason = str(exc)

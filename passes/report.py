@@ -24,6 +24,8 @@ class Site:
     reason: str = ""
     pieces: int = 0
     assumes: str = ""  # a condition the rewritten graph checks at run time (raises if it fails)
+    #: per op call: (q shape, k_pool shape, dtype name, rotary_dim, interleaved, causal) at the traced sizes
+    kernels: list[tuple] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line: what, where, and why not (for refused sites)."""

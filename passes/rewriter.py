@@ -12,7 +12,19 @@ from torch import fx
 from torch._prims_common import is_contiguous_or_false
 
 from .attention_detect import AttentionMatch
-from .fx_utils import AnalysisError, Builder, as_int, aten, concrete, const_eval, known_equal, shape, size_envs, val
+from .fx_utils import (
+    AnalysisError,
+    Builder,
+    as_int,
+    aten,
+    concrete,
+    concrete_shape,
+    const_eval,
+    known_equal,
+    shape,
+    size_envs,
+    val,
+)
 from .kv_detect import KVPlan
 
 RQA = torch.ops.gauge.rotated_query_attention.default
@@ -28,6 +40,23 @@ def _visible(mask_val: torch.Tensor) -> torch.Tensor:
     return mask_val > _MASKED
 
 
+def _check_mask_shape(mask, scores: tuple[int, ...], form: str, env: dict) -> None:
+    """The mask must be a tensor broadcasting to the scores [B, H, q_len, kv_len] without growing them (and, as
+    `scaled_dot_product_attention` requires, have at least the two [q_len, kv_len] dims)."""
+    if not isinstance(val(mask), torch.Tensor):
+        raise AnalysisError(f"the attention mask is not a tensor ({type(val(mask)).__name__})")
+    mask_shape = concrete_shape(mask, env)
+    if form != "eager-chain" and len(mask_shape) < 2:
+        raise AnalysisError(f"the attention mask has shape {list(mask_shape)}; sdpa expects [..., q_len, kv_len]")
+    try:
+        grown = tuple(torch.broadcast_shapes(mask_shape, scores)) != scores
+    except RuntimeError:
+        grown = True
+    if grown:
+        raise AnalysisError(f"the attention mask of shape {list(mask_shape)} does not broadcast to the scores "
+                            f"{list(scores)}")
+
+
 def causal_mode(site: AttentionMatch, q_len: int, kv_len: int, owner, env: dict | None = None) -> str:
     """'none' or 'causal' (bottom-right) at concrete sizes (`env` assigns the graph's size symbols),
     or AnalysisError naming what the mask does instead."""
@@ -38,7 +67,9 @@ def causal_mode(site: AttentionMatch, q_len: int, kv_len: int, owner, env: dict 
             raise AnalysisError(f"is_causal with q_len {q_len} != kv_len {kv_len} is top-left aligned")
         return "causal" if q_len > 1 else "none"
     visible = torch.ones(q_len, kv_len, dtype=torch.bool)
+    scores = (*concrete(shape(site.q)[:-2], env or {}), q_len, kv_len)
     for mask in site.masks:
+        _check_mask_shape(mask, scores, site.form, env or {})
         visible = visible & _visible(const_eval(mask, owner, env))
     flat = visible.reshape(-1, q_len, kv_len)
     causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
@@ -175,6 +206,7 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
             seq = b(aten.full.default, [bsz], _size(b, piece.k, 2), **i64)
             args = (kp, vp, table, delta, seq, inv_freq, piece.rotary_dim, piece.interleaved)
         call = b(RQA, q, *args, site.scale, causal)
+        site.kernels.append((val(q), val(args[0]), args[6], args[7], causal))
         outs.append((b(operator.getitem, call, 0), b(operator.getitem, call, 1)))
     if len(outs) == 1:
         new_out = outs[0][0]

@@ -18,6 +18,8 @@ from .fx_utils import AnalysisError, aten, is_call, layout_root, prims, probe_ch
 
 _ROT_OPS = frozenset({aten.neg.default, aten.cat.default, aten.stack.default, aten.flatten.using_ints,
                       aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, operator.getitem})
+#: dtype conversions: post-grad/AOT graphs use prims/_to_copy, pre-dispatch (torch.export) graphs aten.to
+_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default)
 _TABLE_OPS = (aten.index.Tensor, aten.index_select.default, aten.gather.default, aten.embedding.default)
 
 
@@ -133,7 +135,7 @@ def _strip_scale(node) -> tuple[fx.Node, float]:
 
 def _integer_root(node):
     root = layout_root(node)
-    while is_call(root, prims.convert_element_type.default, aten._to_copy.default):
+    while is_call(root, *_CONVERTS):
         root = layout_root(root.args[0])
     if isinstance(val(root), torch.Tensor) and not val(root).is_floating_point():
         return root
@@ -142,7 +144,7 @@ def _integer_root(node):
 
 def _constant_like(node) -> bool:
     root = layout_root(node)
-    while is_call(root, prims.convert_element_type.default, aten._to_copy.default):
+    while is_call(root, *_CONVERTS):
         root = layout_root(root.args[0])
     return isinstance(root, fx.Node) and root.op in ("placeholder", "get_attr")
 
@@ -155,7 +157,7 @@ def trace_angle(cos: fx.Node) -> Angle:
     if is_call(node, *_TABLE_OPS) or (is_call(node, aten.split.Tensor)):
         return Angle("table", factor=factor)
     operands = []
-    if is_call(node, aten.mul.Tensor, aten.bmm.default, aten.mm.default, aten.matmul.default):
+    if is_call(node, aten.mul.Tensor, aten.outer.default, aten.bmm.default, aten.mm.default, aten.matmul.default):
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(operands) == 2:
         for pos, inv in (operands, operands[::-1]):

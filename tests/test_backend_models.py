@@ -55,10 +55,12 @@ def _manifold_run(fn, model, ids, steps):
     return logits
 
 
-_GPTJ_MASK = ("GPT-J's eager attention adds a materialised mask whose query positions come from the frame counter "
-              "read before the cache's bookkeeping (get_seq_length) and whose key offset from sizes read after it "
-              "(get_mask_sizes): distinct symbols whose relation (frame_after = frame_before + q_len) lives on the "
-              "host, so the mask is causal only at the traced sizes and the passes refuse it")
+_GPTJ_MASK = ("GPT-J's eager attention adds a materialised causal mask.  Without nested graph breaks it is built in "
+              "create_causal_mask's own graph (the cache bookkeeping breaks that frame) and reaches the layers' graph "
+              "as a runtime input.  With torch._dynamo.config.nested_graph_breaks=True it lands in the layers' graph "
+              "and the prefill graph is rewritten, but in decode q_offset (get_query_offset(), read before the break) "
+              "and the frame read by get_mask_sizes cross the break as two separate SymInt inputs, so the mask is "
+              "causal only at the traced sizes and the passes refuse it")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", pytest.param("gptj", marks=pytest.mark.xfail(

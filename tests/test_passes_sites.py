@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from gaugecompile.passes import GaugeRefusedError
+from gaugecompile.passes import GaugeRefusedError, run_passes
 
 import gaugecompile
 from gaugecompile import RopeSpec
@@ -152,3 +152,38 @@ def test_refused_padding_mask_keeps_results_and_strict_raises(pool):
     with pytest.raises(Exception, match="runtime input"):
         strict(q, kp, vp, table, delta, pad)
     assert issubclass(GaugeRefusedError, RuntimeError)
+
+
+@pytest.mark.parametrize("mask_shape", [(L,), (3, L)])
+def test_unexpected_mask_shape_refused_with_reason(pool, mask_shape):
+    """A mask sdpa would reject (1-D) or that does not broadcast to the scores is a refusal, not a crash."""
+    kp, vp, table, delta = pool
+
+    class Site(torch.nn.Module):
+        def forward(self, q, kp, vp, table, delta, mask):
+            k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    gm = torch.export.export(Site(), (torch.randn(B, H, 1, D), kp, vp, table, delta, torch.ones(1, L))).graph_module
+    mask = next(n for n in gm.graph.nodes if n.name == "mask")
+    with torch._subclasses.FakeTensorMode():
+        mask.meta["val"] = torch.empty(mask_shape)  # the structure a hand-built graph could have
+    report = run_passes(gm)
+    assert not report.rewritten and len(report.refused) == 1
+    assert "attention mask" in report.refused[0].reason and str(list(mask_shape)) in report.refused[0].reason
+
+
+def test_explain_lists_kernel_sources(pool):
+    """explain() derives the Triton specialisation of each rewritten call and includes its generated source."""
+    kp, vp, table, delta = pool
+
+    def f(q, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    report = gaugecompile.explain(f, torch.randn(B, H, 1, D), kp, vp, table, delta, inner="eager")
+    assert len(report.rewritten) == 1 and report.kernel_specs and report.kernel_sources
+    key = report.kernel_specs[0]
+    assert key.startswith(f"d{D}_r{D}_rh_bs4_g{H // HKV}_f32_decode")
+    assert key in report.kernel_sources[0] and "@triton.jit" in report.kernel_sources[0]
+    assert key in str(report) and key in report.to_markdown()

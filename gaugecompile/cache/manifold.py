@@ -203,9 +203,15 @@ class ManifoldCache(Cache):
         if self._fwd is None:
             if not self._batch:  # rows unknown until update(): that forward does its bookkeeping there
                 return query_length, self._frame_sizes.shape[1]
+            frame = self._frame_sizes.shape[1]  # what get_seq_length() gave this forward's queries
             self._begin_forward(len(self._batch), query_length)
+        else:
+            frame = self._frame_sizes.shape[1] - self._fwd.q
+        # offset = frame before + query - view: the mask is kv <= q_idx + view - query in terms of the sizes the
+        # queries' offset was read from, so a compiled graph can prove it causal (the frame after the bookkeeping
+        # would be an unrelated symbol)
         sizes = self._fwd.sizes
-        return sizes.shape[1], self._frame_sizes.shape[1] - sizes.shape[1]
+        return sizes.shape[1], frame + query_length - sizes.shape[1]
 
     @property
     def is_initialized(self) -> bool:
