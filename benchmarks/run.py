@@ -9,6 +9,7 @@ cost against context length. `--quick` runs CI-sized versions (a random Llama un
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -26,7 +27,15 @@ from transformers import DynamicCache, LlamaConfig
 import gaugecompile
 from gaugecompile.baselines import RerotatingSinkCache, append_rerotated, rope_of_model
 from gaugecompile.cache import ManifoldCache, rope_from_config
-from gaugecompile.demo import forward_replaced, gauge_forward, stream_baseline, stream_gauge, text_ids
+from gaugecompile.demo import (
+    forward_replaced,
+    gauge_forward,
+    manifold_cache,
+    prefilled,
+    stream_baseline,
+    stream_gauge,
+    text_ids,
+)
 from gaugecompile.models import add_model_arguments, model_from_args
 from gaugecompile.rope import delta_cos_sin, rotate
 
@@ -35,14 +44,18 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def timed(fn: Callable[[], object], repeat: int = 5) -> float:
-    """Median seconds of `fn()` over `repeat` runs (after one warm-up)."""
-    fn()
+def timed(fn: Callable[[], object], repeat: int = 5, undo: Callable[[], object] | None = None) -> float:
+    """Median seconds of `fn()` over `repeat` runs (after one warm-up); `undo()` restores the state after each
+    run, outside the timed region."""
     samples = []
-    for _ in range(repeat):
+    for index in range(repeat + 1):
         start = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if undo is not None:
+            undo()
+        if index:
+            samples.append(elapsed)
     return statistics.median(samples)
 
 
@@ -62,7 +75,7 @@ def filled_caches(config: LlamaConfig, length: int, batch: int = 1) -> tuple[Man
     """A ManifoldCache and a DynamicCache holding the same `length` random tokens per layer."""
     gen = torch.Generator().manual_seed(length)
     heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    manifold = ManifoldCache(config, max_batch_size=batch, max_tokens=batch * (length + 256))
+    manifold = ManifoldCache(config, max_batch_size=batch, max_tokens=length + 256 * batch)  # forks share blocks
     dynamic = DynamicCache(config=config)
     for layer in range(config.num_hidden_layers):
         k, v = (torch.randn(1, heads, length, dim, generator=gen) for _ in range(2))
@@ -81,29 +94,28 @@ def rerotate_(layer, start: int, shift: int, rope) -> None:
     layer.keys = torch.cat([layer.keys[:, :, :start], tail], dim=-2)
 
 
+REORDER_MAX_TOKENS = 16384
+
+
 def reorg_at(config: LlamaConfig, rope, length: int) -> list[dict]:
     """The four operations at one context length, gauge and baseline."""
     rows = []
     manifold, dynamic = filled_caches(config, length)
     seq = manifold.batch[0]
     chunk_tokens = 64
-    chunk, block_chunk = manifold.chunk(seq, 0, chunk_tokens), manifold.chunk(seq, 0, 16)
+    chunk = manifold.chunk(seq, 0, chunk_tokens)
+    deleted = manifold.chunk(seq, 16, 32)  # what `delete` removes; splicing it back restores the sequence
     originals = [(layer.keys, layer.values) for layer in dynamic.layers]
 
-    def gauge_delete():  # delete a block, then splice one back so every repeat sees the same length
-        manifold.delete(seq, 16, 32)
-        manifold.splice(seq, block_chunk, 16)
+    def restore_dynamic():  # free: restores references
+        for layer, (k, v) in zip(dynamic.layers, originals, strict=True):
+            layer.keys, layer.values = k, v
 
     def base_delete():
-        for layer, (k, v) in zip(dynamic.layers, originals, strict=True):
-            layer.keys, layer.values = k, v  # same length every repeat (free: restores references)
+        for layer in dynamic.layers:
             layer.keys = torch.cat([layer.keys[:, :, :16], layer.keys[:, :, 32:]], dim=-2)
             layer.values = torch.cat([layer.values[:, :, :16], layer.values[:, :, 32:]], dim=-2)
             rerotate_(layer, 16, -16, rope)
-
-    def gauge_splice():
-        manifold.splice(seq, chunk, 1024)
-        manifold.delete(seq, 1024, 1024 + chunk_tokens)
 
     def base_splice():
         for layer in dynamic.layers:
@@ -113,33 +125,44 @@ def reorg_at(config: LlamaConfig, rope, length: int) -> list[dict]:
             layer.values = torch.cat([layer.values[:, :, :1024], layer.values[:, :, :chunk_tokens],
                                       layer.values[:, :, 1024:]], dim=-2)
             rerotate_(layer, 1024 + chunk_tokens, chunk_tokens, rope)
-            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
     sink_layers = RerotatingSinkCache(rope, config.num_hidden_layers, num_sink_tokens=16,
                                       window_length=length)
     for layer, source in zip(sink_layers.layers, dynamic.layers, strict=True):
         layer.lazy_initialization(source.keys, source.values)
         layer.keys, layer.values = source.keys, source.values
+    sink_originals = [(layer.keys, layer.values) for layer in sink_layers.layers]
 
     def base_window():  # evict one block and re-rotate the window, as a sink cache does
         for layer in sink_layers.layers:
             layer.shift(16)
-            layer.keys = torch.cat([layer.keys, layer.keys[:, :, -16:]], dim=-2)
-            layer.values = torch.cat([layer.values, layer.values[:, :, -16:]], dim=-2)
 
-    def gauge_window():
+    def restore_sink():
+        for layer, (k, v) in zip(sink_layers.layers, sink_originals, strict=True):
+            layer.keys, layer.values = k, v
+
+    def gauge_window():  # one set_window step: evicts the oldest non-sink block (a table edit)
         manifold.set_window(16, length - 32)
-        manifold.set_window(16, None)
-        manifold.splice(seq, chunk, manifold.seq_len(seq))  # grow back by whole blocks
-        manifold.delete(seq, length, length + chunk_tokens - 16)
 
-    ops = {"delete": (gauge_delete, base_delete), "splice": (gauge_splice, base_splice),
-           "set_window": (gauge_window, base_window)}
-    manifold4, dynamic4 = filled_caches(config, length, batch=4)
-    beam_idx = torch.tensor([1, 0, 3, 2])
-    ops["reorder"] = (lambda: manifold4.reorder(beam_idx), lambda: dynamic4.reorder_cache(beam_idx))
-    for name, (gauge_fn, base_fn) in ops.items():
-        g, b = timed(gauge_fn), timed(base_fn)
+    tail = manifold.chunk(seq, 0, 16)
+
+    def undo_window():  # policy off, grow back by one block
+        manifold.set_window(16, None)
+        manifold.splice(seq, tail, manifold.seq_len(seq))
+
+    ops = {"delete": (lambda: manifold.delete(seq, 16, 32), lambda: manifold.splice(seq, deleted, 16),
+                      base_delete, restore_dynamic),
+           "splice": (lambda: manifold.splice(seq, chunk, 1024),
+                      lambda: manifold.delete(seq, 1024, 1024 + chunk_tokens), base_splice, restore_dynamic),
+           "set_window": (gauge_window, undo_window, base_window, restore_sink)}
+    if length <= REORDER_MAX_TOKENS:  # 4 rows of DynamicCache + their reordered copy: 16 GB at 64k tokens
+        manifold4, dynamic4 = filled_caches(config, length, batch=4)
+        beam_idx = torch.tensor([1, 0, 3, 2])
+        ops["reorder"] = (lambda: manifold4.reorder(beam_idx), None, lambda: dynamic4.reorder_cache(beam_idx), None)
+    for name, (gauge_fn, gauge_undo, base_fn, base_undo) in ops.items():
+        g, b = timed(gauge_fn, undo=gauge_undo), timed(base_fn, undo=base_undo)
+        if manifold.seq_len(seq) != length:
+            raise RuntimeError(f"reorg {name}: the undo did not restore the sequence length")
         rows.append(dict(op=name, tokens=length, gauge_s=g, baseline_s=b, ratio=ratio(b, g)))
     return rows
 
@@ -159,42 +182,95 @@ def scenario_reorg(quick: bool) -> dict:
 
 # ----------------------------------------------------------------------------- real-model scenarios
 
+_SHARED: dict = {}
+
+
+def shared_cache(model) -> ManifoldCache:
+    """One ManifoldCache for every real-model scenario (emptied before each use): the compiled decode graphs
+    see the same pools, so they are compiled once per batch size and reused."""
+    if id(model) not in _SHARED:
+        _SHARED[id(model)] = manifold_cache(model, batch=8, max_tokens=SHARED_TOKENS)
+    cache = _SHARED[id(model)]
+    cache.reset()
+    cache.set_window(0, None)
+    return cache
+
+
+def inductor_forward(model):
+    """`model.forward` compiled with Inductor (the DynamicCache baseline), compiled once per model."""
+    compiled = model.__dict__.setdefault("_inductor_compiled", [])
+    if not compiled:
+        compiled.append(torch.compile(model.forward))
+    return compiled[0]
+
+
 
 def scenario_beam(model, quick: bool) -> dict:
-    beams, prompt_len, steps = 4, (64 if quick else 4096), (4 if quick else 16)
+    """4 beams over a long prompt, per decode step including the reorder. Each cache is prefilled once eagerly
+    (ManifoldCache: one sequence whose blocks all beams share); every timed run starts from a copy of that
+    prefill and follows a warm-up run, so compilation is never timed, and the compiled models are reused."""
+    beams, prompt_len, steps, warm = 4, (64 if quick else 4096), (4 if quick else 16), 3
     ids = text_ids(TOKENIZER, model.config.vocab_size, prompt_len)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
-                  max_new_tokens=steps, min_new_tokens=steps, early_stopping=False, pad_token_id=0)
+
+    def kwargs(new_tokens: int) -> dict:
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, early_stopping=False, pad_token_id=0)
+
+    log(f"beam: prefill the {prompt_len}-token prompt once per cache kind (eager)")
+    manifold = shared_cache(model)
+    prompt = manifold.prefill(model, ids[:, :-1])  # a chunk at positions 0..n-1
+    dynamic_base = prefilled(model, DynamicCache(config=model.config), ids[:, :-1])
+
+    def manifold_rows():  # one sequence holding the prompt's blocks (a table edit), shared by every beam
+        manifold.reset()
+        (seq,) = manifold.new_sequences(1)
+        manifold.splice(seq, prompt, 0)
+        manifold.fork(seq, beams - 1)
+        return manifold
+
+    def dynamic_rows():
+        cache = copy.deepcopy(dynamic_base)
+        cache.batch_repeat_interleave(beams)
+        return cache
+
+    variants = {"gauge": (manifold_rows, manifold.reset, gauge_forward(model)),
+                "eager": (dynamic_rows, None, model.__class__.forward.__get__(model)),
+                "inductor": (dynamic_rows, None, inductor_forward(model))}
     results = {}
-
-    def run(name, cache_fn, forward=None):
-        log(f"beam: {name}")
-        with torch.no_grad(), forward_replaced(model, forward or model.__class__.forward.__get__(model)):
-            model.generate(**kwargs, max_length=None, past_key_values=cache_fn())  # warm-up / compile
+    for name, (make, done, forward) in variants.items():
+        log(f"beam: {name} (warm-up of {warm} steps, then {steps} timed steps)")
+        with torch.no_grad(), forward_replaced(model, forward):
+            model.generate(**kwargs(warm), past_key_values=make())
+            if done:
+                done()
+            cache = make()
             start = time.perf_counter()
-            out = model.generate(**kwargs, past_key_values=cache_fn())
+            out = model.generate(**kwargs(steps), past_key_values=cache)
             results[name] = ((time.perf_counter() - start) / steps, out)
-
-    capacity = beams * (prompt_len + steps + 32)
-    run("gauge", lambda: ManifoldCache(model.config, max_batch_size=beams, max_tokens=capacity), gauge_forward(model))
-    run("eager", lambda: DynamicCache(config=model.config))
-    run("inductor", lambda: DynamicCache(config=model.config), torch.compile(model.forward, dynamic=True))
+            if done:
+                done()
+    prompt.free()
+    manifold.reset()
     gauge_s, gauge_out = results.pop("gauge")
     rows = [dict(baseline=name, tokens=prompt_len, gauge_s=gauge_s, baseline_s=s, ratio=ratio(s, gauge_s),
                  tokens_equal=bool(torch.equal(out, gauge_out))) for name, (s, out) in results.items()]
-    return dict(title=f"beam search, {beams} beams, {prompt_len}-token prompt, per step",
-                baseline="DynamicCache eager / Inductor", rows=rows)
+    return dict(title=f"beam search, {beams} beams, {prompt_len}-token prompt, per step ({steps} steps after a "
+                      f"{warm}-step warm-up)", baseline="DynamicCache eager / Inductor", rows=rows)
 
 
 def scenario_streaming(model, quick: bool) -> dict:
-    sink, window, steps = 4, (32 if quick else 1024), (16 if quick else 2048)
+    # the issue asks for 2k steps past the window; 512 keep the full suite under ~25 minutes on 2 CPU cores
+    sink, window, steps = 4, (32 if quick else 1024), (16 if quick else 512)
     ids = text_ids(TOKENIZER, model.config.vocab_size, sink + window + steps)
     log(f"streaming: {sink}+{window}, {steps} steps (gauge)")
-    g_logits, g_times, lengths = stream_gauge(gauge_forward(model), model, ids, sink=sink, window=window)
+    g_logits, g_times, lengths = stream_gauge(gauge_forward(model), model, ids, sink=sink, window=window,
+                                              cache=shared_cache(model))
     log("streaming: re-rotating sink cache")
     b_logits, b_times = stream_baseline(model, ids, sink=sink, window=window, lengths=lengths)
-    g, b = statistics.median(g_times[1:]), statistics.median(b_times[1:])
-    return dict(title=f"StreamingLLM {sink} sinks + {window} window, {steps} steps, per step",
+    skip = 1 + min(16, steps // 4)  # the prefill and the first steps (the decode graph compiles there)
+    g, b = statistics.median(g_times[skip:]), statistics.median(b_times[skip:])
+    return dict(title=f"StreamingLLM {sink} sinks + {window} window, {steps} steps (median step after the "
+                      f"first {skip - 1}), per step",
                 baseline="re-rotating sink cache", rows=[dict(
                     steps=steps, gauge_s=g, baseline_s=b, ratio=ratio(b, g),
                     tokens_equal=bool(torch.equal(g_logits.argmax(-1), b_logits.argmax(-1))),
@@ -206,12 +282,10 @@ def scenario_document(model, quick: bool) -> dict:
     prefix_len, doc_len, q_len = (32, 64, 8) if quick else (1024, 2048, 32)
     ids = text_ids(TOKENIZER, model.config.vocab_size, prefix_len + doc_len + q_len)
     prefix, doc, question = ids[:, :prefix_len], ids[:, prefix_len:prefix_len + doc_len], ids[:, -q_len:]
-    forward = gauge_forward(model)
     cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=2 * (prefix_len + doc_len) + 4 * q_len + 64)
     log("document: prefill the prefix (kept as a sequence) and the document (a chunk at position 0) once")
-    doc_chunk = cache.prefill(forward, doc)
-    with torch.no_grad():
-        forward(input_ids=prefix, past_key_values=cache, use_cache=True)
+    doc_chunk = cache.prefill(model, doc)
+    prefilled(model, cache, prefix)
     prefix_seq = cache.batch[0]
 
     @torch.no_grad()
@@ -219,7 +293,7 @@ def scenario_document(model, quick: bool) -> dict:
         (row,) = cache.fork(prefix_seq, 1)  # shares the prefix blocks
         cache.set_batch([row])
         cache.splice(row, doc_chunk, prefix_len)
-        logits = forward(input_ids=question, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=question, past_key_values=cache, use_cache=True).logits[:, -1]
         cache.free(row)
         cache.set_batch([prefix_seq])
         return logits
@@ -230,8 +304,8 @@ def scenario_document(model, quick: bool) -> dict:
 
     log("document: time to first token")
     g, b = timed(gauge_ttft, 3), timed(base_ttft, 3)
-    rows = [dict(measure="time to first token", gauge_s=g, baseline_s=b, ratio=ratio(b, g),
-                 baseline="re-prefill whole prompt")]
+    rows = [dict(measure="time to first token (fork + splice + eager question forward)", gauge_s=g, baseline_s=b,
+                 ratio=ratio(b, g), baseline="re-prefill whole prompt (eager)")]
     rope = rope_of_model(model)
     doc_dynamic, target = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
@@ -296,17 +370,19 @@ def scenario_decode(quick: bool) -> dict:
         q = torch.randn(1, heads, 1, dim)
         seq = torch.tensor([length])
         args = (q, k_pool, v_pool, table, delta, seq, rope)
-        g = timed(lambda args=args: gaugecompile.rotated_query_attention(*args), 5)
+        g = timed(lambda args=args: gaugecompile.rotated_query_attention(*args, impl="auto"), 5)
         kv_bytes = k_pool.nbytes + v_pool.nbytes
-        floor = kv_bytes / bandwidth
-        rows.append(dict(tokens=length, gauge_s=g, baseline_s=floor, ratio=ratio(floor, g), kv_bytes=kv_bytes,
-                         copy_bandwidth_GBps=bandwidth / 1e9))
+        floor = kv_bytes / bandwidth  # reading every K/V byte once at the copy bandwidth of this run
+        rows.append(dict(tokens=length, gauge_s=g, baseline_s=floor, ratio=ratio(floor, g),
+                         times_floor=g / floor, within_2x=g <= 2 * floor, kv_bytes=kv_bytes,
+                         gauge_GBps=kv_bytes / g / 1e9, copy_bandwidth_GBps=bandwidth / 1e9))
     return dict(title="decode attention (32 heads / 8 KV heads, head dim 128) against the bandwidth floor",
                 baseline="KV bytes / copy bandwidth", rows=rows)
 
 
 def scenario_perplexity(model, quick: bool) -> dict:
-    sink, window, total = 4, (32 if quick else 512), (96 if quick else 2048)
+    # 1536 tokens (not more) keep the full suite under ~25 minutes on 2 CPU cores
+    sink, window, total = 4, (32 if quick else 512), (96 if quick else 1536)
     ids = text_ids(TOKENIZER, model.config.vocab_size, total)
     prefill = sink + window - 1
     targets = ids[0, prefill:]
@@ -319,7 +395,8 @@ def scenario_perplexity(model, quick: bool) -> dict:
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, prefill - 1:]
     log("perplexity: sinks + window, ManifoldCache + gauge")
-    gauge_logits, _, lengths = stream_gauge(gauge_forward(model), model, ids, sink=sink, window=window)
+    gauge_logits, _, lengths = stream_gauge(gauge_forward(model), model, ids, sink=sink, window=window,
+                                            cache=shared_cache(model))
     log("perplexity: sinks + window, re-rotating sink cache")
     base_logits, _ = stream_baseline(model, ids, sink=sink, window=window, lengths=lengths)
     log("perplexity: window without sinks")
@@ -336,6 +413,7 @@ def scenario_perplexity(model, quick: bool) -> dict:
 # ----------------------------------------------------------------------------- output
 
 TOKENIZER = None
+SHARED_TOKENS = 4 * (4096 + 64)  # the largest real-model scenario: 4 beams over 4k tokens
 
 
 def machine() -> dict:

@@ -1,23 +1,28 @@
 """`gaugecompile demo`: the gauge backend + ManifoldCache on a real model, side by side with transformers.
 
 Five steps, each a function returning one `Row` of the final table:
-1. compile report: which attention sites the gauge passes rewrite;
+1. compile report: the decode step compiled once with `backend="gauge"`; which attention sites were rewritten;
 2. chat answer, greedy: gauge + ManifoldCache against `DynamicCache` eagerly (tokens must be equal);
 3. beam search, 4 beams, both ways;
 4. StreamingLLM (sinks + window) over a long text against a re-rotating sink cache;
 5. document reuse: a document prefilled once at position 0, spliced into two prompts.
-The helpers (greedy loop, compiled forward, text source) are shared with `benchmarks/run.py`.
+
+Compile-friendly by construction: prompts are prefilled eagerly (ManifoldCache materialises exactly),
+the one-token decode step is compiled once per batch size and reused by every step and scenario, all
+scenarios share one ManifoldCache (same pools, so no recompiles), every timed run is preceded by a
+warm-up, and compile time is reported on its own. The helpers are shared with `benchmarks/run.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -25,7 +30,8 @@ from transformers import DynamicCache
 from .baselines import RerotatingSinkCache, append_rerotated, rope_of_model
 from .models import add_model_arguments, model_from_args
 
-__all__ = ["Row", "add_arguments", "run", "greedy", "gauge_forward", "manifold_cache", "text_ids", "format_table"]
+__all__ = ["Row", "add_arguments", "run", "greedy", "gauge_forward", "manifold_cache", "text_ids", "format_table",
+           "prefilled", "stream_gauge", "stream_baseline", "forward_replaced"]
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -71,18 +77,31 @@ def progress(message: str) -> None:
 
 
 def manifold_cache(model, *, batch: int = 1, max_tokens: int, block_size: int = 16):
-    """A ManifoldCache for `model` (ImportError until the cache exists in this build)."""
+    """A ManifoldCache for `model`."""
     from .cache import ManifoldCache
 
     return ManifoldCache(model.config, max_batch_size=batch, max_tokens=max_tokens, block_size=block_size,
                          dtype=model.dtype, device=model.device)
 
 
-def gauge_forward(model, **options) -> Callable:
-    """`model.forward` compiled with the gauge backend (dynamic shapes: caches grow every step)."""
-    if options:
-        return torch.compile(model.forward, backend="gauge", dynamic=True, options=options)
-    return torch.compile(model.forward, backend="gauge", dynamic=True)
+def gauge_forward(model, *, inner: str = "inductor", report_sink: list | None = None) -> Callable:
+    """`model.forward` compiled with the gauge backend, one per (model, inner): every caller reuses its graphs.
+
+    ManifoldCache hands lengths to the graph as dynamic sizes, so one decode graph per batch size serves
+    every step (automatic dynamic shapes; `dynamic=True` would also make the floats symbolic, which makes
+    Dynamo trace the 30 layers twice). `report_sink` (a list) collects the passes' reports of every graph this
+    compiled forward compiles; it turns the compile caches off, so it makes a separate compiled forward.
+    """
+    compiled = model.__dict__.setdefault("_gauge_compiled", {})
+    if report_sink is None and inner in compiled:
+        return compiled[inner]
+    options: dict = {"inner": inner}
+    if report_sink is not None:
+        options["report_sink"] = report_sink
+    forward = torch.compile(model.forward, backend="gauge", options=options)
+    if report_sink is None:
+        compiled[inner] = forward
+    return forward
 
 
 @contextlib.contextmanager
@@ -96,13 +115,34 @@ def forward_replaced(model, forward: Callable) -> Iterator[None]:
 
 
 @torch.no_grad()
-def greedy(forward: Callable, input_ids: torch.Tensor, cache, steps: int) -> tuple[list[int], list[float]]:
-    """Greedy decoding by hand: prefill, then `steps` one-token steps; returns tokens and seconds per call."""
+def prefilled(model, cache, ids: torch.Tensor, rows: int = 1):
+    """Prefill `ids` ([1, n]) eagerly into `cache` (ManifoldCache: one new sequence, forked to `rows`; a transformers
+    cache: repeated to `rows`) and return the cache. Prompts run eagerly; only the decode step is compiled."""
+    if hasattr(cache, "new_sequences"):
+        cache.new_sequences(1)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        if rows > 1:
+            cache.fork(cache.batch[0], rows - 1)
+    else:
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+    return cache
+
+
+@torch.no_grad()
+def greedy(forward: Callable, input_ids: torch.Tensor, cache, steps: int, *,
+           prefill: Callable | None = None) -> tuple[list[int], list[float]]:
+    """Greedy decoding by hand: prefill (with `prefill`, default `forward`), then `steps` one-token steps with
+    `forward`; returns the new tokens and the seconds of every call (prefill first)."""
+    if hasattr(cache, "new_sequences") and not cache.batch:
+        cache.new_sequences(1)  # a compiled forward must not learn the row count inside the layers
     times, tokens = [], []
     ids = input_ids
-    for _ in range(steps + 1):
+    for index in range(steps + 1):
+        fn = prefill if index == 0 and prefill is not None else forward
         start = time.perf_counter()
-        logits = forward(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = fn(input_ids=ids, past_key_values=cache, use_cache=True).logits
         times.append(time.perf_counter() - start)
         ids = logits[:, -1:].argmax(-1)
         tokens.append(int(ids[0, 0]))
@@ -135,91 +175,34 @@ def decode(tokenizer, tokens: list[int]) -> str:
 
 
 def median_step(times: list[float]) -> float:
-    """Median decode-step time (the first call, prefill plus any compilation, is left out)."""
+    """Median decode-step time (the first call, the prefill, is left out)."""
     return statistics.median(times[1:]) if len(times) > 1 else times[0]
 
 
-# ----------------------------------------------------------------------------- the five steps
-
-
-@dataclass
-class Context:
-    model: torch.nn.Module
-    tokenizer: object
-    forward: Callable  # gauge-compiled model.forward
-    new_tokens: int
-    stream_window: int
-    stream_steps: int
-
-
-def step_compile_report(ctx: Context) -> Row:
-    from . import explain
-
-    n_layers = ctx.model.config.num_hidden_layers
-    ids = chat_ids(ctx.tokenizer, ctx.model.config.vocab_size, QUESTION)
-    cache = manifold_cache(ctx.model, max_tokens=ids.shape[1] + 16)
-    with torch.no_grad():
-        ctx.model(input_ids=ids, past_key_values=cache, use_cache=True)  # explain a decode step
-        start = time.perf_counter()
-        report = explain(ctx.model, input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
-    elapsed = time.perf_counter() - start
-    print(report)
-    found = len(report.rewritten)
-    return Row("1 compile report", f"{found}/{n_layers} rewritten" + ("" if found == n_layers else " (!)"),
-               elapsed, None, "compile")
-
-
-def step_chat(ctx: Context) -> Row:
-    ids = chat_ids(ctx.tokenizer, ctx.model.config.vocab_size, QUESTION)
-    steps = ctx.new_tokens
-    progress(f"chat: {steps} greedy tokens, gauge + ManifoldCache (first call compiles)")
-    gauge_tokens, gauge_times = greedy(ctx.forward, ids, manifold_cache(ctx.model, max_tokens=ids.shape[1] + steps + 1),
-                                       steps)
-    progress("chat: eager DynamicCache")
-    base_tokens, base_times = greedy(ctx.model.forward, ids, DynamicCache(config=ctx.model.config), steps)
-    print(f"  gauge + ManifoldCache : {decode(ctx.tokenizer, gauge_tokens)}")
-    print(f"  eager DynamicCache    : {decode(ctx.tokenizer, base_tokens)}")
-    return Row("2 chat (greedy)", "tokens equal" if gauge_tokens == base_tokens else "TOKENS DIFFER",
-               median_step(gauge_times), median_step(base_times), "step")
-
-
-def step_beam(ctx: Context, beams: int = 4) -> Row:
-    model, ids, steps = ctx.model, chat_ids(ctx.tokenizer, ctx.model.config.vocab_size, QUESTION), ctx.new_tokens
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
-                  max_new_tokens=steps, min_new_tokens=steps, early_stopping=False, pad_token_id=0)
-    progress(f"beam search: {beams} beams x {steps} tokens, gauge + ManifoldCache")
-    with torch.no_grad(), forward_replaced(model, ctx.forward):
-        cache = manifold_cache(model, batch=beams, max_tokens=beams * (ids.shape[1] + steps + 16))
-        model.generate(**kwargs, past_key_values=cache)  # warm-up: compiles every shape the loop meets
-        cache = manifold_cache(model, batch=beams, max_tokens=beams * (ids.shape[1] + steps + 16))
-        start = time.perf_counter()
-        gauge_out = model.generate(**kwargs, past_key_values=cache)
-        gauge_s = (time.perf_counter() - start) / steps
-    progress("beam search: eager DynamicCache")
-    with torch.no_grad():
-        start = time.perf_counter()
-        base_out = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
-        base_s = (time.perf_counter() - start) / steps
-    print(f"  best beam, gauge : {decode(ctx.tokenizer, gauge_out[0, ids.shape[1]:].tolist())}")
-    print(f"  best beam, eager : {decode(ctx.tokenizer, base_out[0, ids.shape[1]:].tolist())}")
-    equal = torch.equal(gauge_out, base_out)
-    return Row(f"3 beam search ({beams} beams)", "tokens equal" if equal else "TOKENS DIFFER", gauge_s, base_s, "step")
-
-
 @torch.no_grad()
-def stream_gauge(forward: Callable, model, ids: torch.Tensor, *, sink: int, window: int,
-                 block_size: int = 4) -> tuple[torch.Tensor, list[float], list[int]]:
+def stream_gauge(forward: Callable, model, ids: torch.Tensor, *, sink: int, window: int, cache=None,
+                 block_size: int = 16) -> tuple[torch.Tensor, list[float], list[int]]:
     """Teacher-forced StreamingLLM over `ids` with ManifoldCache's `set_window(sink, window - 1)` policy (an
     O(blocks) table edit after every forward, block-granular: the blocks holding the first `sink` tokens and
-    the fewest recent blocks holding `window - 1` tokens). Returns next-token logits, seconds per step, and
-    the tokens held after every step (the baseline replays these evictions)."""
+    the fewest recent blocks holding `window - 1` tokens). The first `sink + window - 1` tokens are prefilled
+    eagerly, every later token is one `forward` step. Returns next-token logits, seconds per call (prefill
+    first) and the tokens held after every call (the baseline replays these evictions). `cache` (reset here)
+    lets callers reuse one cache, and with it the compiled graphs."""
     prefill = sink + window - 1
-    cache = manifold_cache(model, max_tokens=sink + window + 4 * block_size, block_size=block_size)
-    cache.set_window(sink, window - 1)
+    if cache is None:
+        cache = manifold_cache(model, max_tokens=sink + window + 4 * block_size, block_size=block_size)
+    cache.reset()
+    cache.set_window(0, None)
+    cache.new_sequences(1)
     logits, times, lengths = [], [], []
     for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, ids.shape[1]))]:
+        fn = model if start == 0 else forward
         t0 = time.perf_counter()
-        logits.append(forward(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits[:, -1])
+        logits.append(fn(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits[:, -1])
+        # the window policy applied between steps (a persistent policy would evict inside the last layer,
+        # which splits a compiled graph); the same table edit, part of the timed step
+        cache.set_window(sink, window - 1)
+        cache.set_window(0, None)
         times.append(time.perf_counter() - t0)
         lengths.append(cache.seq_len(cache.batch[0]))
     return torch.cat(logits), times, lengths
@@ -227,7 +210,7 @@ def stream_gauge(forward: Callable, model, ids: torch.Tensor, *, sink: int, wind
 
 @torch.no_grad()
 def stream_baseline(model, ids: torch.Tensor, *, sink: int, window: int,
-                    lengths: list[int] | None = None, block_size: int = 4) -> tuple[torch.Tensor, list[float]]:
+                    lengths: list[int] | None = None, block_size: int = 16) -> tuple[torch.Tensor, list[float]]:
     """The same stream through the re-rotating sink cache. With `lengths` (from `stream_gauge`) it evicts
     exactly the tokens ManifoldCache evicted (its sinks are whole blocks of `block_size`); without, it keeps
     `sink + window - 1` tokens as SinkCache did."""
@@ -248,13 +231,123 @@ def stream_baseline(model, ids: torch.Tensor, *, sink: int, window: int,
     return torch.cat(logits), times
 
 
+# ----------------------------------------------------------------------------- the five steps
+
+
+@dataclass
+class Context:
+    model: torch.nn.Module
+    tokenizer: object
+    forward: Callable  # gauge-compiled model.forward (its passes' reports go to `reports`)
+    cache: object  # one ManifoldCache shared by every scenario (same pools: the compiled graphs are reused)
+    new_tokens: int
+    stream_window: int
+    stream_steps: int
+    reports: list = field(default_factory=list)
+    compile_s: dict = field(default_factory=dict)
+
+
+def _reset(cache) -> None:
+    cache.reset()
+    cache.set_window(0, None)
+
+
+def _beam_kwargs(ids: torch.Tensor, beams: int, steps: int) -> dict:
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams, do_sample=False,
+                max_new_tokens=steps, min_new_tokens=steps, early_stopping=False, pad_token_id=0)
+
+
+def _decode_warmup(ctx: Context, rows: int) -> None:
+    """Compile the decode step for `rows` rows, as the timed runs will call it (a few steps, so a recompile for a
+    grown length also happens here); its wall time is reported as compile time, once per batch size."""
+    if rows in ctx.compile_s:
+        return
+    model, cache = ctx.model, ctx.cache
+    ids = chat_ids(ctx.tokenizer, model.config.vocab_size, QUESTION)
+    progress(f"compiling the decode step for {rows} row(s) with backend='gauge' (once; reused by every step)")
+    _reset(cache)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if rows == 1:
+            greedy(ctx.forward, ids, cache, 3, prefill=model)
+        else:
+            prefilled(model, cache, ids[:, :-1], rows)
+            with forward_replaced(model, ctx.forward):
+                model.generate(**_beam_kwargs(ids, rows, 3), past_key_values=cache)
+    ctx.compile_s[rows] = time.perf_counter() - start
+    _reset(cache)
+
+
+def step_compile_report(ctx: Context) -> Row:
+    from .explain import ExplainReport
+
+    _decode_warmup(ctx, 1)
+    report = ExplainReport()
+    for graph_report, before, after in ctx.reports:
+        report.rewritten += graph_report.rewritten
+        report.refused += graph_report.refused
+        report.plain_attention += graph_report.plain_attention
+        report.graphs_before.append(before)
+        report.graphs_after.append(after)
+    lines = str(report).splitlines()
+    print(lines[0])
+    for line, count in collections.Counter(lines[1:]).items():  # one line per distinct site, with its count
+        print(f"{line}  [x{count}]" if count > 1 else line)
+    n_layers, found = ctx.model.config.num_hidden_layers, len(report.rewritten)
+    print(f"  compiling the decode step (warm-up, 3 steps): {ctx.compile_s[1]:.1f} s (once; not in the timings)")
+    return Row("1 compile report", f"{found}/{n_layers} rewritten" + ("" if found == n_layers else " (!)"),
+               ctx.compile_s[1], None, "compile, once")
+
+
+def step_chat(ctx: Context) -> Row:
+    model, cache = ctx.model, ctx.cache
+    ids = chat_ids(ctx.tokenizer, model.config.vocab_size, QUESTION)
+    steps = ctx.new_tokens
+    progress(f"chat: {steps} greedy tokens, gauge + ManifoldCache (compiled decode step)")
+    _reset(cache)
+    gauge_tokens, gauge_times = greedy(ctx.forward, ids, cache, steps, prefill=model)
+    progress("chat: eager DynamicCache")
+    base_tokens, base_times = greedy(model.forward, ids, DynamicCache(config=model.config), steps)
+    print(f"  gauge + ManifoldCache : {decode(ctx.tokenizer, gauge_tokens)}")
+    print(f"  eager DynamicCache    : {decode(ctx.tokenizer, base_tokens)}")
+    return Row("2 chat (greedy)", "tokens equal" if gauge_tokens == base_tokens else "TOKENS DIFFER",
+               median_step(gauge_times), median_step(base_times), "step")
+
+
+def step_beam(ctx: Context, beams: int = 4) -> Row:
+    model, cache, steps = ctx.model, ctx.cache, ctx.new_tokens
+    ids = chat_ids(ctx.tokenizer, model.config.vocab_size, QUESTION)
+    kwargs = _beam_kwargs(ids, beams, steps)
+    _decode_warmup(ctx, beams)
+    print(f"  compiling the {beams}-row decode step (warm-up, 3 steps): {ctx.compile_s[beams]:.1f} s (once)")
+    progress(f"beam search: {beams} beams x {steps} tokens, gauge + ManifoldCache (prompt shared by the beams)")
+    with torch.no_grad(), forward_replaced(model, ctx.forward):
+        _reset(cache)
+        prefilled(model, cache, ids[:, :-1], beams)  # the beams share the prompt's blocks
+        start = time.perf_counter()
+        gauge_out = model.generate(**kwargs, past_key_values=cache)
+        gauge_s = (time.perf_counter() - start) / steps
+    progress("beam search: eager DynamicCache")
+    with torch.no_grad():
+        dynamic = prefilled(model, DynamicCache(config=model.config), ids[:, :-1], beams)
+        start = time.perf_counter()
+        base_out = model.generate(**kwargs, past_key_values=dynamic)
+        base_s = (time.perf_counter() - start) / steps
+    print(f"  best beam, gauge : {decode(ctx.tokenizer, gauge_out[0, ids.shape[1]:].tolist())}")
+    print(f"  best beam, eager : {decode(ctx.tokenizer, base_out[0, ids.shape[1]:].tolist())}")
+    equal = torch.equal(gauge_out, base_out)
+    return Row(f"3 beam search ({beams} beams)", "tokens equal" if equal else "TOKENS DIFFER", gauge_s, base_s, "step")
+
+
 def step_streaming(ctx: Context, sink: int = 4) -> Row:
     model, window = ctx.model, ctx.stream_window
     ids = text_ids(ctx.tokenizer, model.config.vocab_size, sink + window + ctx.stream_steps)
     progress(f"streaming: {sink} sinks + {window} window, {ctx.stream_steps} steps past the window, gauge")
-    gauge_logits, gauge_times, lengths = stream_gauge(ctx.forward, model, ids, sink=sink, window=window)
+    gauge_logits, gauge_times, lengths = stream_gauge(ctx.forward, model, ids, sink=sink, window=window,
+                                                      cache=ctx.cache, block_size=ctx.cache.block_size)
     progress("streaming: re-rotating sink cache (eager)")
-    base_logits, base_times = stream_baseline(model, ids, sink=sink, window=window, lengths=lengths)
+    base_logits, base_times = stream_baseline(model, ids, sink=sink, window=window, lengths=lengths,
+                                              block_size=ctx.cache.block_size)
     diff = (gauge_logits - base_logits).abs().max().item()
     agree = (gauge_logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item()
     return Row(f"4 streaming ({sink}+{window})", f"max|dlogit| {diff:.1e}, argmax {agree:.0%}",
@@ -262,25 +355,25 @@ def step_streaming(ctx: Context, sink: int = 4) -> Row:
 
 
 def step_document(ctx: Context) -> Row:
-    model, tok = ctx.model, ctx.tokenizer
+    model, tok, cache = ctx.model, ctx.tokenizer, ctx.cache
     vocab = model.config.vocab_size
     doc = text_ids(tok, vocab, 256, seed=2)
     if tok is not None:
         prefixes = [tok("You are a careful assistant. Read the document below.\n", return_tensors="pt").input_ids,
-                     tok("Summarise for a beginner. Here is some reference text:\n\n", return_tensors="pt").input_ids]
+                    tok("Summarise for a beginner. Here is some reference text:\n\n", return_tensors="pt").input_ids]
         question = tok("\n\nQuestion: what is this text about? Answer in one sentence.\nAnswer:",
                        return_tensors="pt").input_ids
     else:
         prefixes = [torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)) for n in (13, 29)]
         question = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(3))
-    # splice needs a block-aligned position: pad each prefix with newlines (a space-like token) to 16k tokens
+    # splice needs a block-aligned position: pad each prefix with newlines (a space-like token) to whole blocks
+    bs = cache.block_size
     pad = tok("\n", add_special_tokens=False).input_ids[-1] if tok is not None else 0
-    prefixes = [torch.cat([p, torch.full((1, -p.shape[1] % 16), pad)], dim=1) for p in prefixes]
+    prefixes = [torch.cat([p, torch.full((1, -p.shape[1] % bs), pad)], dim=1) for p in prefixes]
     steps = min(ctx.new_tokens, 12)
     progress("document reuse: prefill the document once at position 0")
-    longest = max(p.shape[1] for p in prefixes) + doc.shape[1] + question.shape[1] + steps
-    cache = manifold_cache(model, max_tokens=doc.shape[1] + longest + 64)
-    chunk = cache.prefill(ctx.forward, doc)
+    _reset(cache)
+    chunk = cache.prefill(model, doc)
     rope = rope_of_model(model)
     doc_dynamic = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -291,9 +384,9 @@ def step_document(ctx: Context) -> Row:
         cache.reset()  # frees the previous prompt's sequence; the chunk keeps the document's blocks
         start = time.perf_counter()
         with torch.no_grad():
-            ctx.forward(input_ids=prefix, past_key_values=cache, use_cache=True)
+            prefilled(model, cache, prefix)
             cache.splice(cache.batch[0], chunk, at)
-            logits = ctx.forward(input_ids=question, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=question, past_key_values=cache, use_cache=True).logits[:, -1]
         gauge_ttft.append(time.perf_counter() - start)
         rest, _ = greedy(ctx.forward, logits.argmax(-1, keepdim=True), cache, steps - 1)
         answer = [int(logits.argmax())] + rest
@@ -313,6 +406,8 @@ def step_document(ctx: Context) -> Row:
         print(f"  prefix of {at} tokens, document spliced at {at}:")
         print(f"    spliced    : {decode(tok, answer)}")
         print(f"    re-prefill : {decode(tok, base_answer)}")
+    chunk.free()
+    _reset(cache)
     print(f"  Note: splicing equals re-rotating the document's cached keys to the new position (max |dlogit| "
           f"{max(diffs):.1e}); it is not a full re-prefill: the document's tokens did not attend to the new "
           "prefix, so its answers may differ from the re-prefilled ones.")
@@ -346,18 +441,21 @@ def run(args: argparse.Namespace) -> int:
     progress("loading the model")
     model, tokenizer = model_from_args(args)
     rope_of_model(model)  # the sink baseline needs a Llama-family rotary module: fail before any work
-    forward = gauge_forward(model) if args.inner == "inductor" else gauge_forward(model, inner=args.inner)
-    ctx = Context(model, tokenizer, forward, args.new_tokens, args.window,
-                  args.stream_steps)
+    reports: list = []
+    forward = gauge_forward(model, inner=args.inner, report_sink=reports)
+    beams, prompt = 4, chat_ids(tokenizer, model.config.vocab_size, QUESTION).shape[1]
+    doc_room = 2 * 256 + 2 * 64 + 2 * (128 + args.new_tokens)
+    room = max(beams * (prompt + args.new_tokens + 32), 4 + args.window + 64, doc_room)
+    cache = manifold_cache(model, batch=beams, max_tokens=room)
+    ctx = Context(model, tokenizer, forward, cache, args.new_tokens, args.window, args.stream_steps, reports)
     rows: list[Row] = []
     for index, (name, step) in enumerate(STEPS, 1):
-        progress(f"step {index}/{len(STEPS)}: {name}")
-        print(f"\n== {index}. {name}")
-        try:
-            rows.append(step(ctx))
-        except ImportError as exc:  # a part of the package this build does not have yet
-            print(f"  skipped: {exc}")
-            rows.append(Row(f"{index} {name}", f"skipped ({exc.name or exc})"))
+        progress(f"step {index}/{len(STEPS)}: {name} ({time.perf_counter() - begin:.0f} s so far)")
+        print(f"\n== {index}. {name}", flush=True)
+        rows.append(step(ctx))
     print("\n" + format_table(rows, "transformers"))
-    print(f"\n(ratio = baseline time / gauge time; total {time.perf_counter() - begin:.0f} s)")
+    compile_total = sum(ctx.compile_s.values())
+    print(f"\n(ratio = baseline time / gauge time, steady state after a warm-up; compiling the decode step took "
+          f"{compile_total:.0f} s in all, for batch sizes {sorted(ctx.compile_s)}; total "
+          f"{time.perf_counter() - begin:.0f} s)")
     return 0 if all("DIFFER" not in r.parity and "(!)" not in r.parity for r in rows) else 1
