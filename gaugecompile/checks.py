@@ -26,7 +26,6 @@ def check_attention_inputs(
     block_delta: torch.Tensor,
     seq_lens: torch.Tensor,
     rotary_dim: int,
-    interleaved: bool,
 ) -> None:
     """Raise TypeError/ValueError naming the first argument that breaks the op's contract."""
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),

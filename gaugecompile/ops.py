@@ -121,8 +121,7 @@ def rotated_query_attention(
     if impl == "reference":
         return reference_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope, scale=scale,
                                    causal=causal, return_lse=return_lse)
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim,
-                           rope.interleaved)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     args = (q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.inv_freq.to(q.device),
             rope.rotary_dim, rope.interleaved, scale, bool(causal))

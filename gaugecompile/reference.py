@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .rope import delta_cos_sin, rotate
+from .rope import RopeSpec, delta_cos_sin, rotate
 
 
 def gather_view(
@@ -57,7 +57,7 @@ def reference_attention(
     block_table: torch.Tensor,
     block_delta: torch.Tensor,
     seq_lens: torch.Tensor,
-    rope,
+    rope: RopeSpec,
     *,
     scale: float | None = None,
     causal: bool = True,
@@ -72,7 +72,7 @@ def reference_attention(
 
     if impl != "reference":
         raise ValueError(f"impl: reference_attention only has impl='reference', got {impl!r}")
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim, rope.interleaved)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_size = k_pool.shape[1]
     outs, lses = [], []
