@@ -6,6 +6,7 @@ ops. Parts that need transformers or onnx load on first use, so `import gaugecom
 
 import importlib
 
+from .explain import ExplainReport, explain  # eager: a lazy name would be shadowed by the submodule
 from .materialize import materialize_kv
 from .ops import rotated_query_attention
 from .reference import reference_attention
@@ -16,12 +17,12 @@ _LAZY = {
     "ManifoldCache": "gaugecompile.cache",
     "KVChunk": "gaugecompile.cache",
     "CachePoolFullError": "gaugecompile.cache",
-    "explain": "gaugecompile.explain",
-    "ExplainReport": "gaugecompile.explain",
     "export_onnx": "gaugecompile.onnx",
 }
 
-__all__ = ["RopeSpec", "materialize_kv", "rotated_query_attention", "reference_attention", *_LAZY]
+__all__ = [
+    "RopeSpec", "ExplainReport", "explain", "materialize_kv", "rotated_query_attention", "reference_attention", *_LAZY,
+]
 __version__ = "0.1.0"
 
 
