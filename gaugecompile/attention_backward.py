@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import gather_view, rerotate_view
+from .reference import gather_view, rerotate_view, token_deltas, token_slots
 from .rope import delta_cos_sin, rotate
 
 
@@ -38,7 +38,7 @@ def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, table, delta, leng
     dq = (ds @ kh) * scale
     dk = ((ds.transpose(-1, -2) @ q) * scale).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
     dv = (p.transpose(-1, -2) @ grad_out).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
-    cos, sin = delta_cos_sin(delta.repeat_interleave(block_size)[:length], inv_freq, dk.dtype)
+    cos, sin = delta_cos_sin(token_deltas(delta, block_size, length), inv_freq, dk.dtype)
     return dq, rotate(dk, cos[:, None], -sin[:, None], rotary_dim, interleaved), dv
 
 
@@ -61,7 +61,7 @@ def attention_backward(
             grad_out[b].to(cdt), grad_lse[b].to(cdt), q[b].to(cdt), k32, v32, table, block_delta[b, :n_blocks],
             length, inv_freq, rotary_dim, interleaved, scale, causal,
         )
-        slots = (table[:, None] * block_size + torch.arange(block_size, device=q.device)).flatten()[:length]
+        slots = token_slots(table, block_size, length)
         dk.index_add_(0, slots, dk_b)
         dv.index_add_(0, slots, dv_b)
     return dq.to(q.dtype), dk.view(k_pool.shape).to(k_pool.dtype), dv.view(v_pool.shape).to(v_pool.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .reference import gather_view, rerotate_view, token_deltas, token_slots
 from .rope import RopeSpec, delta_cos_sin, rotate
 
 __all__ = ["materialize_kv"]
@@ -42,21 +43,23 @@ def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Ten
         )
 
 
+def materialize_views(
+    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, inv_freq: Tensor,
+    rotary_dim: int, interleaved: bool, length: int,
+) -> tuple[Tensor, Tensor]:
+    """The op's meaning in torch ops (its kernel, and its ONNX decomposition): gather + re-rotate."""
+    k = gather_view(k_pool, block_table, length)  # [B, L, Hkv, D]
+    k = rerotate_view(k, block_delta, k_pool.shape[1], inv_freq, rotary_dim, interleaved)
+    v = gather_view(v_pool, block_table, length)
+    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+
+
 @torch.library.custom_op("gauge::materialize_kv", mutates_args=())
 def _materialize_op(
     k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, inv_freq: Tensor,
     rotary_dim: int, interleaved: bool, length: int,
 ) -> tuple[Tensor, Tensor]:
-    block_size = k_pool.shape[1]
-    n_blocks = -(-length // block_size)
-    ids = block_table[:, :n_blocks].long()
-    k = k_pool[ids].flatten(1, 2)[:, :length]  # [B, L, Hkv, D]
-    v = v_pool[ids].flatten(1, 2)[:, :length]
-    token_delta = block_delta[:, :n_blocks].repeat_interleave(block_size, dim=1)[:, :length]
-    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
-    cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)  # [B, L, F]
-    k = rotate(k.to(cdt), cos[:, :, None], sin[:, :, None], rotary_dim, interleaved).to(k_pool.dtype)
-    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    return materialize_views(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length)
 
 
 @_materialize_op.register_fake
@@ -76,10 +79,8 @@ def _backward(ctx, grad_k, grad_v):
     block_table, block_delta, inv_freq = ctx.saved_tensors
     pool_shape, rotary_dim, interleaved, length = ctx.attrs
     block_size = pool_shape[1]
-    n_blocks = -(-length // block_size)
-    ids = block_table[:, :n_blocks].long()
-    token_delta = block_delta[:, :n_blocks].repeat_interleave(block_size, dim=1)[:, :length]
-    slots = (ids[:, :, None] * block_size + torch.arange(block_size, device=ids.device)).flatten(1)[:, :length]
+    token_delta = token_deltas(block_delta, block_size, length)
+    slots = token_slots(block_table, block_size, length)
     grads = []
     for g, rotated in ((grad_k, True), (grad_v, False)):
         if g is None:

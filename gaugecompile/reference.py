@@ -13,23 +13,34 @@ import torch
 from .rope import RopeSpec, delta_cos_sin, rotate
 
 
-def gather_view(
-    pool: torch.Tensor, block_table: torch.Tensor, seq_len: int
-) -> torch.Tensor:
-    """The first `seq_len` tokens of one sequence's view: [seq_len, num_kv_heads, head_dim]."""
-    n_blocks = -(-seq_len // pool.shape[1])
-    return pool[block_table[:n_blocks].long()].flatten(0, 1)[:seq_len]
+def token_slots(block_table: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """Flat pool slot (block * block_size + offset) of each of the first `length` view tokens: [..., length]."""
+    n_blocks = -(-length // block_size)
+    ids = block_table[..., :n_blocks].long()
+    offsets = torch.arange(block_size, device=block_table.device)
+    return (ids[..., None] * block_size + offsets).flatten(-2)[..., :length]
+
+
+def token_deltas(block_delta: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """The delta of each of the first `length` view tokens (its block's delta): [..., length]."""
+    n_blocks = -(-length // block_size)
+    return block_delta[..., :n_blocks].repeat_interleave(block_size, dim=-1)[..., :length]
+
+
+def gather_view(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of each view: [..., length, num_kv_heads, head_dim] for a [..., max_blocks] table."""
+    return pool.flatten(0, 1)[token_slots(block_table, pool.shape[1], length)]
 
 
 def rerotate_view(
     keys: torch.Tensor, block_delta: torch.Tensor, block_size: int, inv_freq: torch.Tensor,
     rotary_dim: int, interleaved: bool,
 ) -> torch.Tensor:
-    """Rotate each gathered key [L, Hkv, D] by the delta of its block (float64 angles)."""
-    token_delta = block_delta.repeat_interleave(block_size)[: keys.shape[0]]
+    """Rotate each gathered key [..., L, Hkv, D] by the delta of its block (float64 angles)."""
+    token_delta = token_deltas(block_delta, block_size, keys.shape[-3])
     cdt = torch.float64 if keys.dtype == torch.float64 else torch.float32
     cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)
-    return rotate(keys.to(cdt), cos[:, None], sin[:, None], rotary_dim, interleaved).to(keys.dtype)
+    return rotate(keys.to(cdt), cos[..., None, :], sin[..., None, :], rotary_dim, interleaved).to(keys.dtype)
 
 
 def attention_one(

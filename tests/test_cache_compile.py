@@ -105,21 +105,15 @@ def test_decode_loop_graphs_and_recompiles():
     assert len(backend.graphs) == counts[-1]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gptj"])
-def test_aot_eager_parity(arch):
+@pytest.mark.parametrize(
+    "arch,backend,prompt",
+    [("llama", "aot_eager", 7), ("gpt_neox", "aot_eager", 7), ("gptj", "aot_eager", 7), ("llama", "inductor", 6)],
+)
+def test_compiled_parity(arch, backend, prompt):
     model = random_model(arch).eval()
-    ids = _ids(2, 7)
+    ids = _ids(2, prompt)
     want = _decode(model, _cache(model, 2), ids, steps=3)
-    got = _decode(torch.compile(model, backend="aot_eager"), _cache(model, 2), ids, steps=3)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
-
-
-def test_inductor_parity():
-    model = random_model("llama").eval()
-    ids = _ids(2, 6)
-    want = _decode(model, _cache(model, 2), ids, steps=3)
-    got = _decode(torch.compile(model, backend="inductor"), _cache(model, 2), ids, steps=3)
+    got = _decode(torch.compile(model, backend=backend), _cache(model, 2), ids, steps=3)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import delta_cos_sin, rotate
+from ..materialize import materialize_views
 from .function import DOMAIN, OP_TYPE, VERSION
 
 __all__ = ["DECOMPOSITIONS"]
@@ -35,22 +35,8 @@ def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, seq_le
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def _materialize_kv(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length):
-    """`gauge::materialize_kv` in torch ops: K/V [B, Hkv, length, D], keys re-rotated by their delta."""
-    block_size = k_pool.shape[1]
-    n_blocks = (length + block_size - 1) // block_size
-    ids = block_table[:, :n_blocks].long()
-    k = k_pool[ids].flatten(1, 2)[:, :length]
-    v = v_pool[ids].flatten(1, 2)[:, :length]
-    token_delta = block_delta[:, :n_blocks].repeat_interleave(block_size, dim=1)[:, :length]
-    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
-    cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)
-    k = rotate(k.to(cdt), cos[:, :, None], sin[:, :, None], rotary_dim, interleaved).to(k_pool.dtype)
-    return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-
-
 #: The decomposition table given to `ExportedProgram.run_decompositions` before ONNX export.
 DECOMPOSITIONS = {
     torch.ops.gauge.rotated_query_attention.default: _rotated_query_attention,
-    torch.ops.gauge.materialize_kv.default: _materialize_kv,
+    torch.ops.gauge.materialize_kv.default: materialize_views,
 }
