@@ -1,11 +1,13 @@
 """gaugecompile: rotated-query attention over static KV block pools, found and rewritten by torch.compile.
 
-Importing this package registers the `gauge::rotated_query_attention` and `gauge::materialize_kv`
-ops. Parts that need transformers or onnx load on first use, so `import gaugecompile` stays light.
+Importing this package registers the `gauge::rotated_query_attention`, `gauge::materialize_kv` and
+`gauge::rotated_query_attention_masked` ops. Parts that need transformers or onnx load on first use, so
+`import gaugecompile` stays light.
 """
 
 import importlib
 
+from . import masked_attention  # noqa: F401  (registers gauge::rotated_query_attention_masked)
 from .explain import ExplainReport, explain  # eager: a lazy name would be shadowed by the submodule
 from .materialize import materialize_kv
 from .ops import rotated_query_attention

@@ -57,6 +57,7 @@ class AttentionMatch:
     masks: list[fx.Node] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # conditions already known to fail
     assume_square: bool = False  # set by the rewriter: rewritten under a run-time check q_len == kv_len
+    check_mask: bool = False  # set by the rewriter: rewritten under a run-time check that the masks are causal
     kernels: list[tuple] = field(default_factory=list)  # set by the rewriter: (q, k_pool, rotary_dim, interleaved,
     #                                                      causal) of each op call, q/k_pool as fake tensors
 
@@ -142,10 +143,29 @@ def _scores_operand(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
-    """softmax(scale * (q @ k^T) + mask) @ v, or None if `softmax` is not inside such a chain."""
-    if softmax.args[1] not in (-1, len(shape(softmax)) - 1):
+def _last_dim(dims, node: fx.Node) -> bool:
+    return list(dims) in ([-1], [len(shape(node)) - 1])
+
+
+def _softmax_input(node: fx.Node) -> fx.Node | None:
+    """x when `node` is a softmax of x over the last dim: `_softmax(x, -1)` or its decomposition
+    `exp(x - amax(x)) / sum(exp(x - amax(x)))` (Inductor's post-grad graphs), else None."""
+    if is_call(node, *_SOFTMAX):
+        return node.args[0] if _last_dim([node.args[1]], node) else None
+    if not (is_call(node, aten.div.Tensor) and is_call(node.args[1], aten.sum.dim_IntList)):
         return None
+    e, total = node.args[0], node.args[1]
+    if total.args[0] is not e or not _last_dim(total.args[1], e) or not is_call(e, aten.exp.default):
+        return None
+    centred = e.args[0]
+    if not is_call(centred, aten.sub.Tensor) or not is_call(centred.args[1], aten.amax.default):
+        return None
+    x, top = centred.args[0], centred.args[1]
+    return x if top.args[0] is x and _last_dim(top.args[1], x) else None
+
+
+def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
+    """softmax(scale * (q @ k^T) + mask) @ v, or None if `softmax` (of `x`) is not inside such a chain."""
     # forward: softmax -> layout -> matmul(p, v) -> layout -> out [B, H, Q, D]
     chain = _forward_chain(softmax)
     if chain is None:
@@ -161,7 +181,7 @@ def _match_eager(softmax: fx.Node) -> AttentionMatch | None:
         return None
     # backward: scores <- [mask adds, scale mul/div, layout] <- matmul(q, k^T)
     scale, masks, problems = 1.0, [], []
-    s = softmax.args[0]
+    s = x
     while True:
         if is_call(s, *_RESHAPES):
             s = s.args[0]
@@ -200,8 +220,8 @@ def find_attention(graph: fx.Graph) -> list[AttentionMatch | tuple[fx.Node, str]
         try:
             if is_call(node, *SDPA_FORMS):
                 found.append(_match_sdpa(node))
-            elif is_call(node, *_SOFTMAX):
-                m = _match_eager(node)
+            elif (x := _softmax_input(node)) is not None:
+                m = _match_eager(node, x)
                 if m is not None:
                     found.append(m)
         except AnalysisError as exc:

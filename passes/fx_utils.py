@@ -32,6 +32,10 @@ class AnalysisError(Exception):
     """A condition of the proof failed; the message is the reason shown to the user."""
 
 
+class RuntimeValueError(AnalysisError):
+    """The condition depends on values only known at run time (a graph input), so no static proof exists."""
+
+
 def val(node) -> object:
     """The traced value (fake tensor / SymInt) of a node, or the constant itself."""
     return node.meta.get("val") if isinstance(node, fx.Node) else node
@@ -285,7 +289,7 @@ def const_eval(node, owner: torch.nn.Module | None, env: dict | None = None):
         if size is not None:
             return size
         if n.op == "placeholder":
-            raise AnalysisError(f"the mask depends on the runtime input {n.name}")
+            raise RuntimeValueError(f"the mask depends on the runtime input {n.name}")
         if n.op == "get_attr":
             out = operator.attrgetter(n.target)(owner)
         elif n.op == "call_function":

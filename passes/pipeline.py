@@ -24,7 +24,7 @@ def concrete_shape_of(t: torch.Tensor, env: dict) -> tuple[int, ...]:
     return tuple(concrete(tuple(t.shape), env))
 
 
-def _site(graph: fx.Graph, site: AttentionMatch, owner) -> tuple[Site | None, bool]:
+def _site(graph: fx.Graph, site: AttentionMatch, owner, run_time_masks: bool) -> tuple[Site | None, bool]:
     """Analyse (and if proven, rewrite) one site. Returns (record, is_cache_site)."""
     record = Site(node=site.anchor.name, attention=site.form, gather="?", rope="?",
                   location=location(site.anchor), rewritten=False)
@@ -34,13 +34,15 @@ def _site(graph: fx.Graph, site: AttentionMatch, owner) -> tuple[Site | None, bo
         record.gather = plan.label
         if not plan.from_cache:
             return None, False
-        flags = check_rewrite(graph, site, plan, owner)
+        flags = check_rewrite(graph, site, plan, owner, run_time_masks)
         rewrite(graph, site, plan, flags)
         record.rewritten, record.pieces = True, len(plan.pieces)
         env = size_envs(graph)[0]
         record.kernels = [(concrete_shape_of(q, env), concrete_shape_of(kp, env), str(q.dtype).removeprefix("torch."),
                            int(rot), bool(inter), bool(causal)) for q, kp, rot, inter, causal in site.kernels]
-        record.assumes = "q_len == kv_len" if site.assume_square else ""
+        checks = (("q_len == kv_len", site.assume_square),
+                  ("mask == causal, else masked attention over the view", site.check_mask))
+        record.assumes = ", ".join(cond for cond, on in checks if on)
     except AnalysisError as exc:
         record.reason = str(exc)
     except (RuntimeError, IndexError, TypeError, ValueError, AttributeError) as exc:  # unexpected structure
@@ -49,7 +51,8 @@ def _site(graph: fx.Graph, site: AttentionMatch, owner) -> tuple[Site | None, bo
 
 
 @real_mode
-def run_on_graph(graph: fx.Graph, *, strict: bool = False, owner: torch.nn.Module | None = None) -> PassReport:
+def run_on_graph(graph: fx.Graph, *, strict: bool = False, owner: torch.nn.Module | None = None,
+                 run_time_masks: bool = True) -> PassReport:
     """The passes on a bare FX graph (Inductor's post-grad hook hands one over)."""
     report = PassReport()
     owner = owner if owner is not None else graph.owning_module
@@ -60,7 +63,7 @@ def run_on_graph(graph: fx.Graph, *, strict: bool = False, owner: torch.nn.Modul
             continue
         if found.out is None:
             continue
-        record, is_site = _site(graph, found, owner)
+        record, is_site = _site(graph, found, owner, run_time_masks)
         if not is_site:
             report.plain_attention += 1
         else:
@@ -73,16 +76,19 @@ def run_on_graph(graph: fx.Graph, *, strict: bool = False, owner: torch.nn.Modul
     return report
 
 
-def run_passes(gm: fx.GraphModule, *, strict: bool = False) -> PassReport:
+def run_passes(gm: fx.GraphModule, *, strict: bool = False, run_time_masks: bool = True) -> PassReport:
     """Rewrite every provable attention-over-cache site of an ATen-level graph in place.
 
     Works on Inductor post-grad graphs, AOT-autograd graphs and `ExportedProgram.graph_module`.
     Refused sites are left exactly as they were; with `strict=True` a refusal raises
-    GaugeRefusedError quoting the failed condition.
+    GaugeRefusedError quoting the failed condition.  A mask only known at run time over a
+    `materialize_kv` view becomes `gauge::rotated_query_attention_masked` (rotated-query attention
+    when the mask is causal, masked attention otherwise); `run_time_masks=False` refuses such sites
+    instead (ONNX export: the exported graph has no fallback path).
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"gm: expected a torch.fx.GraphModule, got {type(gm).__name__}")
-    report = run_on_graph(gm.graph, strict=strict, owner=gm)
+    report = run_on_graph(gm.graph, strict=strict, owner=gm, run_time_masks=run_time_masks)
     if report.rewritten:
         gm.recompile()
     return report

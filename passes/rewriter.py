@@ -11,10 +11,13 @@ import torch
 from torch import fx
 from torch._prims_common import is_contiguous_or_false
 
+from gaugecompile.masked_attention import MASKED as _MASKED
+
 from .attention_detect import AttentionMatch
 from .fx_utils import (
     AnalysisError,
     Builder,
+    RuntimeValueError,
     as_int,
     aten,
     concrete,
@@ -28,7 +31,7 @@ from .fx_utils import (
 from .kv_detect import KVPlan
 
 RQA = torch.ops.gauge.rotated_query_attention.default
-_MASKED = -1e30  # additive mask values at or below this are exact zeros after softmax in any float dtype
+RQA_MASKED = torch.ops.gauge.rotated_query_attention_masked.default
 
 
 def _visible(mask_val: torch.Tensor) -> torch.Tensor:
@@ -110,15 +113,77 @@ def _piece_flags(mode: str, q_len: int, lengths: list[int]) -> tuple[bool, ...]:
     return tuple(flags)
 
 
-def check_rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) -> list[bool]:
+def _flags_at(site: AttentionMatch, plan: KVPlan, owner, env: dict, mode: str | None = None) -> tuple[bool, ...] | None:
+    """Per-piece causal flags under the size assignment `env` (the mask evaluated there unless `mode` is
+    given), or None when `env` is outside what the rewrite computes for."""
+    q_len = concrete(shape(site.q)[2], env)
+    lengths = [concrete(p.length, env) for p in plan.pieces]
+    if q_len > sum(lengths) or (site.assume_square and q_len != sum(lengths)):
+        return None  # more queries than keys (rows with no key, outside the op's contract), or excluded by the assert
+    if mode is None:
+        mode = causal_mode(site, q_len, sum(lengths), owner, env)
+    return _piece_flags(mode, q_len, lengths)
+
+
+def _proven_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) -> tuple[bool, ...]:
+    """The flags the mask gives at every size assignment of `size_envs`.
+
+    Raises RuntimeValueError when the mask is right at the traced sizes but not provably so at all of them
+    (it is a graph input, or built from sizes the graph does not tie together), AnalysisError otherwise.
+    """
+    envs = size_envs(graph)
+    traced = _flags_at(site, plan, owner, envs[0])
+    if traced is None:
+        raise AnalysisError("more queries than keys at the traced sizes")
+    for env in envs[1:]:
+        try:
+            flags = _flags_at(site, plan, owner, env)
+        except RuntimeValueError:
+            raise
+        except AnalysisError as exc:
+            raise RuntimeValueError(f"the mask is causal at the traced sizes but not at others ({exc})") from exc
+        if flags is not None and flags != traced:
+            raise RuntimeValueError("the mask's causal structure changes with the sequence length")
+    return traced
+
+
+def _checked_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> tuple[bool, ...]:
+    """Flags for a mask that the rewritten graph checks at run time to be the bottom-right causal one; its
+    shape must still broadcast to the scores at every size assignment."""
+    if len(plan.pieces) != 1 or len(site.masks) != 1:
+        raise AnalysisError(f"a mask known only at run time over {len(plan.pieces)} views with {len(site.masks)} "
+                            "masks (the run-time check takes one view and one mask)")
+    found = set()
+    for env in size_envs(graph):
+        q_len = concrete(shape(site.q)[2], env)
+        scores = (*concrete(shape(site.q)[:-2], env), q_len, sum(concrete(p.length, env) for p in plan.pieces))
+        for mask in site.masks:
+            _check_mask_shape(mask, scores, site.form, env)
+        flags = _flags_at(site, plan, None, env, "causal")
+        if flags is not None:
+            found.add(flags)
+    if len(found) != 1:
+        raise AnalysisError("the causal diagonal moves across pieces with the sequence length")
+    decode = known_equal(shape(site.q)[2], 1)  # one query row: the causal mask hides nothing
+    return tuple(flag and not decode for flag in found.pop())
+
+
+def check_rewrite(
+    graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner, run_time_masks: bool = True
+) -> list[bool]:
     """Per-piece causal flags, or AnalysisError with the failed condition.
 
     With dynamic shapes the mask and causality are evaluated under every assignment of `size_envs`
-    (the traced sizes and perturbed ones) and must give the same flags at all of them.
+    (the traced sizes and perturbed ones) and must give the same flags at all of them.  Over
+    ManifoldCache's `materialize_kv` a mask that cannot be proven that way (built in another graph, or
+    from sizes read on both sides of a graph break) is checked at run time instead, by
+    `gauge::rotated_query_attention_masked`: rotated-query attention when it is the bottom-right causal
+    mask (the one a view ending in the queries' own tokens has), masked attention over the view otherwise.
     """
     if site.problems:
         raise AnalysisError("; ".join(site.problems))
     q_sym, kv_sym = shape(site.q)[2], sum(p.length for p in plan.pieces)
+    over_views = all(p.materialize is not None for p in plan.pieces)
     # is_causal is top-left aligned: the op's bottom-right mask is the same only when q_len == kv_len.  When the
     # graph does not tie the two sizes (the decision was taken in another graph, as transformers does when a
     # cache's bookkeeping breaks the graph) but they are equal at the traced sizes, the rewrite asserts it at run
@@ -126,21 +191,18 @@ def check_rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) ->
     # Only over materialize_kv, whose view ends with the queries' own tokens (top-left with q_len < kv_len would
     # hide the cache from every query); elsewhere the site is refused.
     unequal = site.is_causal and not site.masks and not known_equal(q_sym, 1) and not known_equal(q_sym, kv_sym)
-    if unequal and not all(p.materialize is not None for p in plan.pieces):
+    if unequal and not over_views:
         raise AnalysisError(f"is_causal with q_len {q_sym} and kv_len {kv_sym} not provably equal is top-left aligned")
     site.assume_square = unequal
-    found = set()
-    for env in size_envs(graph):
-        q_len = concrete(shape(site.q)[2], env)
-        lengths = [concrete(p.length, env) for p in plan.pieces]
-        if q_len > sum(lengths) or (site.assume_square and q_len != sum(lengths)):
-            continue  # more queries than keys (rows with no key, outside the op's contract), or excluded by the assert
-        found.add(_piece_flags(causal_mode(site, q_len, sum(lengths), owner, env), q_len, lengths))
-    if not found:
-        raise AnalysisError("more queries than keys at the traced sizes")
-    if len(found) != 1:
-        raise AnalysisError("the mask's causal structure changes with the sequence length")
-    flags = list(found.pop())
+    try:
+        flags = list(_proven_flags(graph, site, plan, owner))
+    except RuntimeValueError as exc:
+        if not over_views:
+            raise
+        if not run_time_masks:
+            raise AnalysisError(f"{exc} (run-time mask checks are off here)") from exc
+        flags = list(_checked_flags(graph, site, plan))
+        site.check_mask = True
     dead = dead_after(graph, site.out)
     alive = [n.name for n in plan.gather_nodes if n not in dead]
     if alive:
@@ -155,13 +217,18 @@ def _size(b: Builder, node: fx.Node, dim: int):
     return d if isinstance(d, int) else b(aten.sym_size.int, node, dim)
 
 
-def _assert_square(b: Builder, graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> None:
-    """Insert `assert q_len == kv_len` (the condition under which is_causal is the op's causal mask)."""
+def _kv_length(b: Builder, plan: KVPlan):
+    """The keys' total length as an int or a size node."""
     total = None
     for piece in plan.pieces:
         length = piece.materialize.args[7] if piece.materialize is not None else _size(b, piece.k, 2)
         total = length if total is None else b(operator.add, total, length)
-    same = b(operator.eq, _size(b, site.q, 2), total)
+    return total
+
+
+def _assert_square(b: Builder, graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> None:
+    """Insert `assert q_len == kv_len` (the condition under which is_causal is the op's causal mask)."""
+    same = b(operator.eq, _size(b, site.q, 2), _kv_length(b, plan))
     with graph.inserting_before(site.anchor):
         graph.call_function(aten._assert_scalar.default,
                             (same, "gauge: is_causal attention rewritten for q_len == kv_len, got unequal sizes"))
@@ -180,6 +247,13 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
     dev = val(q).device
     i64 = dict(dtype=torch.int64, device=dev)
     outs = []
+    if site.check_mask:
+        kp, vp, table, delta, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
+        new_out = b(RQA_MASKED, q, kp, vp, table, delta, inv_freq, rot, inter, length, site.scale, site.masks[0])
+        site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
+        new_out = _match_layout(b, new_out, site.out)
+        site.out.replace_all_uses_with(new_out)
+        return new_out
     for piece, causal in zip(plan.pieces, flags, strict=True):
         if piece.materialize is not None:
             kp, vp, table, delta, inv_freq, rot, inter, length = piece.materialize.args

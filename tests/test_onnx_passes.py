@@ -86,6 +86,28 @@ def test_strict_raises_on_a_refused_site(tmp_path):
         export_onnx(module, inputs(gen, 2, 3, 6, 2), tmp_path / "strict.onnx", strict=True)
 
 
+class InputMaskAttention(MaterialisingAttention):
+    """A mask given as an input: compiled, the site becomes the masked op with a run-time fallback; exported,
+    there is no fallback path, so the site is refused and exports in standard ops."""
+
+    def forward(self, q, k_pool, v_pool, block_table, block_delta, mask):
+        length = block_table.shape[1] * self.block_size
+        k, v = gaugecompile.materialize_kv(k_pool, v_pool, block_table, block_delta, self.rope, length)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_input_mask_refused_in_export(tmp_path):
+    module = InputMaskAttention(RopeSpec.from_base(10000.0, 16), 4)
+    feeds = (*inputs(torch.Generator().manual_seed(4), 2, 1, 6, 2), torch.zeros(2, 1, 1, 8))
+    with pytest.raises(GaugeRefusedError, match="run-time mask checks are off"):
+        export_onnx(module, feeds, tmp_path / "mask.onnx", strict=True)
+    with pytest.warns(UserWarning, match="site left in standard ops"):
+        export_onnx(module, feeds, tmp_path / "mask.onnx")
+    (got,) = run(tmp_path / "mask.onnx", feeds)
+    with torch.no_grad():
+        assert float(np.abs(got - module(*feeds).numpy()).max()) < TOL32
+
+
 @pytest.mark.parametrize("cast", [False, True])
 def test_passes_rewrite_the_site_into_one_node(tmp_path, cast):
     module = MaterialisingAttention(RopeSpec.from_base(10000.0, 16), 4, cast=cast)

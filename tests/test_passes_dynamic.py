@@ -118,3 +118,80 @@ def test_is_causal_over_fresh_concatenation_refused_when_lengths_independent():
     refused = [s for r, _, _ in sink for s in r.refused]
     assert refused and not [s for r, _, _ in sink for s in r.rewritten]
     assert "not provably equal is top-left aligned" in refused[0].reason
+
+
+def _causal(q_len, length, dtype):
+    visible = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
+    if dtype == torch.bool:
+        return visible
+    return torch.zeros(q_len, length).masked_fill(~visible, float("-inf")).to(dtype)
+
+
+def _attend_masked(q, kp, vp, table, delta, mask):
+    k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, mask.shape[-1])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=D**-0.5)
+
+
+@pytest.mark.parametrize(("inner", "dtype"), [("eager", torch.bool), ("eager", torch.float32),
+                                              ("inductor", torch.float32)])
+def test_input_mask_over_views_checked_at_run_time(inner, dtype):
+    """A mask that is a graph input (transformers builds it in another graph when the cache breaks the graph)
+    cannot be proven causal, so over materialize_kv the site becomes `rotated_query_attention_masked`: causal
+    masks run the rotated-query op without gathering, and a mask that hides a visible key (padding), shows a
+    hidden one (no causality) or carries a bias runs masked attention over the view; all equal eager."""
+    from gaugecompile import masked_attention
+
+    compiled, sink = _compile(_attend_masked, inner)
+    g = torch.Generator().manual_seed(5)
+    gathers = []
+    original = masked_attention.materialize_views
+    masked_attention.materialize_views = lambda *a: gathers.append(1) or original(*a)
+    try:
+        for q_len, length in [(3, 9), (1, 10), (4, 12)]:
+            _, kp, vp, table, delta = _inputs(2, q_len, q_len)
+            q = torch.randn(2, H, q_len, D, generator=g)
+            args = (q, kp, vp, table, delta, _causal(q_len, length, dtype))
+            torch.testing.assert_close(compiled(*args), _attend_masked(*args), atol=1e-5, rtol=1e-5)
+        assert not gathers
+        padded, unmasked = _causal(4, 12, dtype).clone(), torch.zeros(4, 12, dtype=dtype)
+        padded[:, 0] = False if dtype == torch.bool else float("-inf")
+        if dtype == torch.bool:
+            unmasked = ~unmasked
+        bad = [padded, unmasked] + ([] if dtype == torch.bool else [_causal(4, 12, dtype) + 0.5])
+        for mask in bad:
+            args = (q, kp, vp, table, delta, mask)
+            torch.testing.assert_close(compiled(*args), _attend_masked(*args), atol=1e-5, rtol=1e-5)
+        assert len(gathers) == len(bad)
+    finally:
+        masked_attention.materialize_views = original
+    rewritten = [s for r, _, _ in sink for s in r.rewritten]
+    assert rewritten and not [s for r, _, _ in sink for s in r.refused]
+    assert all(s.assumes.startswith("mask == causal") for s in rewritten)
+
+
+def test_input_mask_over_concatenation_refused():
+    """Without materialize_kv's view (which the masked op can gather as its fallback) an input mask leaves the site
+    refused: it computes exactly what it did, and strict=True raises quoting the reason."""
+
+    def fn(q, past_k, past_v, k_new, v_new, mask):
+        k, v = torch.cat([past_k, k_new], 2), torch.cat([past_v, v_new], 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    sink = []
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=functools.partial(gauge_backend, inner="eager", report_sink=sink))
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, H, 3, D, generator=g)
+    past_k, past_v = (torch.randn(2, HKV, 5, D, generator=g) for _ in range(2))
+    k_new, v_new = (torch.randn(2, HKV, 3, D, generator=g) for _ in range(2))
+    mask = _causal(3, 8, torch.bool)
+    mask[:, 0] = False
+    args = (q, past_k, past_v, k_new, v_new, mask)
+    torch.testing.assert_close(compiled(*args), fn(*args), atol=1e-5, rtol=1e-5)
+    refused = [s for r, _, _ in sink for s in r.refused]
+    assert refused and not [s for r, _, _ in sink for s in r.rewritten]
+    assert "runtime input" in refused[0].reason
+    torch._dynamo.reset()
+    strict = torch.compile(fn, backend=functools.partial(gauge_backend, inner="eager", strict=True))
+    with pytest.raises(Exception, match="runtime input"):
+        strict(*args)

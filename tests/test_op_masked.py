@@ -1,0 +1,107 @@
+"""`gauge::rotated_query_attention_masked`: equals masked attention over the materialised view for every mask,
+and takes the rotated-query path (no gather) exactly when the mask is the bottom-right causal one."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gaugecompile as gc
+from gaugecompile import masked_attention
+from gaugecompile.masked_attention import is_bottom_right_causal
+from gaugecompile.reference import gather_view, rerotate_view
+
+OP = torch.ops.gauge.rotated_query_attention_masked.default
+
+
+def _causal(q_len, length, *, additive, shape=()):
+    visible = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
+    visible = visible.expand(*shape, q_len, length)
+    if not additive:
+        return visible
+    return torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+
+
+def _reference(q, kp, vp, table, delta, rope, length, scale, mask):
+    """Gather + re-rotate in float64, repeat heads, add the mask, softmax, weigh the values."""
+    k = rerotate_view(gather_view(kp.double(), table, length), delta, kp.shape[1], rope.inv_freq, rope.rotary_dim,
+                      rope.interleaved).permute(0, 2, 1, 3)
+    v = gather_view(vp.double(), table, length).permute(0, 2, 1, 3)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q.double() @ k.transpose(-1, -2) * scale
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return torch.softmax(scores, -1) @ v
+
+
+@st.composite
+def cases(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    bs, hkv, groups, d = draw(st.sampled_from([1, 4, 16])), draw(st.sampled_from([1, 2])), draw(st.sampled_from(
+        [1, 2])), draw(st.sampled_from([16, 32]))
+    batch, q_len = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    kind = draw(st.sampled_from(["causal-bool", "causal-additive", "padding", "window", "bias", "none"]))
+    length = draw(st.integers(q_len + (3 if kind in ("padding", "window") else 0), 40))  # something to hide
+    blocks = -(-length // bs)
+    kp, vp = torch.randn(blocks * batch + 2, bs, hkv, d, generator=g), torch.randn(blocks * batch + 2, bs, hkv, d,
+                                                                                    generator=g)
+    table = torch.randperm(blocks * batch + 2, generator=g)[: batch * blocks].view(batch, blocks)
+    delta = torch.randint(-(2**31), 2**31, (batch, blocks), generator=g)
+    rope = gc.RopeSpec.from_base(10000.0, d, interleaved=draw(st.booleans()))
+    q = torch.randn(batch, hkv * groups, q_len, d, generator=g)
+    additive = kind != "causal-bool" and draw(st.booleans())
+    mask = _causal(q_len, length, additive=additive, shape=(batch, 1))
+    if kind == "padding":
+        mask = mask.clone()
+        mask[0, ..., : draw(st.integers(1, length - q_len))] = float("-inf") if additive else False
+    elif kind == "window":
+        far = torch.arange(length)[None, :] < torch.arange(length - q_len, length)[:, None] - 2
+        mask = mask.masked_fill(far, float("-inf") if additive else False)
+    elif kind == "bias":
+        mask = mask.double() if additive else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -1e300)
+        mask = mask + torch.rand(mask.shape, generator=g, dtype=torch.float64)
+    elif kind == "none":
+        mask = torch.ones(batch, 1, q_len, length, dtype=torch.bool)
+    causal = kind.startswith("causal") or (kind == "none" and q_len == 1)
+    return (q, kp, vp, table, delta, rope, length, d**-0.5, mask), causal
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_masked_op_equals_masked_attention_and_skips_the_gather_iff_causal(case):
+    (q, kp, vp, table, delta, rope, length, scale, mask), causal = case
+    calls = []
+    original = masked_attention.materialize_views
+    masked_attention.materialize_views = lambda *a: calls.append(1) or original(*a)
+    try:
+        got = OP(q, kp, vp, table, delta, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
+                 mask.float() if mask.dtype == torch.float64 else mask)
+    finally:
+        masked_attention.materialize_views = original
+    want = _reference(q, kp, vp, table, delta, rope, length, scale, mask)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    assert bool(calls) != causal  # the gather runs only for the masks the rotated-query op cannot express
+
+
+def test_is_bottom_right_causal_cases():
+    assert is_bottom_right_causal(_causal(3, 7, additive=False), 3, 7)
+    assert is_bottom_right_causal(_causal(3, 7, additive=True, shape=(2, 1)).float(), 3, 7)
+    assert is_bottom_right_causal(torch.zeros(1, 1, 1, 7), 1, 7)  # one query: all visible
+    assert not is_bottom_right_causal(_causal(3, 7, additive=False).tril(), 3, 7)  # top-left aligned
+    assert not is_bottom_right_causal(_causal(3, 7, additive=True) + 1.0, 3, 7)  # a bias on visible keys
+    assert not is_bottom_right_causal(torch.full((1, 1, 1, 7), -1e4), 1, 7)  # "masked" too weakly to be exact zeros
+
+
+@pytest.mark.parametrize("kind", ["causal", "padding"])
+def test_opcheck(kind):
+    g = torch.Generator().manual_seed(2)
+    rope = gc.RopeSpec.from_base(10000.0, 16)
+    kp, vp = torch.randn(6, 4, 2, 16, generator=g), torch.randn(6, 4, 2, 16, generator=g)
+    table, delta = torch.tensor([[3, 0, 5], [1, 4, 2]]), torch.tensor([[7, -3, 2**30], [0, 100, -5]])
+    q = torch.randn(2, 4, 2, 16, generator=g)
+    mask = _causal(2, 11, additive=False, shape=(2, 1)).clone()
+    if kind == "padding":
+        mask[1, ..., :3] = False
+    args = (q, kp, vp, table, delta, rope.inv_freq, 16, False, 11, 0.25, mask)
+    result = torch.library.opcheck(OP, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
