@@ -104,3 +104,33 @@ def test_gptj_runtime_mask_fast_when_causal_exact_when_padded(inner):
         torch.testing.assert_close(prefill(compiled, mask), prefill(model, mask), atol=1e-4, rtol=1e-4)
     rewritten = [s for r, _, _ in sink for s in r.rewritten]
     assert len(rewritten) == model.config.n_layer and all(s.assumes.startswith("mask == causal") for s in rewritten)
+
+
+def test_generate_with_fresh_manifold_cache_rewrites_every_layer():
+    """`generate()` on a fresh ManifoldCache (no new_sequences call), with its all-ones attention_mask: the cache
+    assumes one row at the first forward, so the bookkeeping break falls before the layers and each compiled graph
+    holds every layer's site; the mask arrives as an input and is checked at run time.  Tokens equal eager."""
+    from gaugecompile.cache import ManifoldCache
+
+    model = random_model("llama")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+
+    def generate(m):
+        cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=64, block_size=4)
+        return m.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                          do_sample=False)
+
+    want = generate(model)
+    sink = []
+    torch._dynamo.reset()
+    eager_forward = model.forward
+    model.forward = torch.compile(eager_forward, backend=functools.partial(gauge_backend, inner="eager",
+                                                                           report_sink=sink, keep_graphs=True))
+    try:
+        got = generate(model)
+    finally:
+        model.forward = eager_forward
+    assert torch.equal(got, want)
+    site_graphs = [r for r, before, _ in sink if "materialize_kv" in before]
+    assert len(site_graphs) >= 2
+    assert all(len(r.rewritten) == model.config.num_hidden_layers and not r.refused for r in site_graphs)

@@ -195,16 +195,17 @@ class ManifoldCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         """(kv_length, kv_offset): the view plus the query; offset puts the query's frame after the view.
 
-        transformers asks this once per forward before any layer runs, so this is where a forward on a
-        non-empty batch does its host bookkeeping (`_begin_forward`, assuming one row per sequence): the
+        transformers asks this once per forward before any layer runs, so this is where a forward does its
+        host bookkeeping (`_begin_forward`, assuming one row per sequence of the batch): the
         graph break of a compiled model then falls before the layers, and every layer's attention is
         traced in one graph with its `materialize_kv`.  Both sizes come from tensor sizes (SymInts).
         """
         if self._fwd is None:
-            if not self._batch:  # rows unknown until update(): that forward does its bookkeeping there
-                return query_length, self._frame_sizes.shape[1]
             frame = self._frame_sizes.shape[1]  # what get_seq_length() gave this forward's queries
-            self._begin_forward(len(self._batch), query_length)
+            # A fresh cache does not know its rows yet: assume one (generate() on one prompt).  A forward with
+            # more rows redoes the bookkeeping in update(), inside the layer loop (compiled: per-layer graphs
+            # from then on), so batches should open their rows with new_sequences(n) first.
+            self._begin_forward(len(self._batch) or 1, query_length)
         else:
             frame = self._frame_sizes.shape[1] - self._fwd.q
         # offset = frame before + query - view: the mask is kv <= q_idx + view - query in terms of the sizes the
