@@ -158,10 +158,32 @@ def _softmax_input(node: fx.Node) -> fx.Node | None:
     if total.args[0] is not e or not _last_dim(total.args[1], e) or not is_call(e, aten.exp.default):
         return None
     centred = e.args[0]
-    if not is_call(centred, aten.sub.Tensor) or not is_call(centred.args[1], aten.amax.default):
+    if is_call(centred, aten.where.self):
+        return _scaled_softmax_input(centred)
+    return _centred_input(centred)
+
+
+def _centred_input(node) -> fx.Node | None:
+    """x of `x - amax(x, -1)`."""
+    if not is_call(node, aten.sub.Tensor) or not is_call(node.args[1], aten.amax.default):
         return None
-    x, top = centred.args[0], centred.args[1]
+    x, top = node.args[0], node.args[1]
     return x if top.args[0] is x and _last_dim(top.args[1], x) else None
+
+
+def _scaled_softmax_input(where: fx.Node) -> fx.Node | None:
+    """y = x * s of Inductor's scaled softmax: `where(finite, (x*1 - amax(x*1)) * s, y - amax(y))`, both
+    branches being y - amax(y) for s > 0 (the first only reassociated)."""
+    _, scaled, plain = where.args
+    y = _centred_input(plain)
+    if y is None or not is_call(y, aten.mul.Tensor) or not is_call(scaled, aten.mul.Tensor):
+        return None
+    x, s = y.args
+    x1 = _centred_input(scaled.args[0])
+    if not (isinstance(s, (int, float)) and s > 0 and scaled.args[1] == s and is_call(x1, aten.mul.Tensor)
+            and x1.args == (x, 1)):
+        return None
+    return y
 
 
 def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
@@ -178,7 +200,8 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
         return None
     heads = as_int(shape(out)[1])
     if not isinstance(heads, int):
-        return None
+        raise AnalysisError(f"the eager attention's head count is dynamic ({heads}); the repeat-kv proof needs it "
+                            "static (compile with dynamic=False, or mark only sequence dims dynamic)")
     # backward: scores <- [mask adds, scale mul/div, layout] <- matmul(q, k^T)
     scale, masks, problems = 1.0, [], []
     s = x

@@ -195,3 +195,33 @@ def test_input_mask_over_concatenation_refused():
     strict = torch.compile(fn, backend=functools.partial(gauge_backend, inner="eager", strict=True))
     with pytest.raises(Exception, match="runtime input"):
         strict(*args)
+
+
+def _eager_chain_repeat_interleave(q, kp, vp, table, delta, length):
+    k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, length)
+    k, v = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    return torch.softmax(q @ k.transpose(2, 3) * D**-0.5, -1) @ v
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_eager_chain_with_repeat_interleave_under_dynamic_shapes(inner):
+    """GQA by repeat_interleave in an eager chain, compiled with dynamic=True.  With heads from a projection (static)
+    the site is rewritten; Inductor hands the softmax over decomposed, with the scale folded into it.  With the head
+    count itself symbolic the repeat-kv proof cannot be made, and the report says so instead of dropping the site."""
+
+    def projected(x, kp, vp, table, delta, length):
+        b, s, _ = x.shape
+        return _eager_chain_repeat_interleave((x @ WQ).view(b, s, H, D).transpose(1, 2), kp, vp, table, delta, length)
+
+    compiled, sink = _compile(projected, inner)
+    for seed, (batch, length) in enumerate([(2, 9), (3, 11)]):
+        args = (*_inputs(batch, 1, seed), length)
+        torch.testing.assert_close(compiled(*args), projected(*args), atol=1e-5, rtol=1e-5)
+    assert [len(r.rewritten) for r, _, _ in sink] == [1] * len(sink) and not [s for r, _, _ in sink for s in r.refused]
+
+    compiled, sink = _compile(_eager_chain_repeat_interleave, inner)
+    _, kp, vp, table, delta = _inputs(2, 1, 0)
+    args = (torch.randn(2, H, 1, D), kp, vp, table, delta, 9)
+    torch.testing.assert_close(compiled(*args), _eager_chain_repeat_interleave(*args), atol=1e-5, rtol=1e-5)
+    refused = [s for r, _, _ in sink for s in r.refused]
+    assert len(refused) == 1 and "head count is dynamic" in refused[0].reason
