@@ -1,5 +1,6 @@
 """Transformers models with ManifoldCache exported to ONNX: one ai.gauge node per layer, onnxruntime
-logits and updated pools equal to the eager step, after `delete` and `splice` (deltas near 2^30)."""
+logits and updated pools equal to the eager step, after `delete` and `splice` (deltas near 2^30), and
+one export serving other batch sizes, query lengths, block-table widths and view lengths."""
 
 from __future__ import annotations
 
@@ -28,22 +29,28 @@ def edited_cache(model, seed: int) -> ManifoldCache:
     return cache
 
 
+def step_error(path, model, cache, new) -> tuple[float, tuple[int, int]]:
+    """Run one step of `cache` eagerly and through the ONNX file at `path`: the largest difference over the
+    logits and every updated pool, and the step's (block-table width, view length)."""
+    step, args, logits = CacheStep.capture(model, cache, new)
+    *tensors, k_pools, v_pools = args
+    outs = run(path, [*tensors, *k_pools, *v_pools])
+    want = [logits, *cache.k_pools, *cache.v_pools]
+    assert len(outs) == 1 + 2 * model.config.num_hidden_layers
+    error = max(float(np.abs(o - w.numpy()).max()) for o, w in zip(outs, want, strict=True))
+    return error, (tensors[2].shape[1], tensors[5].shape[1])
+
+
 def export_and_compare(tmp_path, arch: str, q_len: int):
     model = random_model(arch)
     cache = edited_cache(model, seed=q_len)
     new = torch.randint(0, 128, (1, q_len), generator=torch.Generator().manual_seed(1))
-    step, args, logits = CacheStep.capture(model, cache, new)
+    step, args, _ = CacheStep.capture(model, edited_cache(model, seed=q_len), new)
     path = tmp_path / f"{arch}.onnx"
     proto = export_onnx(step, args, path)
     onnx.checker.check_model(onnx.load(path), full_check=True)
-    input_ids, position_ids, table, delta, slots, k_pools, v_pools = args
-    outs = run(path, [input_ids, position_ids, table, delta, slots, *k_pools, *v_pools])
-    layers = model.config.num_hidden_layers
-    want = [logits, *cache.k_pools, *cache.v_pools]
-    assert len(outs) == 1 + 2 * layers
-    errors = [float(np.abs(o - w.numpy()).max()) for o, w in zip(outs, want, strict=True)]
-    assert max(errors) < TOL32, errors
-    return [n for n in proto.graph.node if n.domain == DOMAIN], layers
+    assert step_error(path, model, cache, new)[0] < TOL32
+    return [n for n in proto.graph.node if n.domain == DOMAIN], model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("arch,q_len", [("llama", 1), ("llama", 3), ("gpt_neox", 1)])
@@ -58,3 +65,38 @@ def test_gptj_interleaved(tmp_path):
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     assert len(nodes) == layers
     assert all(a["interleaved"] == 1 for a in attrs)
+
+
+def test_one_export_serves_other_lengths_widths_batches_and_queries(tmp_path):
+    """Exported once (two rows, three new tokens, dynamic shapes), the file runs later decode and multi-token steps,
+    and a prefill into an empty cache, whose view length, block-table width, batch and query length differ from the
+    example's."""
+    model = random_model("llama")
+    gen = torch.Generator().manual_seed(6)
+
+    def two_rows(seed):
+        cache = edited_cache(model, seed)
+        cache.set_batch([0, *cache.fork(0, 1)])
+        return cache
+
+    step, args, _ = CacheStep.capture(model, two_rows(5), torch.randint(0, 128, (2, 3), generator=gen))
+    path = tmp_path / "llama_dynamic.onnx"
+    export_onnx(step, args, path, dynamic_shapes=CacheStep.dynamic_shapes(model.config.num_hidden_layers))
+    shapes = []
+    cache = two_rows(5)
+    for q_len in (3, 1, 5, 1, 4):
+        error, shape = step_error(path, model, cache, torch.randint(0, 128, (2, q_len), generator=gen))
+        assert error < TOL32, (q_len, shape, error)
+        shapes.append(shape)
+    one_row = edited_cache(model, seed=7)
+    one_row.delete(0, 0, 8)
+    for q_len in (2, 1):
+        error, shape = step_error(path, model, one_row, torch.randint(0, 128, (1, q_len), generator=gen))
+        assert error < TOL32, (q_len, shape, error)
+        shapes.append(shape)
+    fresh = ManifoldCache(model.config, max_batch_size=2, max_tokens=256, block_size=4)  # a prefill from nothing
+    error, shape = step_error(path, model, fresh, torch.randint(0, 128, (2, 6), generator=gen))
+    assert error < TOL32 and shape == (2, 6), (shape, error)
+    shapes.append(shape)
+    widths, lengths = {w for w, _ in shapes}, {n for _, n in shapes}
+    assert len(widths) >= 2 and len(lengths) == len(shapes), shapes  # one file, many sizes

@@ -8,8 +8,11 @@ writes the new keys/values into the pools (out of place, so the updated pools ar
 returns `materialize_kv` of them, which is exactly the site the gauge passes rewrite into one
 rotated-query attention per layer.
 
-The frame (what the model rotates the new tokens at, and where the causal mask puts them) and the
-view length are static: the passes prove the mask from them.
+Nothing of one step's state is baked into the graph: the view length is a dimension of the input
+`view_sizes` (an empty `[0, length]` tensor), so one export serves every length, block-table width,
+pool size, batch and query length the `dynamic_shapes` allow.  The model's positions come from
+`position_ids`; the causal mask only needs the view length and the query length (the queries are
+the view's last tokens), so the passes prove it for every length at once.
 """
 
 from __future__ import annotations
@@ -32,24 +35,28 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class PoolView(Cache):
-    """A transformers Cache over explicit tensors: pools, block table, deltas and write slots of one forward."""
+    """A transformers Cache over explicit tensors: pools, block table, deltas and write slots of one forward.
 
-    def __init__(self, rope: RopeSpec, frame: int, length: int, block_table: torch.Tensor, block_delta: torch.Tensor,
+    `length` is the view length after the forward and `q_len` its new tokens (ints or SymInts): the
+    cache reports `length - q_len` tokens before them, so the model's mask puts the queries last.
+    """
+
+    def __init__(self, rope: RopeSpec, length, q_len, block_table: torch.Tensor, block_delta: torch.Tensor,
                  slots: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor]) -> None:
         super().__init__(layers=[])
-        self.rope, self.frame, self.length = rope, frame, length
-        self.block_table, self.block_delta, self.slots = block_table, block_delta, slots
+        self.rope, self.length, self.q_len = rope, length, q_len
+        self.block_table, self.block_delta, self.slots = block_table, block_delta, slots.reshape(-1)
         self.k_pools, self.v_pools = list(k_pools), list(v_pools)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.frame
+        return self.length - self.q_len
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        """(kv_length, kv_offset) as ManifoldCache gives them: the view, with the query in the frame after it."""
-        return self.length, self.frame - (self.length - query_length)
+        """(kv_length, kv_offset): the view, starting at the first key (queries are at offset length - q_len)."""
+        return self.length, 0
 
     @property
     def is_initialized(self) -> bool:
@@ -70,24 +77,35 @@ class CacheStep(torch.nn.Module):
     """`model` run on new tokens over a ManifoldCache's state given as tensors.
 
     forward(input_ids [B, Q], position_ids [B, Q], block_table [B, M], block_delta [B, M],
-    slots [B*Q], k_pools (one [N, S, Hkv, D] per layer), v_pools) -> (logits, k_pools, v_pools)
-    with the pools updated by the step.  `frame` is the cache's frame before the step
-    (`cache.get_seq_length()`), `length` the view length after it.
+    slots [B, Q], view_sizes [0, L], k_pools (one [N, S, Hkv, D] per layer), v_pools)
+    -> (logits, k_pools, v_pools) with the pools updated by the step.  `slots` are the flat pool
+    slots (block * S + offset) the new tokens are written to; L is the view length after the step
+    (only `view_sizes`' shape is read).  `capture` builds them from a ManifoldCache step.
     """
 
-    def __init__(self, model: torch.nn.Module, rope: RopeSpec, frame: int, length: int) -> None:
+    def __init__(self, model: torch.nn.Module, rope: RopeSpec) -> None:
         super().__init__()
         if not isinstance(rope, RopeSpec):
             raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
-        for name, value in (("frame", frame), ("length", length)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-        self.model, self.rope, self.frame, self.length = model, rope, frame, length
+        self.model, self.rope = model, rope
 
-    def forward(self, input_ids, position_ids, block_table, block_delta, slots, k_pools, v_pools):
-        view = PoolView(self.rope, self.frame, self.length, block_table, block_delta, slots, k_pools, v_pools)
+    def forward(self, input_ids, position_ids, block_table, block_delta, slots, view_sizes, k_pools, v_pools):
+        view = PoolView(self.rope, view_sizes.shape[1], input_ids.shape[1], block_table, block_delta, slots,
+                        k_pools, v_pools)
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=view, use_cache=True)
         return out.logits, tuple(view.k_pools), tuple(view.v_pools)
+
+    @staticmethod
+    def dynamic_shapes(num_layers: int) -> tuple:
+        """`torch.export` dynamic shapes for `forward`'s inputs (pass to `export_onnx(..., dynamic_shapes=...)`):
+        batch, query length, block-table width, view length and pool size are free, except that export
+        specialises a dimension whose example is 1 (capture with two rows and two new tokens for a graph that
+        serves both decode and prefill at any batch)."""
+        from torch.export import Dim
+
+        tokens, table = {0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}
+        pools = tuple({0: Dim.AUTO} for _ in range(num_layers))
+        return tokens, tokens, table, table, tokens, {1: Dim.AUTO}, pools, pools
 
     @classmethod
     def capture(cls, model: torch.nn.Module, cache, input_ids: torch.Tensor):
@@ -109,5 +127,7 @@ class CacheStep(torch.nn.Module):
         block_table, block_delta, slots, length = cache.last_step  # the mapping this step used
         batch, q_len = input_ids.shape
         position_ids = (frame + torch.arange(q_len, device=input_ids.device)).expand(batch, q_len)
-        args = (input_ids, position_ids, block_table, block_delta, slots, k_pools, v_pools)
-        return cls(model, cache.rope, frame, length), args, logits
+        view_sizes = torch.empty(0, length, dtype=torch.int64, device=input_ids.device)
+        args = (input_ids, position_ids, block_table, block_delta, slots.view(batch, q_len), view_sizes, k_pools,
+                v_pools)
+        return cls(model, cache.rope), args, logits
