@@ -28,6 +28,31 @@ def _options(options: dict) -> tuple[str, bool, list | None, bool]:
     return inner, bool(options.get("strict", False)), options.get("report_sink"), bool(options.get("keep_graphs"))
 
 
+def _inductor(gm: torch.fx.GraphModule, example_inputs, strict: bool, sink: list, keep: bool):
+    """Inductor with the passes as its post-grad custom pass.  On a compile-cache hit the passes do not run;
+    their reports are replayed from `report_cache` (or, if missing there, the graph is compiled again with
+    the caches off, so a report is never lost)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from gaugecompile.passes import GaugeGraphPass
+
+    from .report_cache import load_reports, report_key, store_reports
+
+    graph_pass = GaugeGraphPass(strict=strict, sink=[], keep_graphs=keep)
+    key = report_key(gm, example_inputs, graph_pass.uuid(), keep)
+    compiled = compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass})
+    if not graph_pass.sink:
+        cached = load_reports(key)
+        if cached is not None:
+            sink.extend(cached)
+            return compiled
+        compiled = compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass,
+                                                                  "force_disable_caches": True})
+    store_reports(key, graph_pass.sink)
+    sink.extend(graph_pass.sink)
+    return compiled
+
+
 def gauge_backend(gm: torch.fx.GraphModule, example_inputs, **options):
     """Compile `gm`: ATen graph -> gauge passes -> Inductor (or plain FX with inner="eager").
 
@@ -35,22 +60,12 @@ def gauge_backend(gm: torch.fx.GraphModule, example_inputs, **options):
     `gaugecompile.explain` uses it.
     """
     import gaugecompile  # noqa: F401  (registers the gauge ops when used through the entry point)
-    from gaugecompile.passes import GaugeGraphPass, run_passes
+    from gaugecompile.passes import run_passes
 
     inner, strict, sink, keep = _options(options)
-    # A cache hit skips the pass: whoever reads the report (explain, tests) or needs refusals to raise
-    # must get a real compilation.
-    must_run_pass = keep or strict or sink is not None
     sink = sink if sink is not None else []
     if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        graph_pass = GaugeGraphPass(strict=strict, sink=sink, keep_graphs=keep)
-        patches = {"post_grad_custom_pre_pass": graph_pass}
-        if must_run_pass:
-            patches["force_disable_caches"] = True
-        return compile_fx(gm, example_inputs, config_patches=patches)
-
+        return _inductor(gm, example_inputs, strict, sink, keep)
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 

@@ -90,7 +90,8 @@ def gauge_forward(model, *, inner: str = "inductor", report_sink: list | None = 
     ManifoldCache hands lengths to the graph as dynamic sizes, so one decode graph per batch size serves
     every step (automatic dynamic shapes; `dynamic=True` would also make the floats symbolic, which makes
     Dynamo trace the 30 layers twice). `report_sink` (a list) collects the passes' reports of every graph this
-    compiled forward compiles; it turns the compile caches off, so it makes a separate compiled forward.
+    compiled forward compiles (a compile-cache hit replays the reports stored with it), so it makes a separate
+    compiled forward.
     """
     compiled = model.__dict__.setdefault("_gauge_compiled", {})
     if report_sink is None and inner in compiled:

@@ -67,7 +67,8 @@ class ExplainReport:
 
 
 def explain(model_or_fn, *args, inner: str = "inductor", **kwargs) -> ExplainReport:
-    """Compile `model_or_fn` with the gauge backend (fresh, caches off), call it once on args/kwargs."""
+    """Compile `model_or_fn` with the gauge backend (fresh Dynamo state; a compile-cache hit replays the reports
+    stored with it), call it once on args/kwargs."""
     if not callable(model_or_fn):
         raise TypeError(f"model_or_fn: expected an nn.Module or callable, got {type(model_or_fn).__name__}")
     sink: list = []
