@@ -1,14 +1,17 @@
 """Rotated-query attention on plain torch ops: a paged loop that never materialises the view.
 
 Design.  Each sequence's logical view is walked in tiles of consecutive logical blocks (about
-`TILE_TOKENS` tokens).  A tile whose physical blocks are consecutive in the pool is read as a
-*view* of the pool (no copy); a fragmented tile is read with one `index_select` into a bounded
-scratch of at most one tile.  Keys are never re-rotated: the query is rotated instead, by
-R(-delta) once per tile when the tile's blocks share a delta (the common case: identity mappings,
-shared prefixes, shifted windows), else once per block -- O(blocks * head_dim) extra work, against
-O(tokens * head_dim) for re-rotating keys.  Tiles are merged by an online softmax (running max,
-running sum, rescaled accumulator), so the result is that of one softmax over the whole view and
-the log-sum-exp comes out for free.  GQA is handled by folding the query-head group into the query
+`TILE_TOKENS` tokens).  Rows of equal length whose leading blocks are the same physical blocks with
+the same deltas (beams and samples over one prompt) read those blocks once for all of them, their
+queries stacked as extra rows (cascade attention); each row then goes on alone over the rest of its
+view.  A tile whose physical blocks are consecutive in the pool is read as a *view* of the pool (no
+copy); a fragmented tile is read with one `index_select` into a bounded scratch of at most one tile.
+Keys are never re-rotated: the query is rotated instead, by R(-delta) once per tile when the tile's
+blocks share a delta (the common case: identity mappings, shared prefixes, shifted windows; not at
+all for delta 0), else once per block -- O(blocks * head_dim) extra work, against O(tokens *
+head_dim) for re-rotating keys.  Tiles are merged by an online softmax (running max, running sum,
+rescaled accumulator), so the result is that of one softmax over the whole view and the
+log-sum-exp comes out for free.  GQA is handled by folding the query-head group into the query
 rows, so K/V heads are never repeated.
 """
 
@@ -57,55 +60,130 @@ def _tile_kv(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return pool.index_select(0, torch.tensor(ids, device=pool.device))
 
 
-def _sequence(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: list[int], deltas: torch.Tensor,
-    length: int, inv_freq: torch.Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence: q [H, Q, D] -> out [H, Q, D] (compute dtype), lse [H, Q]."""
-    num_heads, q_len, head_dim = q.shape
-    _, block_size, num_kv, _ = k_pool.shape
-    group = num_heads // num_kv
-    cdt = q.dtype
-    # Query rows grouped by KV head: [Hkv, G*Q, D]
-    qg = q.reshape(num_kv, group * q_len, head_dim)
-    cos, sin = delta_cos_sin(deltas, inv_freq, cdt)  # [n_blocks, F]
-    delta_list = deltas.tolist()
-    row_pos = torch.arange(length - q_len, length, device=q.device).repeat(group)  # view index per row
+class _Softmax:
+    """Online-softmax state of query rows [Hkv, R(, D)]: running max, sum and weighted values."""
 
-    m = torch.full((num_kv, group * q_len), float("-inf"), dtype=cdt, device=q.device)
-    l_sum = torch.zeros_like(m)
-    acc = torch.zeros((num_kv, group * q_len, head_dim), dtype=cdt, device=q.device)
+    def __init__(self) -> None:
+        self.m = self.l_sum = self.acc = None
+
+    def add(self, s: torch.Tensor, v: torch.Tensor) -> None:
+        """Fold in scores s [Hkv, R, T] (masked entries -inf) of values v [Hkv, T, D]."""
+        m_tile = s.amax(dim=-1)
+        if self.m is None:
+            m_safe = torch.where(torch.isinf(m_tile), torch.zeros_like(m_tile), m_tile)
+            p = torch.exp(s - m_safe[..., None])
+            self.m, self.l_sum, self.acc = m_tile, p.sum(dim=-1), torch.matmul(p, v)
+            return
+        m_new = torch.maximum(self.m, m_tile)
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(self.m - m_safe)
+        self.acc = self.acc * alpha[..., None] + torch.matmul(p, v)
+        self.l_sum = self.l_sum * alpha + p.sum(dim=-1)
+        self.m = m_new
+
+    def rows(self, start: int, end: int) -> _Softmax:
+        """The state of rows [start, end) (a view, so a row can continue alone)."""
+        part = _Softmax()
+        if self.m is not None:
+            part.m, part.l_sum, part.acc = self.m[:, start:end], self.l_sum[:, start:end], self.acc[:, start:end]
+        return part
+
+
+def _attend(
+    state: _Softmax, qg: torch.Tensor, row_pos: torch.Tensor | None, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    table: list[int], deltas: list[int], cos: torch.Tensor | None, sin: torch.Tensor | None, first: int, end: int,
+    length: int, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
+) -> None:
+    """Fold logical blocks [first, end) of a view of `length` tokens into `state`, for queries qg [Hkv, R, D]
+    whose view positions are row_pos [R] (causal only).  table/deltas/cos/sin are indexed by logical block;
+    cos/sin may be None when every delta is 0."""
+    block_size = k_pool.shape[1]
+    cdt = qg.dtype
     tile_blocks = max(1, TILE_TOKENS // block_size)
-    for j0, j1 in _runs(table, delta_list, tile_blocks):
+    for r0, r1 in _runs(table[first:end], deltas[first:end], tile_blocks):
+        j0, j1 = first + r0, first + r1
         tok0 = j0 * block_size
         n_tok = min(j1 * block_size, length) - tok0
         if causal and tok0 > length - 1:
             break
         kb = _tile_kv(k_pool, table[j0:j1]).to(cdt)  # [n, bs, Hkv, D]
         vb = _tile_kv(v_pool, table[j0:j1]).to(cdt)
-        if all(d == delta_list[j0] for d in delta_list[j0:j1]):
-            qr = rotate(qg, cos[j0], -sin[j0], rotary_dim, interleaved)  # [Hkv, GQ, D]
-            k = kb.flatten(0, 1)[:n_tok]  # [T, Hkv, D]
-            s = torch.matmul(qr, k.permute(1, 2, 0))  # [Hkv, GQ, T]
+        if all(d == deltas[j0] for d in deltas[j0:j1]):
+            qr = qg if deltas[j0] == 0 else rotate(qg, cos[j0], -sin[j0], rotary_dim, interleaved)  # [Hkv, R, D]
+            k = kb.flatten(0, 1)[:n_tok].transpose(0, 1)  # [Hkv, T, D]
+            s = torch.matmul(k, qr.transpose(1, 2)).transpose(1, 2)  # [Hkv, R, T]
         else:
             qr = rotate(qg.unsqueeze(0), cos[j0:j1, None, None], -sin[j0:j1, None, None], rotary_dim, interleaved)
             s = torch.einsum("nhqd,nshd->hqns", qr, kb).flatten(2)[..., :n_tok]
         s = s * scale
         if causal:
-            key_pos = torch.arange(tok0, tok0 + n_tok, device=q.device)
+            key_pos = torch.arange(tok0, tok0 + n_tok, device=qg.device)
             s = s.masked_fill(key_pos[None, None, :] > row_pos[None, :, None], float("-inf"))
-        m_tile = s.amax(dim=-1)
-        m_new = torch.maximum(m, m_tile)
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(s - m_safe[..., None])
-        alpha = torch.exp(m - m_safe)
-        v = vb.flatten(0, 1)[:n_tok]  # [T, Hkv, D]
-        acc = acc * alpha[..., None] + torch.matmul(p, v.transpose(0, 1))
-        l_sum = l_sum * alpha + p.sum(dim=-1)
-        m = m_new
-    out = acc / l_sum[..., None]
-    lse = m + torch.log(l_sum)
-    return out.reshape(num_heads, q_len, head_dim), lse.reshape(num_heads, q_len)
+        state.add(s, vb.flatten(0, 1)[:n_tok].transpose(0, 1))
+
+
+def _shared_blocks(tables: list[list[int]], deltas: list[list[int]], n_blocks: int) -> int:
+    """How many leading logical blocks all rows map to the same physical block with the same delta."""
+    shared = 0
+    while shared < n_blocks and all(t[shared] == tables[0][shared] and d[shared] == deltas[0][shared]
+                                    for t, d in zip(tables, deltas, strict=True)):
+        shared += 1
+    return shared
+
+
+def _row(t: torch.Tensor | None, r: int) -> torch.Tensor | None:
+    return None if t is None else t[r]
+
+
+def _group(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: list[list[int]], deltas: list[list[int]],
+    cos: torch.Tensor, sin: torch.Tensor, length: int, rotary_dim: int, interleaved: bool, scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of one view length: q [b, H, Q, D] (compute dtype) -> out [b, H, Q, D], lse [b, H, Q].
+
+    Their common leading blocks are read once with all rows' queries stacked; then each row goes on alone.
+    cos/sin are [b, n_blocks, F], or None when every delta is 0.
+    """
+    rows, num_heads, q_len, head_dim = q.shape
+    num_kv = k_pool.shape[2]
+    group = num_heads // num_kv
+    n_blocks = -(-length // k_pool.shape[1])
+    per_row = group * q_len
+    # [b, H, Q, D] -> [Hkv, b * G * Q, D]: query rows grouped by KV head, rows of one sequence contiguous
+    qg = q.reshape(rows, num_kv, per_row, head_dim).transpose(0, 1).reshape(num_kv, rows * per_row, head_dim)
+    row_pos = torch.arange(length - q_len, length, device=q.device).repeat(group) if causal else None  # per row
+    shared = _shared_blocks(tables, deltas, n_blocks) if rows > 1 else n_blocks
+    state = _Softmax()
+    _attend(state, qg, row_pos.repeat(rows) if causal else None, k_pool, v_pool, tables[0], deltas[0], _row(cos, 0),
+            _row(sin, 0), 0, shared, length, rotary_dim, interleaved, scale, causal)
+    outs, lses = [], []
+    for r in range(rows):
+        mine = state.rows(r * per_row, (r + 1) * per_row)
+        _attend(mine, qg[:, r * per_row : (r + 1) * per_row], row_pos, k_pool, v_pool, tables[r], deltas[r],
+                _row(cos, r), _row(sin, r), shared, n_blocks, length, rotary_dim, interleaved, scale, causal)
+        outs.append((mine.acc / mine.l_sum[..., None]).reshape(num_heads, q_len, head_dim))
+        lses.append((mine.m + torch.log(mine.l_sum)).reshape(num_heads, q_len))
+    return torch.stack(outs), torch.stack(lses)
+
+
+#: The last (block_delta, inv_freq, dtype) -> (cos, sin): every layer of a forward passes the same mapping.
+_ANGLES: list = []
+
+
+def _angles(block_delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of the deltas ([B, width, F]), None when all are 0; reused while the inputs are equal in value."""
+    if not bool(block_delta.any()):
+        return None, None
+    if _ANGLES:
+        (delta, freq, cdt), cos_sin = _ANGLES[0]
+        if (cdt == dtype and delta.shape == block_delta.shape and freq.shape == inv_freq.shape
+                and torch.equal(delta, block_delta) and torch.equal(freq, inv_freq)):
+            return cos_sin
+    cos_sin = delta_cos_sin(block_delta, inv_freq, dtype)
+    _ANGLES[:] = [((block_delta.clone(), inv_freq.clone(), dtype), cos_sin)]
+    return cos_sin
 
 
 def paged_attention(
@@ -117,13 +195,20 @@ def paged_attention(
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     block_size = k_pool.shape[1]
     lens = seq_lens.tolist()
-    outs, lses = [], []
-    for b, length in enumerate(lens):
-        n_blocks = -(-length // block_size)
-        o, lse = _sequence(
-            q[b].to(cdt), k_pool, v_pool, block_table[b, :n_blocks].tolist(), block_delta[b, :n_blocks],
-            length, inv_freq, rotary_dim, interleaved, scale, causal,
-        )
-        outs.append(o.to(q.dtype))
-        lses.append(lse)
-    return torch.stack(outs), torch.stack(lses)
+    width = -(-max(lens) // block_size) if lens else 0
+    cos, sin = _angles(block_delta[:, :width], inv_freq, cdt)  # [B, width, F], once for every row and layer
+    tables, deltas = block_table[:, :width].tolist(), block_delta[:, :width].tolist()
+    groups = sorted(set(lens))
+    if len(groups) == 1:  # ManifoldCache's case: one view length for the whole batch
+        out, lse = _group(q.to(cdt), k_pool, v_pool, tables, deltas, cos, sin, groups[0], rotary_dim, interleaved,
+                          scale, causal)
+        return out.to(q.dtype), lse
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=cdt, device=q.device)
+    for length in groups:
+        idx = [b for b, n in enumerate(lens) if n == length]
+        o, l_ = _group(q[idx].to(cdt), k_pool, v_pool, [tables[b] for b in idx], [deltas[b] for b in idx],
+                       None if cos is None else cos[idx], None if sin is None else sin[idx], length, rotary_dim,
+                       interleaved, scale, causal)
+        out[idx], lse[idx] = o.to(q.dtype), l_
+    return out, lse

@@ -34,6 +34,10 @@ def make_case(draw_or_rng, *, batch, heads, group, q_len, head_dim, rotary_dim, 
     delta = torch.randint(lo, hi, (batch, blocks_per_seq), generator=g, dtype=torch.int64)
     max_len = blocks_per_seq * block_size
     seq_lens = torch.randint(min(max_len, max(q_len, max_len - block_size + 1)), max_len + 1, (batch,), generator=g)
+    if table_kind == "beams":  # equal lengths, a common prefix (same blocks, same deltas), then per-row blocks
+        prefix = int(torch.randint(0, blocks_per_seq + 1, (), generator=g))
+        table[:, :prefix], delta[:, :prefix] = table[:1, :prefix], delta[:1, :prefix]
+        seq_lens[:] = seq_lens[0]
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
     return [t.to(dtype) for t in (q, k_pool, v_pool)] + [table, delta, seq_lens], inv_freq
 
@@ -52,7 +56,7 @@ def cases(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.floa
         batch=draw(st.integers(1, 3)), heads=heads, group=group,
         q_len=draw(st.sampled_from([1, 1, 2, 5])), head_dim=head_dim, rotary_dim=rotary_dim,
         block_size=block_size, blocks_per_seq=blocks_per_seq, pool_blocks=blocks_per_seq + draw(st.integers(0, 6)),
-        dtype=draw(st.sampled_from(dtypes)), table_kind=draw(st.sampled_from(["random", "shared", "contiguous"])),
+        dtype=draw(st.sampled_from(dtypes)), table_kind=draw(st.sampled_from(["random", "shared", "contiguous", "beams"])),
         delta_range=(-(2**31), 2**31) if big else (-64, 64), seed=draw(st.integers(0, 2**31)),
     ), draw(st.booleans()), draw(st.booleans())
 
@@ -130,6 +134,27 @@ def test_query_rotation_equals_key_rerotation_in_closed_form():
     cos, sin = rope.cos_sin(torch.tensor([delta]), torch.float64)
     q_back = gc.rope.rotate(q_rot[None], cos, -sin, 64, False)[0]
     assert math.isclose(float(q_rot @ k_logical), float(q_back @ k_stored), rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_cpu_kernel_reads_a_shared_prefix_once_for_all_rows(monkeypatch):
+    """Cascade: four rows over one 48-block prefix (same blocks, same delta) and 2 blocks of their own read the
+    prefix blocks once, not once per row, and still equal the float64 reference."""
+    from gaugecompile import paged_attention
+
+    reads = []
+    real = paged_attention._tile_kv
+    monkeypatch.setattr(paged_attention, "_tile_kv", lambda pool, ids: reads.extend(ids) or real(pool, ids))
+    params = dict(EDGE, batch=4, blocks_per_seq=50, pool_blocks=60, block_size=16, table_kind="beams",
+                  delta_range=(-(2**31), 2**31), dtype=torch.float64)
+    (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)
+    table[:, :48], delta[:, :48] = torch.arange(48), 7
+    table[:, 48:] = torch.arange(48, 56).view(4, 2)
+    lens[:] = 50 * 16
+    out, lse = paged_attention.paged_attention(q, k, v, table, delta, lens, inv_freq, 32, False, 0.1, True)
+    rope = gc.RopeSpec(inv_freq, 32, False)
+    ref, ref_lse = gc.reference_attention(q, k, v, table, delta, lens, rope, scale=0.1, causal=True, return_lse=True)
+    assert rel_err(out, ref) < 1e-12 and float((lse - ref_lse).abs().max()) < 1e-10
+    assert len(reads) == 2 * (48 + 4 * 2)  # K and V: the prefix once, each row's own blocks once
 
 
 def test_cpu_kernel_reads_contiguous_tiles_as_views(monkeypatch):
