@@ -111,8 +111,7 @@ def _attend(
         vb = _tile_kv(v_pool, table[j0:j1]).to(cdt)
         if all(d == deltas[j0] for d in deltas[j0:j1]):
             qr = qg if deltas[j0] == 0 else rotate(qg, cos[j0], -sin[j0], rotary_dim, interleaved)  # [Hkv, R, D]
-            k = kb.flatten(0, 1)[:n_tok].transpose(0, 1)  # [Hkv, T, D]
-            s = torch.matmul(k, qr.transpose(1, 2)).transpose(1, 2)  # [Hkv, R, T]
+            s = torch.matmul(qr, kb.flatten(0, 1)[:n_tok].permute(1, 2, 0))  # [Hkv, R, T]
         else:
             qr = rotate(qg.unsqueeze(0), cos[j0:j1, None, None], -sin[j0:j1, None, None], rotary_dim, interleaved)
             s = torch.einsum("nhqd,nshd->hqns", qr, kb).flatten(2)[..., :n_tok]
