@@ -199,7 +199,8 @@ def stream_gauge(forward: Callable, model, ids: torch.Tensor, *, sink: int, wind
     for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, ids.shape[1]))]:
         fn = model if start == 0 else forward
         t0 = time.perf_counter()
-        logits.append(fn(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits[:, -1])
+        # a contiguous copy: the compiled step is guarded on the strides it was compiled for
+        logits.append(fn(input_ids=ids[:, start:end].clone(), past_key_values=cache, use_cache=True).logits[:, -1])
         # the window policy applied between steps (a persistent policy would evict inside the last layer,
         # which splits a compiled graph); the same table edit, part of the timed step
         cache.set_window(sink, window - 1)
@@ -322,9 +323,9 @@ def step_beam(ctx: Context, beams: int = 4) -> Row:
     _decode_warmup(ctx, beams)
     print(f"  compiling the {beams}-row decode step (warm-up, 3 steps): {ctx.compile_s[beams]:.1f} s (once)")
     progress(f"beam search: {beams} beams x {steps} tokens, gauge + ManifoldCache (prompt shared by the beams)")
+    _reset(cache)
+    prefilled(model, cache, ids[:, :-1], beams)  # eagerly (outside forward_replaced); the beams share its blocks
     with torch.no_grad(), forward_replaced(model, ctx.forward):
-        _reset(cache)
-        prefilled(model, cache, ids[:, :-1], beams)  # the beams share the prompt's blocks
         start = time.perf_counter()
         gauge_out = model.generate(**kwargs, past_key_values=cache)
         gauge_s = (time.perf_counter() - start) / steps

@@ -56,7 +56,8 @@ def cases(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.floa
         batch=draw(st.integers(1, 3)), heads=heads, group=group,
         q_len=draw(st.sampled_from([1, 1, 2, 5])), head_dim=head_dim, rotary_dim=rotary_dim,
         block_size=block_size, blocks_per_seq=blocks_per_seq, pool_blocks=blocks_per_seq + draw(st.integers(0, 6)),
-        dtype=draw(st.sampled_from(dtypes)), table_kind=draw(st.sampled_from(["random", "shared", "contiguous", "beams"])),
+        dtype=draw(st.sampled_from(dtypes)),
+        table_kind=draw(st.sampled_from(["random", "shared", "contiguous", "beams"])),
         delta_range=(-(2**31), 2**31) if big else (-64, 64), seed=draw(st.integers(0, 2**31)),
     ), draw(st.booleans()), draw(st.booleans())
 
