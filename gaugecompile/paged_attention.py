@@ -69,18 +69,25 @@ class _Softmax:
     def add(self, s: torch.Tensor, v: torch.Tensor) -> None:
         """Fold in scores s [Hkv, R, T] (masked entries -inf) of values v [Hkv, T, D]."""
         m_tile = s.amax(dim=-1)
-        if self.m is None:
-            m_safe = torch.where(torch.isinf(m_tile), torch.zeros_like(m_tile), m_tile)
-            p = torch.exp(s - m_safe[..., None])
-            self.m, self.l_sum, self.acc = m_tile, p.sum(dim=-1), torch.matmul(p, v)
-            return
-        m_new = torch.maximum(self.m, m_tile)
+        m_new = m_tile if self.m is None else torch.maximum(self.m, m_tile)
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - m_safe[..., None])
-        alpha = torch.exp(self.m - m_safe)
-        self.acc = self.acc * alpha[..., None] + torch.matmul(p, v)
-        self.l_sum = self.l_sum * alpha + p.sum(dim=-1)
+        pv, p_sum = torch.matmul(p, v), p.sum(dim=-1)
+        if self.m is None:  # the first tile: nothing to rescale
+            self.acc, self.l_sum = pv, p_sum
+        else:
+            alpha = torch.exp(self.m - m_safe)
+            self.acc = self.acc * alpha[..., None] + pv
+            self.l_sum = self.l_sum * alpha + p_sum
         self.m = m_new
+
+    def result(self, rows: int, head_dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """out [Hkv, rows, D] and lse [Hkv, rows]; with no key seen (an empty view) 0/0 and log 0: NaN and -inf."""
+        if self.m is None:
+            num_kv = like.shape[0]
+            return (like.new_full((num_kv, rows, head_dim), float("nan")),
+                    like.new_full((num_kv, rows), float("-inf")))
+        return self.acc / self.l_sum[..., None], self.m + torch.log(self.l_sum)
 
     def rows(self, start: int, end: int) -> _Softmax:
         """The state of rows [start, end) (a view, so a row can continue alone)."""
@@ -162,8 +169,9 @@ def _group(
         mine = state.rows(r * per_row, (r + 1) * per_row)
         _attend(mine, qg[:, r * per_row : (r + 1) * per_row], row_pos, k_pool, v_pool, tables[r], deltas[r],
                 _row(cos, r), _row(sin, r), shared, n_blocks, length, rotary_dim, interleaved, scale, causal)
-        outs.append((mine.acc / mine.l_sum[..., None]).reshape(num_heads, q_len, head_dim))
-        lses.append((mine.m + torch.log(mine.l_sum)).reshape(num_heads, q_len))
+        out, lse = mine.result(per_row, head_dim, qg)
+        outs.append(out.reshape(num_heads, q_len, head_dim))
+        lses.append(lse.reshape(num_heads, q_len))
     return torch.stack(outs), torch.stack(lses)
 
 

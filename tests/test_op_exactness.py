@@ -170,3 +170,14 @@ def test_cpu_kernel_reads_contiguous_tiles_as_views(monkeypatch):
     (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)
     paged_attention.paged_attention(q, k, v, table, delta, lens, inv_freq, 32, False, 0.1, True)
     assert calls == []
+
+
+@pytest.mark.parametrize("length", [0, 5])
+def test_no_queries_gives_empty_outputs(length):
+    """q_len 0 (allowed: seq_lens >= q_len) returns empty out/lse, also over an empty view with no key to read."""
+    rope = gc.RopeSpec.from_base(1e4, 16)
+    q, kv = torch.randn(2, 2, 0, 16), torch.randn(3, 4, 2, 16)
+    table, delta = torch.tensor([[0, 1], [2, 0]]), torch.tensor([[0, 3], [1, 0]])
+    out, lse = gc.rotated_query_attention(q, kv, kv, table, delta, torch.tensor([length, length]), rope,
+                                          return_lse=True)
+    assert out.shape == (2, 2, 0, 16) and lse.shape == (2, 2, 0)
