@@ -113,16 +113,14 @@ def _piece_flags(mode: str, q_len: int, lengths: list[int]) -> tuple[bool, ...]:
     return tuple(flags)
 
 
-def _flags_at(site: AttentionMatch, plan: KVPlan, owner, env: dict, mode: str | None = None) -> tuple[bool, ...] | None:
-    """Per-piece causal flags under the size assignment `env` (the mask evaluated there unless `mode` is
-    given), or None when `env` is outside what the rewrite computes for."""
+def _flags_at(site: AttentionMatch, plan: KVPlan, owner, env: dict) -> tuple[bool, ...] | None:
+    """Per-piece causal flags with the mask evaluated under the size assignment `env`, or None when `env`
+    is outside what the rewrite computes for."""
     q_len = concrete(shape(site.q)[2], env)
     lengths = [concrete(p.length, env) for p in plan.pieces]
     if q_len > sum(lengths) or (site.assume_square and q_len != sum(lengths)):
         return None  # more queries than keys (rows with no key, outside the op's contract), or excluded by the assert
-    if mode is None:
-        mode = causal_mode(site, q_len, sum(lengths), owner, env)
-    return _piece_flags(mode, q_len, lengths)
+    return _piece_flags(causal_mode(site, q_len, sum(lengths), owner, env), q_len, lengths)
 
 
 def _proven_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) -> tuple[bool, ...]:
@@ -148,24 +146,17 @@ def _proven_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner) ->
 
 
 def _checked_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> tuple[bool, ...]:
-    """Flags for a mask that the rewritten graph checks at run time to be the bottom-right causal one; its
-    shape must still broadcast to the scores at every size assignment."""
+    """The flag of a single view whose single mask the masked op checks at run time to be the bottom-right
+    causal one (causal unless there is one query row); the mask must broadcast to the scores at every size
+    assignment."""
     if len(plan.pieces) != 1 or len(site.masks) != 1:
         raise AnalysisError(f"a mask known only at run time over {len(plan.pieces)} views with {len(site.masks)} "
                             "masks (the run-time check takes one view and one mask)")
-    found = set()
     for env in size_envs(graph):
         q_len = concrete(shape(site.q)[2], env)
-        scores = (*concrete(shape(site.q)[:-2], env), q_len, sum(concrete(p.length, env) for p in plan.pieces))
-        for mask in site.masks:
-            _check_mask_shape(mask, scores, site.form, env)
-        flags = _flags_at(site, plan, None, env, "causal")
-        if flags is not None:
-            found.add(flags)
-    if len(found) != 1:
-        raise AnalysisError("the causal diagonal moves across pieces with the sequence length")
-    decode = known_equal(shape(site.q)[2], 1)  # one query row: the causal mask hides nothing
-    return tuple(flag and not decode for flag in found.pop())
+        scores = (*concrete(shape(site.q)[:-2], env), q_len, concrete(plan.pieces[0].length, env))
+        _check_mask_shape(site.masks[0], scores, site.form, env)
+    return (not known_equal(shape(site.q)[2], 1),)
 
 
 def check_rewrite(
@@ -241,19 +232,25 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
     if not is_contiguous_or_false(val(q)):
         # the op returns a contiguous output and its fake kernel copies q's strides: give it a contiguous q
         q = b(aten.clone.default, q, memory_format=torch.contiguous_format)
-    bsz = _size(b, q, 0)
     if site.assume_square:
         _assert_square(b, graph, site, plan)
-    dev = val(q).device
-    i64 = dict(dtype=torch.int64, device=dev)
-    outs = []
     if site.check_mask:
         kp, vp, table, delta, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
         new_out = b(RQA_MASKED, q, kp, vp, table, delta, inv_freq, rot, inter, length, site.scale, site.masks[0])
         site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
-        new_out = _match_layout(b, new_out, site.out)
-        site.out.replace_all_uses_with(new_out)
-        return new_out
+    else:
+        new_out = _piece_attention(b, q, site, plan, flags)
+    new_out = _match_layout(b, new_out, site.out)
+    site.out.replace_all_uses_with(new_out)
+    return new_out
+
+
+def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan, flags: list[bool]) -> fx.Node:
+    """One rotated-query attention per piece of the plan, merged through the log-sum-exp."""
+    bsz = _size(b, q, 0)
+    dev = val(q).device
+    i64 = dict(dtype=torch.int64, device=dev)
+    outs = []
     for piece, causal in zip(plan.pieces, flags, strict=True):
         if piece.materialize is not None:
             kp, vp, table, delta, inv_freq, rot, inter, length = piece.materialize.args
@@ -298,8 +295,6 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
             term = b(aten.mul.Tensor, out, b(aten.unsqueeze.default, b(aten.div.Tensor, w, total), -1))
             acc = term if acc is None else b(aten.add.Tensor, acc, term)
         new_out = b(torch.ops.prims.convert_element_type.default, acc, val(q).dtype)
-    new_out = _match_layout(b, new_out, site.out)
-    site.out.replace_all_uses_with(new_out)
     return new_out
 
 

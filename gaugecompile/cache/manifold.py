@@ -18,8 +18,9 @@ Under torch.compile.  The host bookkeeping of a forward (allocation, copy-on-wri
 layer, so a compiled forward is: a small graph, the bookkeeping, one graph with every layer's
 `materialize_kv` feeding its attention, a small graph.  Lengths reach the graph as tensor sizes (the
 frame counter and the view length are the sizes of empty tensors, tables are padded to power-of-two
-widths, all marked dynamic), so decode steps do not recompile.  A forward on an empty batch learns its
-row count only in update() and does its bookkeeping there; `new_sequences(rows)` avoids that.
+widths, all marked dynamic), so decode steps do not recompile.  A fresh cache assumes one row there; a
+forward with more rows redoes the bookkeeping in update(), inside the layer loop; `new_sequences(rows)`
+avoids that.
 """
 
 from __future__ import annotations
