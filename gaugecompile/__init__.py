@@ -7,11 +7,8 @@ Importing this package registers the `gauge::rotated_query_attention`, `gauge::m
 
 import importlib
 
-from . import masked_attention  # noqa: F401  (registers gauge::rotated_query_attention_masked)
 from .explain import ExplainReport, explain  # eager: a lazy name would be shadowed by the submodule
-from .materialize import materialize_kv
-from .ops import rotated_query_attention
-from .reference import reference_attention
+from .ops import materialize_kv, reference_attention, rotated_query_attention  # registers every gauge:: op
 from .rope import RopeSpec
 
 # public name -> module that defines it (imported on first access)

@@ -35,8 +35,7 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs, strict: bool, sink: list
     from torch._inductor.compile_fx import compile_fx
 
     from gaugecompile.passes import GaugeGraphPass
-
-    from .report_cache import load_reports, report_key, store_reports
+    from gaugecompile.passes.report_cache import load_reports, report_key, store_reports
 
     graph_pass = GaugeGraphPass(strict=strict, sink=[], keep_graphs=keep)
     key = report_key(gm, example_inputs, graph_pass.uuid(), keep)

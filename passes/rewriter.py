@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch._prims_common import is_contiguous_or_false
 
-from gaugecompile.masked_attention import MASKED as _MASKED
+from gaugecompile.ops.masked_attention import MASKED as _MASKED
 
 from .attention_detect import AttentionMatch
 from .fx_utils import (

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gaugecompile.baselines import RerotatingSinkCache, SinkLayer, rope_of_model
+from gaugecompile.bench.baselines import RerotatingSinkCache, SinkLayer, rope_of_model
 from gaugecompile.models import random_model
 from gaugecompile.rope import RopeSpec
 

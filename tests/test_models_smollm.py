@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from gaugecompile.demo import QUESTION, chat_ids, gauge_forward, greedy, manifold_cache
+from gaugecompile.cli.demo import QUESTION, chat_ids, gauge_forward, greedy, manifold_cache
 from gaugecompile.models import load
 
 pytestmark = pytest.mark.slow

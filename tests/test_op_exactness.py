@@ -140,7 +140,7 @@ def test_query_rotation_equals_key_rerotation_in_closed_form():
 def test_cpu_kernel_reads_a_shared_prefix_once_for_all_rows(monkeypatch):
     """Cascade: four rows over one 48-block prefix (same blocks, same delta) and 2 blocks of their own read the
     prefix blocks once, not once per row, and still equal the float64 reference."""
-    from gaugecompile import paged_attention
+    from gaugecompile.ops import paged_attention
 
     reads = []
     real = paged_attention._tile_kv
@@ -160,7 +160,7 @@ def test_cpu_kernel_reads_a_shared_prefix_once_for_all_rows(monkeypatch):
 
 def test_cpu_kernel_reads_contiguous_tiles_as_views(monkeypatch):
     """No gather of the cache for a contiguous mapping: index_select is never called."""
-    from gaugecompile import paged_attention
+    from gaugecompile.ops import paged_attention
 
     calls = []
     real = torch.Tensor.index_select

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaugecompile as gc
-from gaugecompile import masked_attention
-from gaugecompile.masked_attention import is_bottom_right_causal
-from gaugecompile.reference import gather_view, rerotate_view
+from gaugecompile.ops import masked_attention
+from gaugecompile.ops.masked_attention import is_bottom_right_causal
+from gaugecompile.ops.reference import gather_view, rerotate_view
 
 OP = torch.ops.gauge.rotated_query_attention_masked.default
 

@@ -139,7 +139,7 @@ def test_input_mask_over_views_checked_at_run_time(inner, dtype):
     cannot be proven causal, so over materialize_kv the site becomes `rotated_query_attention_masked`: causal
     masks run the rotated-query op without gathering, and a mask that hides a visible key (padding), shows a
     hidden one (no causality) or carries a bias runs masked attention over the view; all equal eager."""
-    from gaugecompile import masked_attention
+    from gaugecompile.ops import masked_attention
 
     compiled, sink = _compile(_attend_masked, inner)
     g = torch.Generator().manual_seed(5)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache
 
-from ..materialize import materialize_kv
+from ..ops.materialize import materialize_kv
 from .chunk import KVChunk
 from .mapping import NewBlock, Piece, SeqMap, consecutive_runs, repack, seq_pieces, shifted, split_at
 from .pool import BlockAllocator

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from ..materialize import materialize_kv
+from ..ops.materialize import materialize_kv
 from ..rope import RopeSpec
 
 __all__ = ["PoolView", "CacheStep"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..materialize import materialize_views
+from ..ops.materialize import materialize_views
 from .function import DOMAIN, OP_TYPE, VERSION
 
 __all__ = ["DECOMPOSITIONS"]

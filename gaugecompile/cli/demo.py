@@ -10,7 +10,7 @@ Five steps, each a function returning one `Row` of the final table:
 Compile-friendly by construction: prompts are prefilled eagerly (ManifoldCache materialises exactly),
 the one-token decode step is compiled once per batch size and reused by every step and scenario, all
 scenarios share one ManifoldCache (same pools, so no recompiles), every timed run is preceded by a
-warm-up, and compile time is reported on its own. The helpers are shared with `benchmarks/run.py`.
+warm-up, and compile time is reported on its own. The helpers are shared with `gaugecompile.bench.suite`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .baselines import RerotatingSinkCache, append_rerotated, rope_of_model
-from .models import add_model_arguments, model_from_args
+from ..bench.baselines import RerotatingSinkCache, append_rerotated, rope_of_model
+from ..models import add_model_arguments, model_from_args
 
 __all__ = ["Row", "add_arguments", "run", "greedy", "gauge_forward", "manifold_cache", "text_ids", "format_table",
            "prefilled", "stream_gauge", "stream_baseline", "forward_replaced"]
@@ -78,7 +78,7 @@ def progress(message: str) -> None:
 
 def manifold_cache(model, *, batch: int = 1, max_tokens: int, block_size: int = 16):
     """A ManifoldCache for `model`."""
-    from .cache import ManifoldCache
+    from ..cache import ManifoldCache
 
     return ManifoldCache(model.config, max_batch_size=batch, max_tokens=max_tokens, block_size=block_size,
                          dtype=model.dtype, device=model.device)
@@ -281,7 +281,7 @@ def _decode_warmup(ctx: Context, rows: int) -> None:
 
 
 def step_compile_report(ctx: Context) -> Row:
-    from .explain import ExplainReport
+    from ..explain import ExplainReport
 
     _decode_warmup(ctx, 1)
     report = ExplainReport()

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rope import RopeSpec, delta_cos_sin, rotate
 from .reference import gather_view, rerotate_view, token_deltas, token_slots
-from .rope import RopeSpec, delta_cos_sin, rotate
 
 __all__ = ["materialize_kv"]
 

@@ -20,11 +20,11 @@ import math
 import torch
 from torch import Tensor
 
+from ..rope import RopeSpec
 from .attention_backward import attention_backward
 from .checks import check_attention_inputs
 from .paged_attention import paged_attention
 from .reference import reference_attention
-from .rope import RopeSpec
 
 __all__ = ["rotated_query_attention", "IMPLS"]
 
@@ -41,7 +41,7 @@ def _rqa_op(
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
 ) -> tuple[Tensor, Tensor]:
     if q.device.type == "cuda":
-        from .codegen import triton_attention
+        from ..codegen import triton_attention
 
         return triton_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq,
                                 rotary_dim, interleaved, scale, causal)
@@ -130,7 +130,7 @@ def rotated_query_attention(
     elif impl == "cpu":
         out, lse = paged_attention(*args)
     else:
-        from .codegen import triton_attention
+        from ..codegen import triton_attention
 
         out, lse = triton_attention(*args)
     return (out, lse) if return_lse else out

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import delta_cos_sin, rotate
+from ..rope import delta_cos_sin, rotate
 
 TILE_TOKENS = 4096
 

@@ -8,9 +8,9 @@ import sys
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 _COMMANDS = {
-    "inspect": ("gaugecompile.inspect_cmd", "show which attention sites the gauge passes rewrite or refuse"),
-    "demo": ("gaugecompile.demo", "run the end-to-end demo on a real (default) or random model"),
-    "bench": ("gaugecompile.bench_cmd", "run the benchmark suite (benchmarks/run.py)"),
+    "inspect": ("gaugecompile.cli.inspect", "show which attention sites the gauge passes rewrite or refuse"),
+    "demo": ("gaugecompile.cli.demo", "run the end-to-end demo on a real (default) or random model"),
+    "bench": ("gaugecompile.cli.bench", "run the benchmark suite (gaugecompile.bench)"),
 }
 
 

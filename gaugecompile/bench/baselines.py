@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .rope import RopeSpec, delta_cos_sin, rotate
+from ..rope import RopeSpec, delta_cos_sin, rotate
 
 __all__ = ["RerotatingSinkCache", "SinkLayer", "append_rerotated", "rope_of_model"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import MAX_ABS_DELTA
+from ..rope import MAX_ABS_DELTA
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)

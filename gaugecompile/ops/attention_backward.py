@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rope import delta_cos_sin, rotate
 from .reference import gather_view, rerotate_view, token_deltas, token_slots
-from .rope import delta_cos_sin, rotate
 
 
 def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, table, delta, length, inv_freq, rotary_dim,

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .rope import RopeSpec, delta_cos_sin, rotate
+from ..rope import RopeSpec, delta_cos_sin, rotate
 
 
 def token_slots(block_table: torch.Tensor, block_size: int, length: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ def _load(args: argparse.Namespace):
         import transformers
 
         return transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
-    from .models.random_configs import random_model
+    from ..models.random_configs import random_model
 
     return random_model(args.arch)
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Prefill, then explain one decode step through the model's own DynamicCache."""
     import transformers
 
-    from .explain import explain
+    from ..explain import explain
 
     model = _load(args)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens))

@@ -1,0 +1,20 @@
+"""The op layer: `gauge::rotated_query_attention` and its companions, each with a schema, a fake kernel and a
+reference.
+
+- `attention`: the op, its autograd and the public `rotated_query_attention`;
+- `paged_attention`: the CPU kernel (a paged loop that never materialises the view);
+- `masked_attention`: `gauge::rotated_query_attention_masked` (a mask known only at run time);
+- `materialize`: `gauge::materialize_kv` (the cache's gather + re-rotate, the node the passes remove);
+- `attention_backward`: the explicit adjoint;
+- `reference`: gather + re-rotate + plain attention, the definition of correct;
+- `checks`: input validation with errors that name the argument.
+
+Importing this package registers every op.
+"""
+
+from . import masked_attention  # noqa: F401  (registers gauge::rotated_query_attention_masked)
+from .attention import IMPLS, rotated_query_attention
+from .materialize import materialize_kv
+from .reference import reference_attention
+
+__all__ = ["IMPLS", "materialize_kv", "reference_attention", "rotated_query_attention"]
