@@ -78,11 +78,12 @@ def check(params, interleaved, causal, impl="auto"):
     assert float((out[1].double() - ref[1]).abs().max()) <= lse_tol * max(1.0, float(ref[1].abs().max()))
 
 
+@pytest.mark.parametrize("impl", ["auto", "loop"])  # auto: the native kernel on the CPU
 @settings(max_examples=60)
-@given(cases())
-def test_op_matches_reference(case):
+@given(case=cases())
+def test_op_matches_reference(impl, case):
     params, interleaved, causal = case
-    check(params, interleaved, causal)
+    check(params, interleaved, causal, impl=impl)
 
 
 @settings(max_examples=15)
@@ -120,7 +121,7 @@ def test_edge_cases(override, interleaved):
     params = dict(EDGE, **override)
     for causal in (True, False):
         check(params, interleaved, causal)
-        check(params, interleaved, causal, impl="cpu")
+        check(params, interleaved, causal, impl="loop")
 
 
 def test_query_rotation_equals_key_rerotation_in_closed_form():

@@ -7,7 +7,8 @@ Schema (the contract the passes, the codegen and the ONNX export rely on):
         float scale, bool causal) -> (Tensor out, Tensor lse)
 
 `inv_freq` is float64 `[rotary_dim // 2]`.  `lse` is `[batch, num_heads, q_len]`, float32
-(float64 for float64 inputs).  The CPU kernel is the paged loop of `paged_attention`; the CUDA
+(float64 for float64 inputs).  The CPU kernel is the generated native code (`gaugecompile.codegen.native`,
+compiled on first use), or the torch loop of `paged_attention` where no C++ compiler exists; the CUDA
 kernel is the generated Triton code (`gaugecompile.codegen`).  Gradients (q, k_pool, v_pool) come
 from a backward op with the explicit adjoint
 (`attention_backward`).
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..rope import RopeSpec
+from .angles import block_angles
 from .attention_backward import attention_backward
 from .checks import check_attention_inputs
 from .paged_attention import paged_attention
@@ -28,11 +30,34 @@ from .reference import reference_attention
 
 __all__ = ["rotated_query_attention", "IMPLS"]
 
-IMPLS = ("auto", "cpu", "triton", "reference")
+IMPLS = ("auto", "native", "loop", "triton", "reference")
 
 
-def _lse_dtype(q: Tensor) -> torch.dtype:
+def _acc_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def cpu_attention(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, *, native: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The CPU kernel: native code when it can be built (`native=None`), else (or with `native=False`) the loop.
+
+    The native kernel reads the pools in place, so it needs unit stride along head_dim; a pool without it
+    takes the loop, which handles any strides.
+    """
+    from ..codegen.native import native_attention, native_available
+
+    if native is None:
+        native = native_available() and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1
+    if not native:
+        return paged_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
+                               interleaved, scale, causal)
+    width = -(-int(seq_lens.max()) // k_pool.shape[1]) if seq_lens.numel() else 0
+    table, delta = block_table[:, :width], block_delta[:, :width]
+    cos, sin = block_angles(delta, inv_freq, _acc_dtype(q))
+    return native_attention(q, k_pool, v_pool, table, delta, seq_lens, cos, sin, rotary_dim, interleaved, scale,
+                            causal)
 
 
 @torch.library.custom_op("gauge::rotated_query_attention", mutates_args=())
@@ -45,15 +70,15 @@ def _rqa_op(
 
         return triton_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq,
                                 rotary_dim, interleaved, scale, causal)
-    return paged_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq,
-                           rotary_dim, interleaved, scale, causal)
+    return cpu_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved,
+                         scale, causal)
 
 
 @_rqa_op.register_fake
 def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved,
               scale, causal):
     # the kernels return contiguous outputs whatever q's strides are; the fake must say the same
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
 
 
 @torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())
@@ -81,7 +106,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(q)
     if grad_lse is None:
-        grad_lse = q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))
+        grad_lse = q.new_zeros(q.shape[:3], dtype=_acc_dtype(q))
     dq, dk, dv = _rqa_backward_op(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens,
                                   inv_freq, *ctx.attrs)
     return dq, dk, dv, None, None, None, None, None, None, None, None
@@ -110,9 +135,10 @@ def rotated_query_attention(
     q: [batch, num_heads, q_len, head_dim], rotated at its own logical positions (the last q_len
     tokens of each view). k_pool/v_pool: [num_blocks, block_size, num_kv_heads, head_dim], keys
     stored rotated at their write positions. block_table/block_delta: [batch, max_blocks];
-    seq_lens: [batch]. impl: "auto" (the registered op: paged CPU loop, Triton on CUDA), "cpu"
-    (the paged loop on any device), "triton" (generated kernels; on the CPU only under
-    TRITON_INTERPRET=1), "reference" (gather + re-rotate + softmax).
+    seq_lens: [batch]. impl: "auto" (the registered op: native CPU kernel, Triton on CUDA), "native"
+    (the generated C++ kernel, CPU only), "loop" (the torch loop, the fallback where no compiler exists, on
+    any device), "triton" (generated kernels; on the CPU only under TRITON_INTERPRET=1), "reference"
+    (gather + re-rotate + softmax).
     """
     if not isinstance(rope, RopeSpec):
         raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
@@ -127,8 +153,10 @@ def rotated_query_attention(
             rope.rotary_dim, rope.interleaved, scale, bool(causal))
     if impl == "auto":
         out, lse = torch.ops.gauge.rotated_query_attention(*args)
-    elif impl == "cpu":
-        out, lse = paged_attention(*args)
+    elif impl in ("native", "loop"):
+        if impl == "native" and q.device.type != "cpu":
+            raise ValueError(f"impl: 'native' is the CPU kernel, got tensors on {q.device}")
+        out, lse = cpu_attention(*args, native=impl == "native")
     else:
         from ..codegen import triton_attention
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..rope import RopeSpec, delta_cos_sin, rotate
+from .angles import block_angles
 from .reference import gather_view, rerotate_view, token_deltas, token_slots
 
 __all__ = ["materialize_kv"]
@@ -59,6 +60,13 @@ def _materialize_op(
     k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, inv_freq: Tensor,
     rotary_dim: int, interleaved: bool, length: int,
 ) -> tuple[Tensor, Tensor]:
+    from ..codegen.native import native_available, native_materialize
+
+    if k_pool.device.type == "cpu" and k_pool.is_contiguous() and v_pool.is_contiguous() and native_available():
+        width = -(-length // k_pool.shape[1])
+        cdt = torch.float64 if k_pool.dtype == torch.float64 else torch.float32
+        cos, sin = block_angles(block_delta[:, :width], inv_freq, cdt)
+        return native_materialize(k_pool, v_pool, block_table[:, :width], cos, sin, rotary_dim, interleaved, length)
     return materialize_views(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length)
 
 

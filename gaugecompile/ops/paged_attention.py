@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import delta_cos_sin, rotate
+from ..rope import rotate
+from .angles import block_angles
 
 TILE_TOKENS = 4096
 
@@ -175,24 +176,6 @@ def _group(
     return torch.stack(outs), torch.stack(lses)
 
 
-#: The last (block_delta, inv_freq, dtype) -> (cos, sin): every layer of a forward passes the same mapping.
-_ANGLES: list = []
-
-
-def _angles(block_delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of the deltas ([B, width, F]), None when all are 0; reused while the inputs are equal in value."""
-    if not bool(block_delta.any()):
-        return None, None
-    if _ANGLES:
-        (delta, freq, cdt), cos_sin = _ANGLES[0]
-        if (cdt == dtype and delta.shape == block_delta.shape and freq.shape == inv_freq.shape
-                and torch.equal(delta, block_delta) and torch.equal(freq, inv_freq)):
-            return cos_sin
-    cos_sin = delta_cos_sin(block_delta, inv_freq, dtype)
-    _ANGLES[:] = [((block_delta.clone(), inv_freq.clone(), dtype), cos_sin)]
-    return cos_sin
-
-
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
     block_delta: torch.Tensor, seq_lens: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
@@ -203,7 +186,7 @@ def paged_attention(
     block_size = k_pool.shape[1]
     lens = seq_lens.tolist()
     width = -(-max(lens) // block_size) if lens else 0
-    cos, sin = _angles(block_delta[:, :width], inv_freq, cdt)  # [B, width, F], once for every row and layer
+    cos, sin = block_angles(block_delta[:, :width], inv_freq, cdt)  # [B, width, F], once for every row and layer
     tables, deltas = block_table[:, :width].tolist(), block_delta[:, :width].tolist()
     groups = sorted(set(lens))
     if len(groups) == 1:  # ManifoldCache's case: one view length for the whole batch

@@ -1,0 +1,147 @@
+"""Native CPU kernels: render the C++ for a spec, compile it on first use, call it.
+
+`native_attention` and `native_materialize` are the CPU implementations of `gauge::rotated_query_attention`
+and `gauge::materialize_kv`.  Each head dim's translation unit (`native_template.render_cpp`) is compiled
+once through `torch.utils.cpp_extension` (with ninja, a declared dependency) into the kernel cache
+directory, under a name that hashes the source, the compiler flags, torch's version and the machine's CPU
+flags (the code is built for the machine it runs on), so a cache shared between machines or versions never
+loads a stale build.  Where no C++ compiler is found the ops run their torch loop
+(`gaugecompile.ops.paged_attention`) instead, after one warning that says so; `native_available()` tells
+which path runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import warnings
+
+import torch
+from torch import Tensor
+
+from .cache import cache_dir
+from .native_template import native_key, render_cpp
+from .spec import KernelSpec, spec_for
+
+__all__ = ["native_attention", "native_materialize", "native_available", "native_library", "native_source"]
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno"]
+_LOCK = threading.Lock()
+_LIBS: dict[str, object] = {}
+_UNAVAILABLE: list[str] = []  # the reason, once the compiler was found missing
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def _compiler_missing() -> str | None:
+    """Why no native kernel can be built here, or None."""
+    if os.environ.get("GAUGECOMPILE_NATIVE", "1").lower() in ("0", "false", "off", "no"):
+        return "GAUGECOMPILE_NATIVE=0 is set"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r}) on PATH"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def native_available() -> bool:
+    """Whether the native kernels can run here (else the ops use their torch loop)."""
+    if _UNAVAILABLE:
+        return False
+    reason = _compiler_missing()
+    if reason is not None:
+        _UNAVAILABLE.append(reason)
+        warnings.warn(f"gaugecompile: {reason}; the CPU ops run their torch loop instead of the native kernel",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def native_source(spec: KernelSpec) -> str:
+    """The generated C++ text that serves `spec`."""
+    return render_cpp(spec, namespace=f"gauge_cpu_{native_key(spec)}")
+
+
+def native_library(spec: KernelSpec):
+    """The loaded `torch.ops` namespace holding `attention` and `materialize` for `spec` (compiled on first use)."""
+    key = native_key(spec)
+    lib = _LIBS.get(key)
+    if lib is not None:
+        return lib
+    with _LOCK:
+        lib = _LIBS.get(key)
+        if lib is not None:
+            return lib
+        namespace = f"gauge_cpu_{key}"
+        text = render_cpp(spec, namespace=namespace)
+        digest = hashlib.sha256("\n".join([text, *_FLAGS, torch.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
+        name = f"{namespace}_{digest}"
+        build = cache_dir() / "native" / name
+        build.mkdir(parents=True, exist_ok=True)
+        source = build / f"{namespace}.cpp"
+        if not source.exists() or source.read_text() != text:
+            source.write_text(text)
+        from torch.utils.cpp_extension import load
+
+        load(name=name, sources=[str(source)], extra_cflags=_FLAGS, build_directory=str(build),
+             is_python_module=False, verbose=False)
+        lib = getattr(torch.ops, namespace)
+        _LIBS[key] = lib
+        return lib
+
+
+def _table(t: Tensor) -> Tensor:
+    return t.to(torch.int64).contiguous()
+
+
+def native_attention(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    cos: Tensor | None, sin: Tensor | None, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Rotated-query attention on validated CPU inputs (pools with unit stride in head_dim).
+
+    cos/sin: [batch, max_blocks, rotary_dim // 2] in the accumulation dtype, or None when every delta is 0.
+    Returns out (q's dtype, contiguous) and lse (float32, float64 for float64 inputs).
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], dtype=acc)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    empty = q.new_empty((0,), dtype=acc)
+    lib = native_library(spec_for(q, k_pool, rotary_dim, interleaved, causal))
+    lib.attention(q.contiguous(), k_pool, v_pool, _table(block_table), _table(block_delta), _table(seq_lens),
+                  empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
+                  float(scale), bool(causal), bool(interleaved), out, lse)
+    return out, lse
+
+
+def native_materialize(
+    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, cos: Tensor | None, sin: Tensor | None, rotary_dim: int,
+    interleaved: bool, length: int,
+) -> tuple[Tensor, Tensor]:
+    """Gather + re-rotate on validated CPU inputs (contiguous pools): K/V [batch, num_kv_heads, length, head_dim]."""
+    shape = (block_table.shape[0], k_pool.shape[2], int(length), k_pool.shape[3])
+    k_out, v_out = k_pool.new_empty(shape), v_pool.new_empty(shape)
+    if k_out.numel() == 0:
+        return k_out, v_out
+    acc = torch.float64 if k_pool.dtype == torch.float64 else torch.float32
+    empty = k_pool.new_empty((0,), dtype=acc)
+    dtype = str(k_pool.dtype).removeprefix("torch.")
+    lib = native_library(KernelSpec(k_pool.shape[3], rotary_dim, interleaved, k_pool.shape[1], 1, dtype))
+    lib.materialize(k_pool, v_pool, _table(block_table), empty if cos is None else cos.contiguous(),
+                    empty if sin is None else sin.contiguous(), bool(interleaved), k_out, v_out)
+    return k_out, v_out
