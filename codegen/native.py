@@ -30,7 +30,7 @@ __all__ = ["native_attention", "native_materialize", "native_available", "native
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno"]
 _LOCK = threading.Lock()
 _LIBS: dict[str, object] = {}
-_UNAVAILABLE: list[str] = []  # the reason, once the compiler was found missing
+_STATE: dict[str, str | None] = {}  # "reason": why no native kernel runs here (None: it runs), once looked up
 
 
 def _cpu_flags() -> str:
@@ -58,16 +58,13 @@ def _compiler_missing() -> str | None:
 
 
 def native_available() -> bool:
-    """Whether the native kernels can run here (else the ops use their torch loop)."""
-    if _UNAVAILABLE:
-        return False
-    reason = _compiler_missing()
-    if reason is not None:
-        _UNAVAILABLE.append(reason)
-        warnings.warn(f"gaugecompile: {reason}; the CPU ops run their torch loop instead of the native kernel",
-                      RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    """Whether the native kernels can run here (else the ops use their torch loop); looked up once a process."""
+    if "reason" not in _STATE:
+        reason = _STATE["reason"] = _compiler_missing()
+        if reason is not None:
+            warnings.warn(f"gaugecompile: {reason}; the CPU ops run their torch loop instead of the native kernel",
+                          RuntimeWarning, stacklevel=3)
+    return _STATE["reason"] is None
 
 
 def native_source(spec: KernelSpec) -> str:

@@ -148,7 +148,7 @@ def test_a_pool_without_unit_head_dim_stride_takes_the_loop():
 
 
 def test_without_a_compiler_the_loop_runs_after_one_warning(monkeypatch):
-    monkeypatch.setattr(native, "_UNAVAILABLE", [])
+    monkeypatch.setattr(native, "_STATE", {})
     monkeypatch.setattr(native, "_compiler_missing", lambda: "no C++ compiler ('c++') on PATH")
     g = torch.Generator().manual_seed(2)
     k, v = torch.randn(3, 4, 1, 16, generator=g), torch.randn(3, 4, 1, 16, generator=g)
