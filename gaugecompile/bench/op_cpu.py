@@ -1,4 +1,5 @@
-"""CPU time of rotated_query_attention against reference_attention (gather + re-rotate + softmax).
+"""CPU time of rotated_query_attention (native kernel) against its torch loop and reference_attention
+(gather + re-rotate + softmax).
 
 Decode (q_len 1), batch 1, 8 heads, head dim 128, block size 16, measured side by side in one
 process for three mappings: identity (contiguous, delta 0), a shifted window (contiguous, one
@@ -51,14 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     cpu = platform.processor() or platform.machine()
     print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# decode, batch 1, {heads} heads, head dim {head_dim}, {args.tokens} tokens, block {block_size}, float32")
-    print(f"{'mapping':<16} {'op (ms)':>9} {'reference (ms)':>15} {'speed-up':>9} {'max |diff|':>11}")
+    print(f"{'mapping':<16} {'op (ms)':>9} {'loop (ms)':>10} {'reference (ms)':>15} {'speed-up':>9} "
+          f"{'max |diff|':>11}")
     for name, (table, delta) in mappings.items():
         op = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope, impl="auto")
         ref = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope,
                                 impl="reference")
-        t_op, t_ref = _time(op, args.repeat), _time(ref, args.repeat)
+        loop = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope, impl="loop")
+        t_op, t_loop, t_ref = _time(op, args.repeat), _time(loop, args.repeat), _time(ref, args.repeat)
         diff = float((op() - ref()).abs().max())
-        print(f"{name:<16} {t_op * 1e3:9.2f} {t_ref * 1e3:15.2f} {t_ref / t_op:8.1f}x {diff:11.2e}")
+        print(f"{name:<16} {t_op * 1e3:9.2f} {t_loop * 1e3:10.2f} {t_ref * 1e3:15.2f} {t_ref / t_op:8.1f}x "
+              f"{diff:11.2e}")
     return 0
 
 
