@@ -71,7 +71,7 @@ def _check(cache: ManifoldCache, model: Model) -> None:
 
 def _snapshot(cache: ManifoldCache):
     return (
-        {s: (m.blocks[:], m.sigma[:], m.length, m.next_logical) for s, m in cache._seqs.items()},
+        {s: (m.blocks.tolist(), m.sigma.tolist(), m.length, m.next_logical) for s, m in cache._seqs.items()},
         cache.free_blocks, cache.get_seq_length(), cache.batch, cache.allocator.refcount.copy().tolist(),
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .mapping import Piece
+from .mapping import Pieces
 
 if TYPE_CHECKING:
     from .manifold import ManifoldCache
@@ -19,21 +19,21 @@ class KVChunk:
     sequences shares them again.  Made by `ManifoldCache.chunk` or `ManifoldCache.prefill`.
     """
 
-    def __init__(self, cache: ManifoldCache, pieces: list[Piece], span: int) -> None:
+    def __init__(self, cache: ManifoldCache, pieces: Pieces, span: int) -> None:
         self.cache = cache
-        self.pieces = list(pieces)
+        self.pieces = pieces
         self.span = span
         self.freed = False
-        cache.allocator.incref(p.phys for p in self.pieces)
+        cache.allocator.incref(self.pieces.phys)
 
     @property
     def num_tokens(self) -> int:
-        return sum(p.b - p.a for p in self.pieces)
+        return self.pieces.tokens
 
     def free(self) -> None:
         """Release the chunk's block references (idempotent)."""
         if not self.freed:
-            self.cache.allocator.decref(p.phys for p in self.pieces)
+            self.cache.allocator.decref(self.pieces.phys)
             self.freed = True
 
     def __repr__(self) -> str:

@@ -29,12 +29,13 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
 from ..ops.materialize import materialize_kv
 from .chunk import KVChunk
-from .mapping import NewBlock, Piece, SeqMap, consecutive_runs, repack, seq_pieces, shifted, split_at
+from .mapping import NewBlock, Piece, Pieces, SeqMap, block_sources, consecutive_runs, repack, seq_pieces, split_at
 from .pool import BlockAllocator
 from .rope_config import kv_shape_from_config, rope_from_config
 from .storage import BlockStorage
@@ -170,8 +171,7 @@ class ManifoldCache(Cache):
     def mapping(self, seq: int) -> tuple[list[int], list[int]]:
         """(physical blocks, per-block delta in the frame of the next query) of `seq`."""
         m = self._get(seq)
-        sq = m.next_logical - self._frame
-        return list(m.blocks), [s - sq for s in m.sigma]
+        return m.blocks.tolist(), (m.sigma - (m.next_logical - self._frame)).tolist()
 
     # ----------------------------------------------------------------- transformers Cache API
     @property
@@ -316,19 +316,19 @@ class ManifoldCache(Cache):
         slots: list[int] = []
         for m, sq, r, cow, fresh in plans:
             if cow:
-                old = m.blocks[-1]
+                old = int(m.blocks[-1])
                 (new,) = self.allocator.allocate(1)
-                copies.append((new, NewBlock(None, sq, r, (Piece(old, 0, r, m.sigma[-1]),))))
-                m.blocks[-1], m.sigma[-1] = new, sq
+                copies.append((new, NewBlock(None, sq, r, (Piece(old, 0, r, int(m.sigma[-1])),))))
+                m.blocks = np.append(m.blocks[:-1], new)  # new arrays: a SeqMap's arrays are never written in place
+                m.sigma = np.append(m.sigma[:-1], sq)
                 released.append(old)
             if fresh:
-                m.blocks.extend(self.allocator.allocate(fresh))
-                m.sigma.extend([sq] * fresh)
-            start = m.length
-            for i in range(q):
-                j, s = divmod(start + i, bs)
-                slots.append(m.blocks[j] * bs + s)
-                self.storage.stored[m.blocks[j], s] = self._frame + i
+                m.blocks = np.concatenate((m.blocks, self.allocator.allocate(fresh)))
+                m.sigma = np.concatenate((m.sigma, np.full(fresh, sq, dtype=np.int64)))
+            pos = np.arange(m.length, m.length + q)
+            phys, offset = m.blocks[pos // bs], pos % bs
+            slots.append(phys * bs + offset)
+            self.storage.stored[phys, offset] = self._frame + np.arange(q)
             m.length += q
             m.next_logical += q
         self.storage.copy_blocks(copies)
@@ -336,7 +336,8 @@ class ManifoldCache(Cache):
         self._frame += q  # views grew by q too; the frame must not move otherwise inside a forward
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
         table, delta = self._tables()
-        slots_t, length = torch.tensor(slots, device=self.storage.device), self._common_length()
+        slots_t = torch.from_numpy(np.concatenate(slots)).to(self.storage.device)
+        length = self._common_length()
         self._fwd = _Forward(table, delta, slots_t, _size_carrier(length), q)
         self.last_step = StepMapping(table, delta, slots_t, length)
 
@@ -350,15 +351,14 @@ class ManifoldCache(Cache):
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Block table and deltas of the batch, padded to a power-of-two width >= 2 (marked dynamic)."""
         width = 1 << max(1, (max(len(self._seqs[s].blocks) for s in self._batch) - 1).bit_length())
-        table = torch.zeros(len(self._batch), width, dtype=torch.int64)
-        delta = torch.zeros(len(self._batch), width, dtype=torch.int64)
+        table = np.zeros((len(self._batch), width), dtype=np.int64)
+        delta = np.zeros((len(self._batch), width), dtype=np.int64)
         for row, seq in enumerate(self._batch):
             m = self._seqs[seq]
-            sq = m.next_logical - self._frame
-            n = len(m.blocks)
-            table[row, :n] = torch.tensor(m.blocks, dtype=torch.int64)
-            delta[row, :n] = torch.tensor(m.sigma, dtype=torch.int64) - sq
-        table, delta = table.to(self.storage.device), delta.to(self.storage.device)
+            table[row, : len(m.blocks)] = m.blocks
+            delta[row, : len(m.blocks)] = m.sigma - (m.next_logical - self._frame)
+        table = torch.from_numpy(table).to(self.storage.device)
+        delta = torch.from_numpy(delta).to(self.storage.device)
         torch._dynamo.maybe_mark_dynamic(table, 1)
         torch._dynamo.maybe_mark_dynamic(delta, 1)
         return table, delta
@@ -446,7 +446,7 @@ class ManifoldCache(Cache):
         before, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
         _, after = split_at(rest, end, self.storage.stored)
         nxt = m.next_logical - (end - start) if m.next_logical >= end else min(m.next_logical, start)
-        self._commit(seq, before + shifted(after, start - end), nxt, f"delete({seq}, {start}, {end})")
+        self._commit(seq, before + after.shifted(start - end), nxt, f"delete({seq}, {start}, {end})")
 
     def chunk(self, seq: int, start: int, end: int) -> KVChunk:
         """A shareable, reference-counted handle on the tokens of `seq` at logical [start, end)."""
@@ -454,7 +454,7 @@ class ManifoldCache(Cache):
         m = self._get(seq)
         _, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
         inside, _ = split_at(rest, end, self.storage.stored)
-        return KVChunk(self, shifted(inside, -start), end - start)
+        return KVChunk(self, inside.shifted(-start), end - start)
 
     def splice(self, seq: int, chunk: KVChunk, at: int) -> None:
         """Place `chunk` at logical `at`; tokens at or after `at` move up by its span.
@@ -467,7 +467,7 @@ class ManifoldCache(Cache):
             raise ValueError(f"at: expected a non-negative int, got {at!r}")
         m = self._get(seq)
         before, after = split_at(seq_pieces(m, self.block_size), at, self.storage.stored)
-        pieces = before + shifted(chunk.pieces, at) + shifted(after, chunk.span)
+        pieces = before + chunk.pieces.shifted(at) + after.shifted(chunk.span)
         nxt = at + chunk.span if at >= m.next_logical else m.next_logical + chunk.span
         self._commit(seq, pieces, nxt, f"splice({seq}, chunk, at={at})")
 
@@ -542,30 +542,25 @@ class ManifoldCache(Cache):
             order.extend(extra)
         self._batch = order
 
-    def _commit(self, seq: int, pieces: list[Piece], next_logical: int, what: str) -> None:
+    def _commit(self, seq: int, pieces: Pieces, next_logical: int, what: str) -> None:
         """Repack `pieces` as the new mapping of `seq`: check copy budget and pool, then copy, then swap refs."""
         plan = repack(pieces, self.block_size)
-        cows = sum(b.phys is None for b in plan)
-        if cows > MAX_COW_BLOCKS:
+        copy_at = plan.copies
+        if copy_at.size > MAX_COW_BLOCKS:
             raise ValueError(
-                f"{what}: the edit moves tokens off block boundaries and would copy {cows} blocks; at most "
+                f"{what}: the edit moves tokens off block boundaries and would copy {copy_at.size} blocks; at most "
                 f"{MAX_COW_BLOCKS} may be copied (use block-aligned ranges: block_size={self.block_size})"
             )
-        self.allocator.require(cows, what)
-        copies = []
-        blocks = []
-        for blk in plan:
-            if blk.phys is None:
-                (phys,) = self.allocator.allocate(1)
-                copies.append((phys, blk))
-            else:
-                phys = blk.phys
-                self.allocator.incref([phys])
-            blocks.append(phys)
-        self.storage.copy_blocks(copies)
+        self.allocator.require(int(copy_at.size), what)
+        blocks = plan.phys.copy()
+        self.allocator.incref(blocks[blocks >= 0])
+        fresh = self.allocator.allocate(int(copy_at.size))
+        blocks[copy_at] = fresh
+        self.storage.copy_blocks([(phys, block_sources(pieces, int(j), self.block_size))
+                                  for phys, j in zip(fresh, copy_at, strict=True)])
         old = self._seqs[seq]
         self.allocator.decref(old.blocks)
-        self._seqs[seq] = SeqMap(blocks, [b.sigma for b in plan], sum(b.n for b in plan), next_logical)
+        self._seqs[seq] = SeqMap(blocks, plan.sigma, plan.length, next_logical)
         self._touch()
 
     def _apply_window(self, seq: int) -> None:
@@ -575,14 +570,23 @@ class ManifoldCache(Cache):
         sink_blocks = min(math.ceil(sink / bs), len(m.blocks))
         recent = m.length - sink_blocks * bs
         evict = max(0, (recent - window) // bs) if recent > 0 else 0
-        kept = seq_pieces(m, bs)
-        kept = kept[:sink_blocks] + kept[sink_blocks + evict:]
-        pieces, index = [], 0
+        current = seq_pieces(m, bs)
+        kept = current.take(np.r_[0:sink_blocks, sink_blocks + evict:len(current)])
         stored = self.storage.stored
-        for p in kept:
-            for a, b in consecutive_runs(p.phys, p.a, p.b, stored):
-                pieces.append(Piece(p.phys, a, b, index - int(stored[p.phys, a])))
-                index += b - a
-        if pieces == seq_pieces(m, bs) and m.next_logical == index:
+        first, last = stored[kept.phys, kept.a], stored[kept.phys, kept.b - 1]
+        broken = np.flatnonzero(last - first != kept.b - kept.a - 1)  # stored positions not stepping by 1
+        if broken.size:  # rare (blocks made by copies): split those pieces into consecutive runs
+            split = set(broken.tolist())
+            runs = []
+            for i, p in enumerate(kept):
+                spans = consecutive_runs(p.phys, p.a, p.b, stored) if i in split else [(p.a, p.b)]
+                runs.extend(Piece(p.phys, a, b, p.shift) for a, b in spans)
+            kept = Pieces.of(runs)
+            first = stored[kept.phys, kept.a]
+        n = kept.b - kept.a
+        index = np.cumsum(n) - n  # kept tokens take consecutive positions from 0
+        pieces = Pieces(kept.phys, kept.a, kept.b, index - first)
+        total = int(n.sum())
+        if pieces == current and m.next_logical == total:
             return
-        self._commit(seq, pieces, index, f"set_window({sink}, {window}) on sequence {seq}")
+        self._commit(seq, pieces, total, f"set_window({sink}, {window}) on sequence {seq}")

@@ -9,6 +9,10 @@ import numpy as np
 __all__ = ["BlockAllocator", "CachePoolFullError"]
 
 
+def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    return ids.astype(np.int64, copy=False) if isinstance(ids, np.ndarray) else np.fromiter(ids, dtype=np.int64)
+
+
 class CachePoolFullError(RuntimeError):
     """Raised before any state changes when an operation needs more free blocks than the pool has."""
 
@@ -46,17 +50,18 @@ class BlockAllocator:
         self.refcount[ids] = 1
         return ids
 
-    def incref(self, ids: Iterable[int]) -> None:
-        ids = np.fromiter(ids, dtype=np.int64)
+    def incref(self, ids: Iterable[int] | np.ndarray) -> None:
+        ids = _as_ids(ids)
         if ids.size:
             np.add.at(self.refcount, ids, 1)
 
-    def decref(self, ids: Iterable[int]) -> None:
-        ids = np.fromiter(ids, dtype=np.int64)
+    def decref(self, ids: Iterable[int] | np.ndarray) -> None:
+        ids = _as_ids(ids)
         if not ids.size:
             return
         np.subtract.at(self.refcount, ids, 1)
-        touched = np.unique(ids)
-        if (self.refcount[touched] < 0).any():
+        counts = self.refcount[ids]
+        if (counts < 0).any():
             raise AssertionError("block reference count went negative")
-        self._free.extend(int(b) for b in touched[self.refcount[touched] == 0][::-1])
+        released = np.unique(ids[counts == 0])  # usually few: sort only those
+        self._free.extend(int(b) for b in released[::-1])
