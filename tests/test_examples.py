@@ -1,0 +1,49 @@
+"""Every script in examples/ runs to exit code 0 on a tiny random model, as a user runs it: `python PATH ...` in a
+subprocess, from a working directory outside the checkout.
+
+Most runs use `--inner eager` (the gauge passes without Inductor) so that compile time does not dominate; the
+default Inductor path is exercised by `compile_any_model-inductor` (slow: tens of seconds with a cold Inductor
+cache). Each case has its own timeout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+RANDOM = ["--random", "llama"]
+EAGER = ["--inner", "eager"]
+
+# (script, arguments, timeout in seconds)
+CASES = [
+    pytest.param("compile_any_model.py", [*RANDOM, *EAGER], 300, id="compile_any_model-eager"),
+    pytest.param("compile_any_model.py", RANDOM, 600, id="compile_any_model-inductor", marks=pytest.mark.slow),
+    pytest.param("beam_search.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="beam_search",
+                 marks=pytest.mark.slow),
+    pytest.param("streaming.py", [*RANDOM, *EAGER, "--window", "16", "--steps", "32", "--block-size", "4"], 300,
+                 id="streaming"),
+    pytest.param("document_reuse.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="document_reuse"),
+    pytest.param("onnx_export.py", RANDOM, 300, id="onnx_export"),
+    pytest.param("custom_model.py", [*RANDOM, *EAGER], 300, id="custom_model"),  # its own layer: --random ignored
+]
+
+
+def test_every_example_has_a_case():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted({case.values[0] for case in CASES})
+
+
+@pytest.mark.parametrize(("script", "args", "timeout"), CASES)
+def test_example_runs(script: str, args: list[str], timeout: int, tmp_path: Path) -> None:
+    command = [sys.executable, str(EXAMPLES / script), *args]
+    try:
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # its partial output may arrive as bytes
+        partial = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (exc.stdout, exc.stderr)]
+        pytest.fail(f"{' '.join(command)} ran past {timeout} s; output so far:\n" + "\n".join(partial))
+    output = f"$ {' '.join(command)}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, output
+    assert "OK" in result.stdout and "FAIL" not in result.stdout + result.stderr, output
