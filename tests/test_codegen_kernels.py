@@ -1,8 +1,11 @@
 """The generated Triton kernels (run by Triton's CPU interpreter here) against the reference.
 
 conftest.py sets TRITON_INTERPRET=1 before triton is imported.  Sizes are tiny: the interpreter
-runs every program in Python.
+runs every program in Python.  With GAUGECOMPILE_TRITON_DEVICE=cuda (the GPU check) the kernels
+compile for real and the inputs live on that device; the float64 reference always runs on the CPU.
 """
+
+import os
 
 import pytest
 import torch
@@ -14,10 +17,17 @@ import gaugecompile as gc
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 LSE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+#: Where the kernels run: the CPU (interpreter) unless conftest.py's GAUGECOMPILE_TRITON_DEVICE says otherwise.
+DEVICE = torch.device(os.environ.get("GAUGECOMPILE_TRITON_DEVICE") or "cpu")
+
+
+def cpu(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors on the CPU, for the reference (a no-op there)."""
+    return [t.cpu() for t in tensors]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -52,7 +62,7 @@ def make_case(*, batch=1, kv_heads=1, group=1, q_len=1, head_dim=32, rotary_dim=
     block_delta = block_delta.masked_fill(~used, 2**60)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
     tensors = [t.to(dtype) for t in (q, k_pool, v_pool)] + [block_table, block_delta, seq_lens]
-    return tensors, inv_freq, rotary_dim
+    return [t.to(DEVICE) for t in tensors], inv_freq.to(DEVICE), rotary_dim
 
 
 def check(case, *, interleaved, causal, num_splits=None, scale=None):
@@ -62,13 +72,13 @@ def check(case, *, interleaved, causal, num_splits=None, scale=None):
     out, lse = triton_attention(q, k, v, table, delta, lens, inv_freq, rotary_dim, interleaved, scale, causal,
                                 num_splits=num_splits)
     rope = gc.RopeSpec(inv_freq, rotary_dim, interleaved)
-    ref_out, ref_lse = gc.reference_attention(q.double(), k.double(), v.double(), table, delta, lens, rope,
+    ref_out, ref_lse = gc.reference_attention(*cpu(q.double(), k.double(), v.double(), table, delta, lens), rope,
                                               scale=scale, causal=causal, return_lse=True)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.shape == q.shape[:3]
     assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
     err_out = rel_err(out, ref_out)
-    err_lse = float((lse.double() - ref_lse).abs().max()) / max(1.0, float(ref_lse.abs().max()))
+    err_lse = float((lse.double().cpu() - ref_lse).abs().max()) / max(1.0, float(ref_lse.abs().max()))
     assert err_out <= TOL[q.dtype], (err_out, q.dtype)
     assert err_lse <= LSE_TOL[q.dtype], (err_lse, q.dtype)
     return err_out, err_lse
@@ -147,14 +157,15 @@ def test_public_wrapper_impl_triton_and_autograd():
         batch=2, group=2, q_len=2, blocks=2, dtype=torch.float64, table="permuted", seed=5)
     rope = gc.RopeSpec(inv_freq, rotary_dim, False)
     out = gc.rotated_query_attention(q, k, v, table, delta, lens, rope, impl="triton")
-    ref = gc.reference_attention(q, k, v, table, delta, lens, rope)
+    ref = gc.reference_attention(*cpu(q, k, v, table, delta, lens), rope)
     assert rel_err(out, ref) < 1e-10
 
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out, lse = triton_attention(*leaves, table, delta, lens, inv_freq, rotary_dim, False, 0.3, True)
     (out.sum() + lse.sum()).backward()
-    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    ref_out, ref_lse = gc.reference_attention(*ref_leaves, table, delta, lens, rope, scale=0.3, return_lse=True)
+    ref_leaves = [t.clone().requires_grad_(True) for t in cpu(q, k, v)]
+    ref_out, ref_lse = gc.reference_attention(*ref_leaves, *cpu(table, delta, lens), rope, scale=0.3,
+                                              return_lse=True)
     (ref_out.sum() + ref_lse.sum()).backward()
     for got, want in zip(leaves, ref_leaves, strict=True):
         assert rel_err(got.grad, want.grad) < 1e-9
@@ -175,7 +186,7 @@ def test_under_torch_compile(backend):
     compiled = torch.compile(f, backend=backend, fullgraph=True)(q, k, v, table, delta, lens, inv_freq)
     assert rel_err(compiled[0], eager[0]) < 1e-6 and rel_err(compiled[1], eager[1]) < 1e-6
     rope = gc.RopeSpec(inv_freq, rotary_dim, True)
-    ref = gc.reference_attention(q.double(), k.double(), v.double(), table, delta, lens, rope, scale=0.25)
+    ref = gc.reference_attention(*cpu(q.double(), k.double(), v.double(), table, delta, lens), rope, scale=0.25)
     assert rel_err(compiled[0] / 2, ref) < 1e-5
 
 

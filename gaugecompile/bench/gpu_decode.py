@@ -1,7 +1,7 @@
 """GPU decode: the generated Triton kernels against copy bandwidth and gather-then-attend baselines.
 
-For every batch x context cell (one decode token per sequence, a paged pool with a random block
-table and random deltas), in one process on one GPU:
+For every dtype x table kind x batch x context cell (one decode token per sequence over a paged pool),
+in one process on one GPU:
 
 - op: `torch.ops.gauge.rotated_query_attention` (the generated kernels, split-KV chosen automatically);
 - its achieved bandwidth: K and V bytes read / op time, against a device-to-device copy measured
@@ -10,12 +10,19 @@ table and random deltas), in one process on one GPU:
   gather-then-attend system can do: the gather is not timed);
 - gather: gauge::materialize_kv (gather + re-rotate every key) + SDPA, what a cache must do
   without the op;
-- err: max |op - sdpa| / max |sdpa| (the op is checked before it is timed).
+- err: max |op - sdpa| / max |sdpa| (the op is checked before it is timed);
+- with --copy-same-bytes, also a device-to-device copy of exactly the cell's K and V pools (one copy
+  kernel over the same bytes), so "% of same-bytes copy" compares like with like at every size.
+
+Table kinds (--tables): "fragmented" (the default: every sequence a random permutation of pool blocks,
+a random int delta per block), "contiguous" (blocks in order, delta 0: the identity mapping) and
+"one-delta" (blocks in order, one random delta per sequence: a shifted window).
 
 Prints a table (device, versions, date) and saves JSON and Markdown under benchmarks/results/.
 Needs CUDA; without it the script says so and exits with status 0.
 
     python benchmarks/gpu_decode.py [--batches 1 8 32] [--contexts 1024 8192 32768 131072]
+        [--dtype bfloat16 float16] [--tables fragmented contiguous one-delta] [--copy-same-bytes]
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ import sys
 from pathlib import Path
 
 RESULTS = Path("benchmarks") / "results"
+#: Block-table kinds: how the logical blocks of each sequence map to pool blocks and which deltas they carry.
+TABLE_KINDS = ("fragmented", "contiguous", "one-delta")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bfloat16"],
+                        help="one or more element types, each measured over every cell (default bfloat16)")
+    parser.add_argument("--tables", nargs="+", choices=TABLE_KINDS, default=["fragmented"],
+                        help="block-table kinds, each measured over every cell (default fragmented)")
+    parser.add_argument("--copy-same-bytes", action="store_true",
+                        help="also time a device copy of each cell's own K/V pools (same bytes as the op reads)")
     parser.add_argument("--rep-ms", type=int, default=200, help="time budget per measurement (triton do_bench)")
     parser.add_argument("--copy-mib", type=int, default=2048, help="size of the device-to-device copy")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON/Markdown results")
@@ -65,25 +80,55 @@ def copy_bandwidth(mib: int, rep_ms: int) -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def make_inputs(batch: int, context: int, args: argparse.Namespace, seed: int = 0):
-    """A decode step over a paged pool: random block permutation per sequence, random int deltas."""
+def make_table(batch: int, n_blocks: int, kind: str, generator, device="cuda"):
+    """(block_table [batch, n_blocks], block_delta int64) of one table kind over a pool of batch * n_blocks blocks.
+
+    fragmented: a random permutation of the pool, a random int delta in [-2^31, 2^31) per block;
+    contiguous: sequence b owns blocks [b * n_blocks, (b + 1) * n_blocks) in order, every delta 0;
+    one-delta: the same blocks in order, one random delta shared by all blocks of a sequence.
+    """
+    import torch
+
+    pool_blocks = batch * n_blocks
+    if kind == "fragmented":
+        table = torch.randperm(pool_blocks, device=device, generator=generator).view(batch, n_blocks)
+        delta = torch.randint(-(2**31), 2**31, (batch, n_blocks), device=device, generator=generator,
+                              dtype=torch.int64)
+    elif kind == "contiguous":
+        table = torch.arange(pool_blocks, device=device).view(batch, n_blocks)
+        delta = torch.zeros(batch, n_blocks, device=device, dtype=torch.int64)
+    elif kind == "one-delta":
+        table = torch.arange(pool_blocks, device=device).view(batch, n_blocks)
+        delta = torch.randint(-(2**31), 2**31, (batch, 1), device=device, generator=generator, dtype=torch.int64)
+        delta = delta.expand(batch, n_blocks).contiguous()
+    else:
+        raise ValueError(f"kind: expected one of {TABLE_KINDS}, got {kind!r}")
+    return table, delta
+
+
+def make_inputs(batch: int, context: int, args: argparse.Namespace, seed: int = 0, *, dtype: str | None = None,
+                table: str = "fragmented"):
+    """A decode step over a paged pool: (q, k_pool, v_pool, table, delta, lens, rope, kv).
+
+    K and V are the two halves of one buffer `kv` [2, blocks, block_size, kv_heads, head_dim], so a copy
+    of exactly the bytes the op reads is one kernel. `table` is one of TABLE_KINDS.
+    """
     import torch
 
     import gaugecompile as gc
 
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, dtype or args.dtype[0])
     g = torch.Generator(device="cuda").manual_seed(seed)
     bs = args.block_size
     n_blocks = -(-context // bs)
     pool_blocks = batch * n_blocks
-    k_pool = torch.randn(pool_blocks, bs, args.kv_heads, args.head_dim, device="cuda", dtype=dtype, generator=g)
-    v_pool = torch.randn_like(k_pool)
+    kv = torch.randn(2, pool_blocks, bs, args.kv_heads, args.head_dim, device="cuda", dtype=dtype, generator=g)
+    k_pool, v_pool = kv[0], kv[1]
     q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda", dtype=dtype, generator=g)
-    table = torch.randperm(pool_blocks, device="cuda", generator=g)[: batch * n_blocks].view(batch, n_blocks)
-    delta = torch.randint(-(2**31), 2**31, (batch, n_blocks), device="cuda", generator=g, dtype=torch.int64)
+    block_table, delta = make_table(batch, n_blocks, table, g)
     lens = torch.full((batch,), context, device="cuda", dtype=torch.int64)
     rope = gc.RopeSpec.from_base(500000.0, args.head_dim)
-    return q, k_pool, v_pool, table, delta, lens, rope
+    return q, k_pool, v_pool, block_table, delta, lens, rope, kv
 
 
 def _sdpa_over_gathered(q, gather, scale: float, out, rep_ms: int) -> dict:
@@ -97,14 +142,18 @@ def _sdpa_over_gathered(q, gather, scale: float, out, rep_ms: int) -> dict:
     return dict(max_rel_err=err, sdpa_gathered_ms=ms)
 
 
-def measure_cell(batch: int, context: int, args: argparse.Namespace, copy_gbps: float) -> dict:
+def measure_cell(batch: int, context: int, args: argparse.Namespace, copy_gbps: float, *,
+                 dtype: str | None = None, table_kind: str = "fragmented") -> dict:
+    """One row: the op, its bandwidth against the copies, and the SDPA baselines, for one cell."""
     import torch
     import torch.nn.functional as F
 
     import gaugecompile as gc
     from gaugecompile.codegen.launcher import choose_splits
 
-    q, k_pool, v_pool, table, delta, lens, rope = make_inputs(batch, context, args)
+    dtype = dtype or args.dtype[0]
+    q, k_pool, v_pool, table, delta, lens, rope, kv = make_inputs(batch, context, args, dtype=dtype,
+                                                                   table=table_kind)
     scale = args.head_dim**-0.5
     inv_freq = rope.inv_freq.cuda()
     op_args = (q, k_pool, v_pool, table, delta, lens, inv_freq, rope.rotary_dim, rope.interleaved, scale, True)
@@ -112,10 +161,11 @@ def measure_cell(batch: int, context: int, args: argparse.Namespace, copy_gbps: 
     gather = lambda: gc.materialize_kv(k_pool, v_pool, table, delta, rope, context)
     gather_attend = lambda: F.scaled_dot_product_attention(q, *gather(), scale=scale, enable_gqa=True)
 
-    row = dict(batch=batch, context=context,
+    row = dict(dtype=dtype, table=table_kind, batch=batch, context=context,
                kv_bytes=2 * batch * context * args.kv_heads * args.head_dim * k_pool.element_size(),
                splits=choose_splits(batch * args.kv_heads, table.shape[1], args.block_size, q.device),
-               max_rel_err=None, sdpa_gathered_ms=None, gather_rerotate_sdpa_ms=None, speedup_vs_gather=None)
+               max_rel_err=None, sdpa_gathered_ms=None, gather_rerotate_sdpa_ms=None, speedup_vs_gather=None,
+               copy_same_bytes_ms=None, copy_same_bytes_GBps=None, pct_of_same_bytes_copy=None)
     out = op()[0]
     try:
         row.update(_sdpa_over_gathered(q, gather, scale, out, args.rep_ms))
@@ -129,6 +179,16 @@ def measure_cell(batch: int, context: int, args: argparse.Namespace, copy_gbps: 
     row["pct_of_copy"] = 100.0 * row["op_GBps"] / copy_gbps
     if row["gather_rerotate_sdpa_ms"] is not None:
         row["speedup_vs_gather"] = row["gather_rerotate_sdpa_ms"] / row["op_ms"]
+    if getattr(args, "copy_same_bytes", False):
+        try:
+            dst = torch.empty_like(kv)
+            row["copy_same_bytes_ms"] = _bench(lambda: dst.copy_(kv), args.rep_ms)
+            del dst
+            row["copy_same_bytes_GBps"] = 2 * kv.numel() * kv.element_size() / (row["copy_same_bytes_ms"] * 1e-3) / 1e9
+            row["pct_of_same_bytes_copy"] = 100.0 * row["op_GBps"] / row["copy_same_bytes_GBps"]
+        except torch.cuda.OutOfMemoryError:
+            pass  # no room for a second copy of the pools: recorded as missing
+        torch.cuda.empty_cache()
     return row
 
 
@@ -137,20 +197,22 @@ def _fmt(value, spec: str) -> str:
 
 
 def table_lines(header: dict, rows: list[dict]) -> list[str]:
+    """The Markdown table of `rows` under a two-line header, and the goal counts (80% of copy at >= 8k)."""
     lines = [
         f"# gpu_decode: {header['device']} | torch {header['torch']} | triton {header['triton']} | {header['date']}",
         f"# decode, {header['heads']} heads / {header['kv_heads']} KV heads, head dim {header['head_dim']}, "
         f"block {header['block_size']}, {header['dtype']}; copy bandwidth {header['copy_GBps']:.0f} GB/s "
         "(read + write)",
         "",
-        "| batch | context | splits | op ms | op GB/s | % of copy | sdpa (gathered) ms | gather+re-rotate+sdpa ms "
-        "| speed-up | max rel err |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dtype | table | batch | context | splits | op ms | op GB/s | % of copy | % of same-bytes copy "
+        "| sdpa (gathered) ms | gather+re-rotate+sdpa ms | speed-up | max rel err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['batch']} | {r['context']} | {r['splits']} | {r['op_ms']:.4f} | {r['op_GBps']:.0f} | "
-            f"{r['pct_of_copy']:.0f} | {_fmt(r.get('sdpa_gathered_ms'), '.4f')} | "
+            f"| {r.get('dtype', header['dtype'])} | {r.get('table', 'fragmented')} | {r['batch']} | {r['context']} | "
+            f"{r['splits']} | {r['op_ms']:.4f} | {r['op_GBps']:.0f} | {r['pct_of_copy']:.0f} | "
+            f"{_fmt(r.get('pct_of_same_bytes_copy'), '.0f')} | {_fmt(r.get('sdpa_gathered_ms'), '.4f')} | "
             f"{_fmt(r.get('gather_rerotate_sdpa_ms'), '.3f')} | {_fmt(r.get('speedup_vs_gather'), '.1f')} | "
             f"{_fmt(r.get('max_rel_err'), '.1e')} |"
         )
@@ -160,6 +222,10 @@ def table_lines(header: dict, rows: list[dict]) -> list[str]:
     faster = sum(r["speedup_vs_gather"] > 1 for r in compared)
     lines += ["", f"# context >= 8k at >= 80% of copy bandwidth: {at_80}/{len(long_rows)}; "
               f"faster than gather + re-rotate + SDPA: {faster}/{len(compared)}"]
+    same = [r for r in long_rows if r.get("pct_of_same_bytes_copy") is not None]
+    if same:
+        lines.append(f"# context >= 8k at >= 80% of a copy of the same bytes: "
+                     f"{sum(r['pct_of_same_bytes_copy'] >= 80 for r in same)}/{len(same)}")
     return lines
 
 
@@ -180,14 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     header = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                   triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                   date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), heads=args.heads,
-                  kv_heads=args.kv_heads, head_dim=args.head_dim, block_size=args.block_size, dtype=args.dtype,
-                  copy_GBps=copy_gbps)
+                  kv_heads=args.kv_heads, head_dim=args.head_dim, block_size=args.block_size,
+                  dtype=", ".join(args.dtype), dtypes=list(args.dtype), tables=list(args.tables),
+                  copy_same_bytes=bool(args.copy_same_bytes), copy_GBps=copy_gbps)
     rows = []
-    for batch in args.batches:
-        for context in args.contexts:
-            rows.append(measure_cell(batch, context, args, copy_gbps))
-            print(f"  batch {batch:>3} context {context:>7}: op {rows[-1]['op_ms']:.4f} ms "
-                  f"({rows[-1]['pct_of_copy']:.0f}% of copy)", flush=True)
+    for dtype in args.dtype:
+        for table_kind in args.tables:
+            for batch in args.batches:
+                for context in args.contexts:
+                    rows.append(measure_cell(batch, context, args, copy_gbps, dtype=dtype, table_kind=table_kind))
+                    print(f"  {dtype} {table_kind:>10} batch {batch:>3} context {context:>7}: "
+                          f"op {rows[-1]['op_ms']:.4f} ms ({rows[-1]['pct_of_copy']:.0f}% of copy)", flush=True)
     lines = table_lines(header, rows)
     print("\n".join(lines))
     if not args.no_save:
