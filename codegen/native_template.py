@@ -294,7 +294,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    std::vector<A> qs, qr, sc, scale_by, kb(D), vb(CHUNK * MAX_KV_HEADS_PER_PASS * D);
+    std::vector<A> qs, qr, sc, scale_by, kb(D), vb;  // kb/vb: rows widened from float16/bfloat16 pools
+    if constexpr (!std::is_same_v<S, A>) vb.resize(CHUNK * std::min<int64_t>(Hkv, MAX_KV_HEADS_PER_PASS) * D);
     std::vector<char> live;
     for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
       const Item& item = items[it];

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig
+from transformers import DynamicCache, LlamaConfig, StaticCache
 
 import gaugecompile
 from gaugecompile.bench.baselines import RerotatingSinkCache, append_rerotated, rope_of_model
@@ -30,7 +30,9 @@ from gaugecompile.cache import ManifoldCache, rope_from_config
 from gaugecompile.cli.demo import (
     forward_replaced,
     gauge_forward,
+    greedy,
     manifold_cache,
+    median_step,
     prefilled,
     stream_baseline,
     stream_gauge,
@@ -196,12 +198,61 @@ def shared_cache(model) -> ManifoldCache:
     return cache
 
 
-def inductor_forward(model):
-    """`model.forward` compiled with Inductor (the DynamicCache baseline), compiled once per model."""
-    compiled = model.__dict__.setdefault("_inductor_compiled", [])
+def inductor_forward(model, cache_kind: str = "dynamic"):
+    """`model.forward` compiled with Inductor, once per model and cache kind (each kind its own graphs)."""
+    compiled = model.__dict__.setdefault(f"_inductor_compiled_{cache_kind}", [])
     if not compiled:
         compiled.append(torch.compile(model.forward))
     return compiled[0]
+
+
+def bookkeeping_per_step(cache: ManifoldCache, rows: int, repeat: int = 20) -> float:
+    """Median seconds of a decode step's host bookkeeping (placing one token per row, building the tables)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        cache._begin_forward(rows, 1)
+        times.append(time.perf_counter() - start)
+        cache._fwd = None
+    return statistics.median(times)
+
+
+def scenario_chat(model, quick: bool) -> dict:
+    """Greedy chat decoding after a long prompt, per step: gauge against transformers' own caches, DynamicCache
+    eager and StaticCache compiled with Inductor (the strongest plain-transformers set-up). Every prompt is
+    prefilled eagerly, each variant runs a warm-up (compiling) before its timed run; tokens are compared. Also the
+    host bookkeeping of a decode step over that prompt, for 1 row and for 4 beams."""
+    prompt_len, steps, warm = (64 if quick else 4096), (4 if quick else 16), 3
+    ids = text_ids(TOKENIZER, model.config.vocab_size, prompt_len)
+    eager = model.__class__.forward.__get__(model)
+    static_len = prompt_len + warm + steps + 8
+    variants = {
+        "gauge": (lambda: shared_cache(model), gauge_forward(model)),
+        "DynamicCache eager": (lambda: DynamicCache(config=model.config), eager),
+        "StaticCache + Inductor": (lambda: StaticCache(config=model.config, max_cache_len=static_len),
+                                   inductor_forward(model, "static")),
+    }
+    results = {}
+    for name, (make, forward) in variants.items():
+        log(f"chat: {name} ({prompt_len}-token prompt, warm-up of {warm} steps, then {steps} timed steps)")
+        with torch.no_grad():
+            greedy(forward, ids, make(), warm, prefill=eager)
+            tokens, times = greedy(forward, ids, make(), steps, prefill=eager)
+        results[name] = (median_step(times), tokens)
+    cache = shared_cache(model)  # the gauge cache holds the prompt now: time the bookkeeping of a step over it
+    with torch.no_grad():
+        greedy(eager, ids, cache, 1)
+    book = {1: bookkeeping_per_step(cache, 1)}
+    cache.fork(cache.batch[0], 3)
+    book[4] = bookkeeping_per_step(cache, 4)
+    cache.reset()
+    gauge_s, gauge_tokens = results.pop("gauge")
+    rows = [dict(measure="decode step", baseline=name, tokens=prompt_len, gauge_s=gauge_s, baseline_s=s,
+                 ratio=ratio(s, gauge_s), tokens_equal=tok == gauge_tokens) for name, (s, tok) in results.items()]
+    rows += [dict(measure=f"host bookkeeping per step, {n} row(s)", baseline="goal 0.2 ms", tokens=prompt_len,
+                  gauge_s=t, baseline_s=2e-4, ratio=ratio(2e-4, t), tokens_equal=None) for n, t in book.items()]
+    return dict(title=f"chat decoding after a {prompt_len}-token prompt, per step ({steps} steps after a {warm}-step "
+                      "warm-up)", baseline="DynamicCache eager / StaticCache + Inductor", rows=rows)
 
 
 
@@ -235,7 +286,7 @@ def scenario_beam(model, quick: bool) -> dict:
 
     variants = {"gauge": (manifold_rows, manifold.reset, gauge_forward(model)),
                 "eager": (dynamic_rows, None, model.__class__.forward.__get__(model)),
-                "inductor": (dynamic_rows, None, inductor_forward(model))}
+                "inductor": (dynamic_rows, None, inductor_forward(model, "dynamic"))}
     results = {}
     for name, (make, done, forward) in variants.items():
         log(f"beam: {name} (warm-up of {warm} steps, then {steps} timed steps)")
@@ -532,8 +583,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized runs (random Llama unless --model)")
     parser.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 8), metavar="N",
-                        help="run only these scenarios (1-7)")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 9), metavar="N",
+                        help="run only these scenarios (1-8)")
     add_model_arguments(parser)
     return parser
 
@@ -555,6 +606,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         5: ("5_memory", lambda: scenario_memory(model, args.quick)),
         6: ("6_decode_attention", lambda: scenario_decode(args.quick)),
         7: ("7_perplexity", lambda: scenario_perplexity(model, args.quick)),
+        8: ("8_chat_decode", lambda: scenario_chat(model, args.quick)),
     }
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=args.quick,
