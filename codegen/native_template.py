@@ -185,14 +185,16 @@ template <typename A> inline void dots(const A* q, int64_t rows, const A* k, A* 
   for (int64_t n = 0; n < rest; ++n) out[(r + n) * out_stride] = tmp[n];
 }
 
-// x <- R(-angle) x on the rotary pairs: rotate-half (f, f + F) or interleaved (2f, 2f + 1).
+// y <- R(sign * angle) x on the rotary pairs: rotate-half (f, f + F) or interleaved (2f, 2f + 1); the rest is
+// copied.  The query is rotated back (sign -1), a materialised key forward to its logical position (sign +1).
 template <typename A>
-inline void rotate_back(const A* x, A* y, const A* cs, const A* sn, int64_t half, bool interleaved) {
+inline void rotate(const A* x, A* y, const A* cs, const A* sn, int64_t half, bool interleaved, A sign) {
   std::memcpy(y, x, sizeof(A) * D);
   for (int64_t f = 0; f < half; ++f) {
     const int64_t i1 = interleaved ? 2 * f : f, i2 = interleaved ? 2 * f + 1 : f + half;
-    y[i1] = x[i1] * cs[f] + x[i2] * sn[f];
-    y[i2] = x[i2] * cs[f] - x[i1] * sn[f];
+    const A s = sign * sn[f];
+    y[i1] = x[i1] * cs[f] - x[i2] * s;
+    y[i2] = x[i2] * cs[f] + x[i1] * s;
   }
 }
 
@@ -341,7 +343,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
             const A* cs = cp + (s.rep * width + j) * half;
             const A* sn = sp + (s.rep * width + j) * half;
             for (int64_t r = 0; r < rows; ++r) {
-              rotate_back(qs.data() + r * D, qr.data() + r * D, cs, sn, half, interleaved);
+              rotate(qs.data() + r * D, qr.data() + r * D, cs, sn, half, interleaved, A(-1));
             }
             qcur = qr.data();
           }
@@ -483,12 +485,7 @@ void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const 
             continue;
           }
           load_row<S, A>(kp + src, x.data());
-          std::memcpy(y.data(), x.data(), sizeof(A) * D);
-          for (int64_t f = 0; f < half; ++f) {  // R(+angle): the key moves to its logical position
-            const int64_t i1 = interleaved ? 2 * f : f, i2 = interleaved ? 2 * f + 1 : f + half;
-            y[i1] = x[i1] * cs[f] - x[i2] * sn[f];
-            y[i2] = x[i2] * cs[f] + x[i1] * sn[f];
-          }
+          rotate(x.data(), y.data(), cs, sn, half, interleaved, A(1));
           for (int64_t d = 0; d < D; ++d) ko[dst + d] = static_cast<S>(y[d]);
         }
       }

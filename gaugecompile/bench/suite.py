@@ -537,6 +537,14 @@ def _fmt(column: str, value) -> str:
     return str(value)
 
 
+def _save(fig, ax, path: Path) -> str:
+    """Legend, layout, PNG; returns the file name."""
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path.name
+
+
 def plot(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -553,10 +561,7 @@ def plot(results: dict, out: Path) -> list[str]:
             ax.plot([r["tokens"] for r in pts], [r["baseline_s"] * 1e3 for r in pts], "x--", label=f"{op} (baseline)")
         ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per operation",
                title="Cache reorganisation cost")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "reorganisation.png", dpi=120)
-        written.append("reorganisation.png")
+        written.append(_save(fig, ax, out / "reorganisation.png"))
     decode = [r for r in results["scenarios"].get("6_decode_attention", {}).get("rows", []) if "32/8" in r["shape"]]
     if decode:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -571,10 +576,7 @@ def plot(results: dict, out: Path) -> list[str]:
                 label="SDPA, contiguous")
         ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per call (32/8 heads, d 128)",
                title="Decode attention")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "decode_attention.png", dpi=120)
-        written.append("decode_attention.png")
+        written.append(_save(fig, ax, out / "decode_attention.png"))
     plt.close("all")
     return written
 
