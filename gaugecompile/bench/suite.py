@@ -310,7 +310,7 @@ def scenario_beam(model, quick: bool) -> dict:
 
 
 def scenario_streaming(model, quick: bool) -> dict:
-    sink, window, steps = 4, (32 if quick else 1024), (16 if quick else 2048)
+    sink, window, steps = 4, (32 if quick else 4096), (16 if quick else 2048)  # the 4 sinks + 4k window
     ids = text_ids(TOKENIZER, model.config.vocab_size, sink + window + steps)
     log(f"streaming: {sink}+{window}, {steps} steps (gauge)")
     g_logits, g_times, lengths = stream_gauge(gauge_forward(model), model, ids, sink=sink, window=window,
