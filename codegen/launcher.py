@@ -11,6 +11,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
+from gaugecompile.rope import accumulation_dtype
+
 from .cache import interpreting, load_kernels
 from .spec import KernelSpec, spec_for
 
@@ -47,7 +49,7 @@ def launch(
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     max_blocks = block_table.shape[1]
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(q.dtype)
     out = torch.empty((batch, num_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, q_len), dtype=acc_dtype, device=q.device)
     if out.numel() == 0:

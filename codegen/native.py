@@ -21,6 +21,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from gaugecompile.rope import accumulation_dtype
+
 from .cache import cache_dir
 from .native_template import native_key, render_cpp
 from .spec import KernelSpec, spec_for
@@ -113,7 +115,7 @@ def native_attention(
     cos/sin: [batch, max_blocks, rotary_dim // 2] in the accumulation dtype, or None when every delta is 0.
     Returns out (q's dtype, contiguous) and lse (float32, float64 for float64 inputs).
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(q.shape[:3], dtype=acc)
     if out.numel() == 0:
@@ -135,7 +137,7 @@ def native_materialize(
     k_out, v_out = k_pool.new_empty(shape), v_pool.new_empty(shape)
     if k_out.numel() == 0:
         return k_out, v_out
-    acc = torch.float64 if k_pool.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(k_pool.dtype)
     empty = k_pool.new_empty((0,), dtype=acc)
     dtype = str(k_pool.dtype).removeprefix("torch.")
     lib = native_library(KernelSpec(k_pool.shape[3], rotary_dim, interleaved, k_pool.shape[1], 1, dtype))

@@ -12,6 +12,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op
 
 import gaugecompile.ops  # noqa: F401  (registers gauge::rotated_query_attention_backward)
+from gaugecompile.rope import accumulation_dtype
 
 from .cache import interpreting
 from .launcher import launch
@@ -38,7 +39,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(q)
     if grad_lse is None:
-        grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     dq, dk, dv = torch.ops.gauge.rotated_query_attention_backward(
         grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, *ctx.attrs)
     return (dq, dk, dv) + (None,) * 9

@@ -20,11 +20,17 @@ import mpmath
 import torch
 
 __all__ = [
-    "RopeSpec", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA", "TWO_PI_PARTS", "INV_TWO_PI", "VELTKAMP",
+    "RopeSpec", "accumulation_dtype", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA", "TWO_PI_PARTS",
+    "INV_TWO_PI", "VELTKAMP",
 ]
 
 #: Offsets are exact below this bound (the op rejects larger ones).
 MAX_ABS_DELTA = 2**46
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every implementation computes in for inputs of `dtype`: float64 stays float64, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _two_pi_parts() -> tuple[float, float, float, float]:
@@ -145,5 +151,5 @@ class RopeSpec:
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate `x[..., n, head_dim]` to integer `positions[..., n]` (broadcast over heads by the caller)."""
-        cos, sin = self.cos_sin(positions, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        cos, sin = self.cos_sin(positions, accumulation_dtype(x.dtype))
         return rotate(x.to(cos.dtype), cos, sin, self.rotary_dim, self.interleaved).to(x.dtype)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..rope import RopeSpec, delta_cos_sin, rotate
+from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 
 __all__ = ["RerotatingSinkCache", "SinkLayer", "append_rerotated", "rope_of_model"]
 
@@ -58,7 +58,7 @@ class SinkLayer(DynamicLayer):
         if not 0 <= evict <= length - sink:
             raise ValueError(f"evict: expected 0..{length - sink} tokens (non-sink tokens held), got {evict}")
         kept_keys = self.keys[:, :, sink + evict:]
-        compute = torch.float64 if kept_keys.dtype == torch.float64 else torch.float32
+        compute = accumulation_dtype(kept_keys.dtype)
         cos, sin = delta_cos_sin(torch.tensor(-evict), self.rope.inv_freq, compute)
         kept_keys = rotate(kept_keys.to(compute), cos, sin, self.rope.rotary_dim, self.rope.interleaved)
         self.keys = torch.cat([self.keys[:, :, :sink], kept_keys.to(self.keys.dtype)], dim=-2)
@@ -117,7 +117,7 @@ def append_rerotated(cache: Cache, chunk: Cache, shift: int, rope: RopeSpec) -> 
     if len(cache.layers) != len(chunk.layers):
         raise ValueError(f"chunk: expected {len(cache.layers)} layers like cache, got {len(chunk.layers)}")
     for layer, piece in zip(cache.layers, chunk.layers, strict=True):
-        compute = torch.float64 if piece.keys.dtype == torch.float64 else torch.float32
+        compute = accumulation_dtype(piece.keys.dtype)
         cos, sin = delta_cos_sin(torch.tensor(shift), rope.inv_freq, compute)
         keys = rotate(piece.keys.to(compute), cos, sin, rope.rotary_dim, rope.interleaved).to(piece.keys.dtype)
         layer.keys = torch.cat([layer.keys, keys], dim=-2)

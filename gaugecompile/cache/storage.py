@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..rope import RopeSpec, delta_cos_sin, rotate
+from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .mapping import NewBlock
 
 __all__ = ["BlockStorage"]
@@ -59,7 +59,7 @@ class BlockStorage:
         for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
             k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
             k = k_flat[src_t]
-            cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+            cdt = accumulation_dtype(k.dtype)
             cos, sin = delta_cos_sin(rot_t, self.rope.inv_freq, cdt)
             k = rotate(k.to(cdt), cos[:, None], sin[:, None], self.rope.rotary_dim, self.rope.interleaved)
             k_flat[dst_t] = k.to(k_flat.dtype)

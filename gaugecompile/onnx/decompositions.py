@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.materialize import materialize_views
+from ..rope import accumulation_dtype
 from .function import DOMAIN, OP_TYPE, VERSION
 
 __all__ = ["DECOMPOSITIONS"]
@@ -32,7 +33,7 @@ def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, seq_le
         version=VERSION,
     )
     # The node's lse has q's dtype; the op's lse is float32 unless q is float64.
-    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse.to(accumulation_dtype(q.dtype))
 
 
 #: The decomposition table given to `ExportedProgram.run_decompositions` before ONNX export.

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..rope import RopeSpec
+from ..rope import RopeSpec, accumulation_dtype
 from .angles import block_angles
 from .attention_backward import attention_backward
 from .checks import check_attention_inputs
@@ -31,10 +31,6 @@ from .reference import reference_attention
 __all__ = ["rotated_query_attention", "IMPLS"]
 
 IMPLS = ("auto", "native", "loop", "triton", "reference")
-
-
-def _acc_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def cpu_attention(
@@ -55,7 +51,7 @@ def cpu_attention(
                                interleaved, scale, causal)
     width = -(-int(seq_lens.max()) // k_pool.shape[1]) if seq_lens.numel() else 0
     table, delta = block_table[:, :width], block_delta[:, :width]
-    cos, sin = block_angles(delta, inv_freq, _acc_dtype(q))
+    cos, sin = block_angles(delta, inv_freq, accumulation_dtype(q.dtype))
     return native_attention(q, k_pool, v_pool, table, delta, seq_lens, cos, sin, rotary_dim, interleaved, scale,
                             causal)
 
@@ -78,7 +74,7 @@ def _rqa_op(
 def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved,
               scale, causal):
     # the kernels return contiguous outputs whatever q's strides are; the fake must say the same
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())
@@ -106,7 +102,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(q)
     if grad_lse is None:
-        grad_lse = q.new_zeros(q.shape[:3], dtype=_acc_dtype(q))
+        grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     dq, dk, dv = _rqa_backward_op(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens,
                                   inv_freq, *ctx.attrs)
     return dq, dk, dv, None, None, None, None, None, None, None, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rope import delta_cos_sin, rotate
+from ..rope import accumulation_dtype, delta_cos_sin, rotate
 from .reference import gather_view, rerotate_view, token_deltas, token_slots
 
 
@@ -48,7 +48,7 @@ def attention_backward(
     causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk_pool, dv_pool) for the op's (out, lse) cotangents; computed in float32/float64."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(q.dtype)
     block_size = k_pool.shape[1]
     k32, v32 = k_pool.to(cdt), v_pool.to(cdt)
     dq = torch.empty(q.shape, dtype=cdt, device=q.device)

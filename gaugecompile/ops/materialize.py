@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rope import RopeSpec, delta_cos_sin, rotate
+from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .angles import block_angles
 from .reference import gather_view, rerotate_view, token_deltas, token_slots
 
@@ -64,7 +64,7 @@ def _materialize_op(
 
     if k_pool.device.type == "cpu" and k_pool.is_contiguous() and v_pool.is_contiguous() and native_available():
         width = -(-length // k_pool.shape[1])
-        cdt = torch.float64 if k_pool.dtype == torch.float64 else torch.float32
+        cdt = accumulation_dtype(k_pool.dtype)
         cos, sin = block_angles(block_delta[:, :width], inv_freq, cdt)
         return native_materialize(k_pool, v_pool, block_table[:, :width], cos, sin, rotary_dim, interleaved, length)
     return materialize_views(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length)
@@ -96,7 +96,7 @@ def _backward(ctx, grad_k, grad_v):
             continue
         g = g.transpose(1, 2)  # [B, L, Hkv, D]
         if rotated:
-            cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
+            cdt = accumulation_dtype(g.dtype)
             cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)
             g = rotate(g.to(cdt), cos[:, :, None], -sin[:, :, None], rotary_dim, interleaved).to(g.dtype)
         flat = g.new_zeros((pool_shape[0] * block_size, *pool_shape[2:]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import rotate
+from ..rope import accumulation_dtype, rotate
 from .angles import block_angles
 
 TILE_TOKENS = 4096
@@ -182,7 +182,7 @@ def paged_attention(
     interleaved: bool, scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated-query attention for a batch (validated inputs); out in q's dtype, lse float32/64."""
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(q.dtype)
     block_size = k_pool.shape[1]
     lens = seq_lens.tolist()
     width = -(-max(lens) // block_size) if lens else 0

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..rope import RopeSpec, delta_cos_sin, rotate
+from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 
 
 def token_slots(block_table: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def rerotate_view(
 ) -> torch.Tensor:
     """Rotate each gathered key [..., L, Hkv, D] by the delta of its block (float64 angles)."""
     token_delta = token_deltas(block_delta, block_size, keys.shape[-3])
-    cdt = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(keys.dtype)
     cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)
     return rotate(keys.to(cdt), cos[..., None, :], sin[..., None, :], rotary_dim, interleaved).to(keys.dtype)
 
