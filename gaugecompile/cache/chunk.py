@@ -33,6 +33,7 @@ class KVChunk:
     def free(self) -> None:
         """Release the chunk's block references (idempotent)."""
         if not self.freed:
+            self.cache._settle()  # a failed forward's journal must stay the newest change to the pool
             self.cache.allocator.decref(self.pieces.phys)
             self.freed = True
 

@@ -1,13 +1,20 @@
 """`ManifoldCache`: a transformers Cache whose reorganisations are O(blocks) edits of a block table.
 
-Frames.  The model rotates each new key at the position it is given, which for transformers is
-`get_seq_length() + i`.  This cache therefore reports a monotonic *frame* counter as its sequence
-length (the positions the model has consumed; raised after an edit to at least the longest view, so
-masks stay well formed) and stores new keys at stored position `frame + i`.  Each sequence keeps the
-logical position of its next token; its query "shift" is `sigma_q = next_logical - frame`, and a block
-whose tokens have `logical = stored + sigma_b` is re-rotated by `delta_b = sigma_b - sigma_q`: the
+Positions.  `get_seq_length()` is the view length of the batch (the tokens the cache holds per row), as
+for any transformers cache, so `generate()` continues after an edit with the ids of the view: the model
+rotates each new key at `view + i` and the cache stores it at that *stored* position.  Each sequence
+keeps the logical position of its next token; its query "shift" is `sigma_q = next_logical - view`, and a
+block whose tokens have `logical = stored + sigma_b` is re-rotated by `delta_b = sigma_b - sigma_q`: the
 keys land in the query's frame, where relative positions are the logical ones.  With no edits every
 delta is 0.
+
+Transactions.  Every operation validates and plans before it changes anything, and runs inside a
+journal (`BlockAllocator.journal`) plus a copy of the host state (tables, batch, view, window), so one
+that raises -- also a KeyboardInterrupt -- leaves the cache exactly as it was.  A forward is a
+transaction that spans calls: `get_mask_sizes` (or layer 0's `update`) places its tokens, and it commits
+when the last layer's `update` returns.  A forward that fails or is interrupted in between is rolled back
+by the next call that finds it pending: any cache operation or accessor, or the next forward's
+`get_mask_sizes`/`update` (a forward whose layers never ran is reused as is, it placed tokens only).
 
 Eagerly `update()` returns `gaugecompile.materialize_kv(...)` of the untouched pools (gather +
 re-rotate), so every attention implementation is exact; compiled with the gauge backend that node is
@@ -17,16 +24,17 @@ Under torch.compile.  The host bookkeeping of a forward (allocation, copy-on-wri
 `torch.compiler.disable`d call made from `get_mask_sizes`, which transformers calls before the first
 layer, so a compiled forward is: a small graph, the bookkeeping, one graph with every layer's
 `materialize_kv` feeding its attention, a small graph.  Lengths reach the graph as tensor sizes (the
-frame counter and the view length are the sizes of empty tensors, tables are padded to power-of-two
-widths, all marked dynamic), so decode steps do not recompile.  A fresh cache assumes one row there; a
-forward with more rows redoes the bookkeeping in update(), inside the layer loop; `new_sequences(rows)`
-avoids that.
+view length before and after the forward are the sizes of empty tensors, tables are padded to
+power-of-two widths, all marked dynamic), so decode steps do not recompile.  A fresh cache assumes one
+row there; a forward with more rows redoes the bookkeeping in update(), inside the layer loop;
+`new_sequences(rows)` avoids that.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -34,27 +42,45 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..ops.materialize import materialize_kv
+from ..rope import MAX_ABS_DELTA
 from .chunk import KVChunk
 from .mapping import NewBlock, Piece, Pieces, SeqMap, block_sources, consecutive_runs, repack, seq_pieces, split_at
 from .pool import BlockAllocator
 from .rope_config import kv_shape_from_config, rope_from_config
 from .storage import BlockStorage
 
-__all__ = ["ManifoldCache", "MAX_COW_BLOCKS", "StepMapping"]
+__all__ = ["ManifoldCache", "StepMapping"]
 
-#: An edit may copy at most this many blocks (the blocks an unaligned cut splits).
-MAX_COW_BLOCKS = 2
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _Saved(NamedTuple):
+    """The host state an operation or a forward restores when it fails (block arrays are never written in
+    place, so the maps are copied shallowly; the pools' slots it wrote are unreachable once restored)."""
+
+    seqs: dict[int, SeqMap]
+    batch: list[int]
+    next_id: int
+    view: torch.Tensor
+    window: tuple[int, int] | None
+    last_step: StepMapping | None
+    peak: int
+    journal: list[tuple]
+    mark: int
 
 
 class _Forward(NamedTuple):
-    """What the layers of one forward read: tables, the pool slots of the new tokens, the view length
-    (as the size of `sizes`, shape [0, length], so that a compiled graph gets a SymInt) and the query length."""
+    """A forward in progress: what its layers read (tables, the pool slots of the new tokens, the view length
+    after it as the size of `sizes`, shape [0, length], so that a compiled graph gets a SymInt, the rows and
+    query length it was planned for) and the state to restore if it never reaches its last layer."""
 
     table: torch.Tensor
     delta: torch.Tensor
     slots: torch.Tensor
     sizes: torch.Tensor
+    rows: int
     q: int
+    saved: _Saved
 
 
 class StepMapping(NamedTuple):
@@ -73,6 +99,24 @@ def _size_carrier(n: int) -> torch.Tensor:
     return t
 
 
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value >= hi):
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(lo, f"an int >= {lo}")
+        bound = f" below {hi}" if hi is not None else ""
+        raise ValueError(f"{name}: expected {kind}{bound}, got {value!r}")
+
+
+def _largest_rotation(pieces: Pieces, plan, next_logical: int, block_size: int) -> int:
+    """The largest |offset| a repacked sequence rotates by: its block deltas (in the frame of a query at the
+    view length) and the re-rotations its copies make (each piece to the sigma of the blocks it lands in)."""
+    if not len(pieces):
+        return 0
+    n = pieces.b - pieces.a
+    start = np.cumsum(n) - n
+    copies = [pieces.shift - plan.sigma[start // block_size], pieces.shift - plan.sigma[(start + n - 1) // block_size]]
+    return int(max(np.abs(x).max() for x in (plan.sigma - (next_logical - plan.length), *copies)))
+
+
 class ManifoldCache(Cache):
     """Block-pool KV cache with fork/reorder/delete/chunk/splice/set_window as block-table edits.
 
@@ -81,6 +125,9 @@ class ManifoldCache(Cache):
     Rows of a forward are the sequences in `batch` (creation order; `fork` appends, `free` removes);
     a forward with k times as many rows as sequences forks each sequence k times first, so a prompt
     prefilled once is shared by all beams or samples of a later `generate`.
+
+    Logical positions stay below `max_position` (2^31 minus the pool's capacity in tokens), so that every
+    block delta stays below the op's bound `gaugecompile.rope.MAX_ABS_DELTA` = 2^31, where angles are exact.
     """
 
     is_compileable = False  # generate() must not auto-compile this cache with the default backend
@@ -92,16 +139,21 @@ class ManifoldCache(Cache):
         super().__init__(layers=[])
         for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
                             ("block_size", block_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            _check_int(name, value, 1)
         self.rope = rope_from_config(config)
         self.shape = kv_shape_from_config(config)
         if dtype is None:
             dtype = getattr(config, "dtype", None)
             dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        if dtype not in _FLOATS:
+            raise TypeError(f"dtype: expected a floating dtype {_FLOATS} (keys are rotated in place), got {dtype}")
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         num_blocks = -(-max_tokens // block_size) + max_batch_size
+        #: Logical positions stay below this, so every delta (logical - stored - query shift) is below 2^31.
+        self.max_position = MAX_ABS_DELTA - num_blocks * block_size
+        if self.max_position < 1:
+            raise ValueError(f"max_tokens: the pool's {num_blocks * block_size} slots exceed 2^31, got {max_tokens}")
         self.allocator = BlockAllocator(num_blocks)
         self.storage = BlockStorage(
             self.shape.num_layers, num_blocks, block_size, self.shape.num_kv_heads, self.shape.head_dim,
@@ -110,24 +162,28 @@ class ManifoldCache(Cache):
         self._seqs: dict[int, SeqMap] = {}
         self._batch: list[int] = []
         self._next_id = 0
-        self._frame_sizes = torch.empty(0, 0)
+        self._view_sizes = torch.empty(0, 0)
         self._window: tuple[int, int] | None = None
         self.peak_blocks_in_use = 0
         self._fwd: _Forward | None = None
+        self._layers_written = 0  # layers of the pending forward whose update() ran
         #: The mapping the most recent forward used (block table, deltas, pool slots written, view length).
         self.last_step: StepMapping | None = None
 
     # ----------------------------------------------------------------- accounting and views
+    # Accessors settle first: a forward still pending when the user looks has failed (see the module doc).
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
 
     @property
     def free_blocks(self) -> int:
+        self._settle()
         return self.allocator.free_blocks
 
     @property
     def blocks_in_use(self) -> int:
+        self._settle()
         return self.allocator.blocks_in_use
 
     @property
@@ -137,12 +193,20 @@ class ManifoldCache(Cache):
     @property
     def sequences(self) -> tuple[int, ...]:
         """Ids of all live sequences."""
+        self._settle()
         return tuple(self._seqs)
 
     @property
     def batch(self) -> tuple[int, ...]:
         """Sequence ids of the rows of the next forward, in row order."""
+        self._settle()
         return tuple(self._batch)
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """The StreamingLLM policy (sink, window) applied after every forward, or None."""
+        self._settle()
+        return self._window
 
     @property
     def k_pools(self) -> list[torch.Tensor]:
@@ -169,51 +233,37 @@ class ManifoldCache(Cache):
         return self._get(seq).next_logical
 
     def mapping(self, seq: int) -> tuple[list[int], list[int]]:
-        """(physical blocks, per-block delta in the frame of the next query) of `seq`."""
+        """(physical blocks, per-block delta in the frame of the next query, which sits at the view length)."""
         m = self._get(seq)
-        return m.blocks.tolist(), (m.sigma - (m.next_logical - self._frame)).tolist()
+        return m.blocks.tolist(), (m.sigma - (m.next_logical - m.length)).tolist()
 
     # ----------------------------------------------------------------- transformers Cache API
-    @property
-    def _frame(self) -> int:
-        return self._frame_sizes.shape[1]
-
-    @_frame.setter
-    def _frame(self, value: int) -> None:
-        if value != self._frame_sizes.shape[1]:
-            self._frame_sizes = _size_carrier(value)
-
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """The frame counter: positions the model has consumed (what it rotates the next token at).
+        """The view length of the batch: the tokens every row holds, where the model rotates the next token.
 
-        Read from the size of a tensor, so that a compiled model sees a dynamic SymInt, not a constant.
+        Read from the size of a tensor, so that a compiled model sees a dynamic SymInt, not a constant; a
+        pending forward does not count until its last layer commits it.
         """
-        return self._frame_sizes.shape[1]
+        return self._view_sizes.shape[1]
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        """(kv_length, kv_offset): the view plus the query; offset puts the query's frame after the view.
+        """(kv_length, kv_offset): the view after the forward, starting at its first key (offset 0).
 
-        transformers asks this once per forward before any layer runs, so this is where a forward does its
-        host bookkeeping (`_begin_forward`, assuming one row per sequence of the batch): the
-        graph break of a compiled model then falls before the layers, and every layer's attention is
-        traced in one graph with its `materialize_kv`.  Both sizes come from tensor sizes (SymInts).
+        transformers asks this once per mask before any layer runs, so this is where a forward does its
+        host bookkeeping (`_begin_forward`, assuming one row per sequence of the batch): the graph break of
+        a compiled model then falls before the layers, and every layer's attention is traced in one graph
+        with its `materialize_kv`.  The length comes from a tensor size (a SymInt).
         """
-        if self._fwd is None:
-            frame = self._frame_sizes.shape[1]  # what get_seq_length() gave this forward's queries
+        fwd = self._fwd
+        if fwd is None or self._layers_written or fwd.q != query_length:
             # A fresh cache does not know its rows yet: assume one (generate() on one prompt).  A forward with
             # more rows redoes the bookkeeping in update(), inside the layer loop (compiled: per-layer graphs
             # from then on), so batches should open their rows with new_sequences(n) first.
             self._begin_forward(len(self._batch) or 1, query_length)
-        else:
-            frame = self._frame_sizes.shape[1] - self._fwd.q
-        # offset = frame before + query - view: the mask is kv <= q_idx + view - query in terms of the sizes the
-        # queries' offset was read from, so a compiled graph can prove it causal (the frame after the bookkeeping
-        # would be an unrelated symbol)
-        sizes = self._fwd.sizes
-        return sizes.shape[1], frame + query_length - sizes.shape[1]
+        return self._fwd.sizes.shape[1], 0
 
     @property
     def is_initialized(self) -> bool:
@@ -227,68 +277,165 @@ class ManifoldCache(Cache):
         self.reorder(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._repeat_interleave(repeats)
+        with self._transaction():
+            self._repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
-        old = list(self._batch)
-        self.reorder_ids([old[i] for i in rows])
-        for seq in old:
-            self.free(seq)
+        with self._transaction():
+            old = list(self._batch)
+            if any(not 0 <= i < len(old) for i in rows):
+                raise ValueError(f"indices: expected row indices in [0, {len(old)}), got {rows}")
+            self.reorder_ids([old[i] for i in rows])
+            for seq in old:
+                self.free(seq)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Roll back the last `-tokens_to_remove` tokens of every row (transformers' convention: <= 0)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"tokens_to_remove: expected <= 0 (tokens to drop from the end), got {tokens_to_remove}")
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(
+                f"tokens_to_remove: expected an int <= 0 (minus the tokens to drop), got {tokens_to_remove!r}"
+            )
         n = -tokens_to_remove
-        if n == 0:
-            return
-        for seq in self._batch:
-            m = self._seqs[seq]
-            if n > m.length:
-                raise ValueError(f"tokens_to_remove: sequence {seq} has only {m.length} tokens")
-        for seq in self._batch:
-            m = self._seqs[seq]
-            self.delete(seq, self.positions(seq)[m.length - n], m.next_logical)
-        self._frame = max(self._frame - n, self._longest())
+        with self._transaction():
+            for seq in self._batch:
+                if n > self._seqs[seq].length:
+                    raise ValueError(f"tokens_to_remove: sequence {seq} has only {self._seqs[seq].length} tokens")
+            for seq in self._batch if n else ():
+                m = self._seqs[seq]
+                self.delete(seq, self.positions(seq)[m.length - n], m.next_logical)
 
     def reset(self) -> None:
-        self._fwd = None
-        for seq in list(self._seqs):
-            self.free(seq)
-        self._frame = 0
+        """Free every sequence (chunks keep their blocks); a pending forward is dropped first."""
+        with self._transaction():
+            for seq in list(self._seqs):
+                self.free(seq)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new K/V ([batch, kv_heads, q, head_dim]) into the pools; return the materialised view."""
-        if layer_idx == 0 and (self._fwd is None or key_states.shape[0] != len(self._batch)):
+        self._check_kv(key_states, value_states, layer_idx)
+        fwd = self._fwd
+        if layer_idx == 0 and (fwd is None or self._layers_written or key_states.shape[0] != fwd.rows
+                               or key_states.shape[2] != fwd.q):
             self._begin_forward(key_states.shape[0], key_states.shape[2])
-        table, delta, slots, sizes, _ = self._fwd
+            fwd = self._fwd
+        elif fwd is None or layer_idx != self._layers_written:
+            self._settle()
+            raise RuntimeError(
+                f"layer_idx: update() of layer {layer_idx}, but the forward in progress expects layer "
+                f"{self._layers_written if fwd is not None else 0} (layers run in order from 0; a cache operation "
+                "or accessor between layers ends the forward)"
+            )
+        elif key_states.shape[0] != fwd.rows or key_states.shape[2] != fwd.q:
+            self._settle()
+            raise ValueError(
+                f"key_states: layer {layer_idx} got {key_states.shape[0]} rows x {key_states.shape[2]} tokens, but "
+                f"the forward was planned for {fwd.rows} x {fwd.q} (layer 0's input)"
+            )
+        table, delta, slots, sizes = fwd.table, fwd.delta, fwd.slots, fwd.sizes
         k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
         v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
         k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, sizes.shape[1])
-        if layer_idx == self.shape.num_layers - 1:
-            self._fwd = None
+        self._layers_written = layer_idx + 1
+        if layer_idx == self.shape.num_layers - 1:  # the forward commits
             if self._window is not None:
                 self._end_forward()
+            else:
+                self._view_sizes = sizes
+            self._fwd = None
+            self._layers_written = 0
         return k.to(key_states.dtype), v.to(value_states.dtype)
+
+    def _check_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """K/V must match the pools (static checks: guards, not run-time work, under torch.compile)."""
+        layers, heads, dim = self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
+            raise ValueError(f"layer_idx: expected an int in [0, {layers}) (the config's layers), got {layer_idx!r}")
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != heads or t.shape[3] != dim:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{name}: expected [batch, num_kv_heads={heads}, q_len, head_dim={dim}] (the cache's config), "
+                    f"got {got}"
+                )
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+            if t.device != (pools := self.storage.k_pools[0].device):
+                raise ValueError(f"{name}: expected device {pools} (the pools'), got {t.device}")
+        if value_states.shape != key_states.shape:
+            raise ValueError(
+                f"value_states: expected key_states' shape {tuple(key_states.shape)}, got {tuple(value_states.shape)}"
+            )
+
+    # ----------------------------------------------------------------- transactions
+    def _save(self) -> _Saved:
+        journal = self.allocator.journal
+        return _Saved(
+            {s: SeqMap(m.blocks, m.sigma, m.length, m.next_logical) for s, m in self._seqs.items()},
+            list(self._batch), self._next_id, self._view_sizes, self._window, self.last_step,
+            self.peak_blocks_in_use, journal, len(journal),
+        )
+
+    def _restore(self, saved: _Saved) -> None:
+        self.allocator.undo(saved.journal[saved.mark:])
+        del saved.journal[saved.mark:]
+        self._seqs, self._batch, self._next_id = saved.seqs, saved.batch, saved.next_id
+        self._view_sizes, self._window, self.last_step = saved.view, saved.window, saved.last_step
+        self.peak_blocks_in_use = saved.peak
+        self._fwd, self._layers_written = None, 0
+
+    @contextmanager
+    def _transaction(self) -> Iterator[_Saved]:
+        """Run a block as one change: on any exception (KeyboardInterrupt too) restore the state before it.
+
+        Nested transactions record into the outer one's journal and restore their own part."""
+        self._settle()
+        own = self.allocator.journal is None
+        if own:
+            self.allocator.journal = []
+        saved = self._save()
+        try:
+            yield saved
+        except BaseException:
+            self._restore(saved)
+            raise
+        finally:
+            if own:
+                self.allocator.journal = None
+
+    def _settle(self) -> None:
+        """Roll back a forward that is still pending outside a forward: it failed or was interrupted."""
+        if self._fwd is not None:
+            self._restore(self._fwd.saved)
 
     # ----------------------------------------------------------------- forward bookkeeping (host)
     @torch.compiler.disable
     def _begin_forward(self, rows: int, q: int) -> None:
         """Once per forward: place the new tokens (copy-on-write of shared/misaligned last blocks) and build tables.
 
-        Called again by update() when the forward turns out to have more rows than `get_mask_sizes` assumed
-        (the first step of beams over a prefilled prompt): the tokens placed then are rolled back first.
+        Called again by update() when the forward turns out to have other rows than `get_mask_sizes` assumed
+        (the first step of beams over a prefilled prompt): the plan made then is rolled back first.
         """
-        if self._fwd is not None:
-            placed, self._fwd = self._fwd.q, None
-            self.crop(-placed)
+        self._settle()
+        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+            raise ValueError(f"input: a forward needs at least one new token per row, got q_len={q!r}")
         if rows > self.max_batch_size:
             raise ValueError(f"batch: {rows} rows exceed max_batch_size={self.max_batch_size}")
+        with self._transaction() as saved:
+            slots = self._place(rows, q)
+            table, delta = self._tables()
+            length = self._common_length()
+            self._fwd = _Forward(table, delta, slots, _size_carrier(length), rows, q, saved)
+            self.last_step = StepMapping(table, delta, slots, length)
+        self._layers_written = 0
+
+    def _place(self, rows: int, q: int) -> torch.Tensor:
+        """Open the rows, allocate (and copy-on-write) the blocks the q new tokens of each row go to, grow the
+        views; return the flat pool slots of the new tokens, row-major."""
         if not self._batch:
             self._batch = [self._new_seq(SeqMap()) for _ in range(rows)]
         elif rows != len(self._batch):
@@ -298,65 +445,71 @@ class ManifoldCache(Cache):
                     "(expected the same number or a multiple of it)"
                 )
             self._repeat_interleave(rows // len(self._batch))
-        self._common_length()
+        view = self._common_length()
         bs = self.block_size
         plans, needed = [], 0
         for seq in self._batch:
             m = self._seqs[seq]
-            sq = m.next_logical - self._frame
+            if m.next_logical + q > self.max_position:
+                raise ValueError(f"input: sequence {seq} would pass logical position max_position={self.max_position}")
+            sq = m.next_logical - view
             r = m.length % bs
             cow = r > 0 and (self.allocator.refcount[m.blocks[-1]] > 1 or m.sigma[-1] != sq)
             fresh = -(-(r + q) // bs) - (1 if r else 0)
-            plans.append((m, sq, r, cow, fresh))
+            plans.append((seq, m, sq, r, cow, fresh))
             needed += fresh + cow
         self.allocator.require(needed, f"appending {q} tokens to {rows} sequences")
 
         copies: list[tuple[int, NewBlock]] = []
         released: list[int] = []  # released after the copies read them
-        slots: list[int] = []
-        for m, sq, r, cow, fresh in plans:
+        slots: list[np.ndarray] = []
+        for seq, m, sq, r, cow, fresh in plans:
+            blocks, sigma = m.blocks, m.sigma  # new arrays below: a SeqMap's arrays are never written in place
             if cow:
-                old = int(m.blocks[-1])
+                old = int(blocks[-1])
                 (new,) = self.allocator.allocate(1)
-                copies.append((new, NewBlock(None, sq, r, (Piece(old, 0, r, int(m.sigma[-1])),))))
-                m.blocks = np.append(m.blocks[:-1], new)  # new arrays: a SeqMap's arrays are never written in place
-                m.sigma = np.append(m.sigma[:-1], sq)
+                copies.append((new, NewBlock(None, sq, r, (Piece(old, 0, r, int(sigma[-1])),))))
+                blocks, sigma = np.append(blocks[:-1], new), np.append(sigma[:-1], sq)
                 released.append(old)
             if fresh:
-                m.blocks = np.concatenate((m.blocks, self.allocator.allocate(fresh)))
-                m.sigma = np.concatenate((m.sigma, np.full(fresh, sq, dtype=np.int64)))
+                blocks = np.concatenate((blocks, self.allocator.allocate(fresh)))
+                sigma = np.concatenate((sigma, np.full(fresh, sq, dtype=np.int64)))
             pos = np.arange(m.length, m.length + q)
-            phys, offset = m.blocks[pos // bs], pos % bs
+            phys, offset = blocks[pos // bs], pos % bs
             slots.append(phys * bs + offset)
-            self.storage.stored[phys, offset] = self._frame + np.arange(q)
-            m.length += q
-            m.next_logical += q
+            self.storage.stored[phys, offset] = view + np.arange(q)
+            self._seqs[seq] = SeqMap(blocks, sigma, m.length + q, m.next_logical + q)
         self.storage.copy_blocks(copies)
         self.allocator.decref(released)
-        self._frame += q  # views grew by q too; the frame must not move otherwise inside a forward
-        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
-        table, delta = self._tables()
-        slots_t = torch.from_numpy(np.concatenate(slots)).to(self.storage.device)
-        length = self._common_length()
-        self._fwd = _Forward(table, delta, slots_t, _size_carrier(length), q)
-        self.last_step = StepMapping(table, delta, slots_t, length)
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.allocator.blocks_in_use)
+        return torch.from_numpy(np.concatenate(slots)).to(self.storage.device)
 
     @torch.compiler.disable
     def _end_forward(self) -> None:
-        if self._window is not None:
+        """The last layer's commit with a window: apply it as part of the forward (a failure undoes both)."""
+        saved = self._fwd.saved
+        outer = self.allocator.journal
+        self.allocator.journal = saved.journal
+        try:
             for seq in self._batch:
                 self._apply_window(seq)
             self._touch()
+        except BaseException:
+            self._restore(saved)
+            raise
+        finally:
+            self.allocator.journal = outer
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Block table and deltas of the batch, padded to a power-of-two width >= 2 (marked dynamic)."""
         width = 1 << max(1, (max(len(self._seqs[s].blocks) for s in self._batch) - 1).bit_length())
         table = np.zeros((len(self._batch), width), dtype=np.int64)
         delta = np.zeros((len(self._batch), width), dtype=np.int64)
+        view = self._common_length()
         for row, seq in enumerate(self._batch):
             m = self._seqs[seq]
             table[row, : len(m.blocks)] = m.blocks
-            delta[row, : len(m.blocks)] = m.sigma - (m.next_logical - self._frame)
+            delta[row, : len(m.blocks)] = m.sigma - (m.next_logical - view)
         table = torch.from_numpy(table).to(self.storage.device)
         delta = torch.from_numpy(delta).to(self.storage.device)
         torch._dynamo.maybe_mark_dynamic(table, 1)
@@ -375,15 +528,16 @@ class ManifoldCache(Cache):
     # ----------------------------------------------------------------- sequence operations
     def fork(self, seq: int, n: int) -> list[int]:
         """`n` new sequences sharing every block of `seq` (appended to the batch)."""
-        m = self._get(seq)
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected a non-negative int, got {n!r}")
-        ids = []
-        for _ in range(n):
-            self.allocator.incref(m.blocks)
-            ids.append(self._new_seq(m.copy()))
-        self._batch.extend(ids)
-        return ids
+        with self._transaction():
+            m = self._get(seq)
+            _check_int("n", n, 0)
+            ids = []
+            for _ in range(n):
+                self.allocator.incref(m.blocks)
+                ids.append(self._new_seq(m.copy()))
+            self._batch.extend(ids)
+            self._touch()
+            return ids
 
     def new_sequences(self, n: int) -> list[int]:
         """`n` new empty sequences, appended to the batch.
@@ -392,25 +546,31 @@ class ManifoldCache(Cache):
         model breaks its graph there (inside the layer loop, which makes Dynamo trace each layer on its
         own); opening the rows first moves that bookkeeping before the layers.
         """
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected a positive int, got {n!r}")
+        self._settle()
+        _check_int("n", n, 1)
         if len(self._batch) + n > self.max_batch_size:
             raise ValueError(f"n: {len(self._batch)} + {n} rows exceed max_batch_size={self.max_batch_size}")
         ids = [self._new_seq(SeqMap()) for _ in range(n)]
         self._batch.extend(ids)
+        self._touch()
         return ids
 
     def set_batch(self, seqs: Sequence[int]) -> None:
         """Choose which live sequences (in row order) the next forward runs; they must have equal view lengths."""
+        self._settle()
         seqs = [int(s) for s in seqs]
         for s in seqs:
             self._get(s)
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"seqs: expected distinct sequence ids, got {seqs}")
+        if len(seqs) > self.max_batch_size:
+            raise ValueError(f"seqs: {len(seqs)} rows exceed max_batch_size={self.max_batch_size}")
         self._batch = seqs
+        self._touch()
 
     def reorder(self, beam_idx: torch.Tensor | Sequence[int]) -> None:
         """Row i of the batch takes the content of row `beam_idx[i]` (beam search); blocks are shared, not copied."""
+        self._settle()
         idx = [int(i) for i in torch.as_tensor(beam_idx).reshape(-1).tolist()]
         if len(idx) != len(self._batch) or any(not 0 <= i < len(self._batch) for i in idx):
             raise ValueError(f"beam_idx: expected {len(self._batch)} row indices in [0, {len(self._batch)}), got {idx}")
@@ -418,105 +578,137 @@ class ManifoldCache(Cache):
 
     def reorder_ids(self, sources: list[int], rows: list[int] | None = None) -> None:
         """Set sequence `rows[i]` (default: new sequences) to a shared copy of `sources[i]`; make `rows` the batch."""
-        new = [self._get(s).copy() for s in sources]
-        for m in new:
-            self.allocator.incref(m.blocks)
-        if rows is None:
-            rows = [self._new_seq(m) for m in new]
-        else:
-            for seq, m in zip(rows, new, strict=True):
-                self.allocator.decref(self._seqs[seq].blocks)
-                self._seqs[seq] = m
-        self._batch = list(rows)
-        self._touch()
+        with self._transaction():
+            new = [self._get(s).copy() for s in sources]
+            if rows is not None:
+                for seq in rows:
+                    self._get(seq)
+                if len(rows) != len(new) or len(set(rows)) != len(rows):
+                    raise ValueError(f"rows: expected {len(new)} distinct live sequences, got {rows}")
+            if len(new) > self.max_batch_size:
+                raise ValueError(f"sources: {len(new)} rows exceed max_batch_size={self.max_batch_size}")
+            for m in new:
+                self.allocator.incref(m.blocks)
+            if rows is None:
+                rows = [self._new_seq(m) for m in new]
+            else:
+                for seq, m in zip(rows, new, strict=True):
+                    self.allocator.decref(self._seqs[seq].blocks)
+                    self._seqs[seq] = m
+            self._batch = list(rows)
+            self._touch()
 
     def free(self, seq: int) -> None:
         """Drop `seq` and release its blocks."""
-        m = self._get(seq)
-        self.allocator.decref(m.blocks)
-        del self._seqs[seq]
-        if seq in self._batch:
-            self._batch.remove(seq)
-        self._touch()
+        with self._transaction():
+            m = self._get(seq)
+            self.allocator.decref(m.blocks)
+            del self._seqs[seq]
+            if seq in self._batch:
+                self._batch.remove(seq)
+            self._touch()
 
     def delete(self, seq: int, start: int, end: int) -> None:
         """Remove logical tokens [start, end); later tokens move down by end - start (their data does not move)."""
-        self._check_range(start, end)
-        m = self._get(seq)
-        before, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
-        _, after = split_at(rest, end, self.storage.stored)
-        nxt = m.next_logical - (end - start) if m.next_logical >= end else min(m.next_logical, start)
-        self._commit(seq, before + after.shifted(start - end), nxt, f"delete({seq}, {start}, {end})")
+        with self._transaction():
+            self._check_range(start, end)
+            m = self._get(seq)
+            before, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
+            _, after = split_at(rest, end, self.storage.stored)
+            nxt = m.next_logical - (end - start) if m.next_logical >= end else min(m.next_logical, start)
+            self._commit(seq, before + after.shifted(start - end), nxt, f"delete({seq}, {start}, {end})")
 
     def chunk(self, seq: int, start: int, end: int) -> KVChunk:
         """A shareable, reference-counted handle on the tokens of `seq` at logical [start, end)."""
-        self._check_range(start, end)
-        m = self._get(seq)
-        _, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
-        inside, _ = split_at(rest, end, self.storage.stored)
-        return KVChunk(self, inside.shifted(-start), end - start)
+        with self._transaction():
+            self._check_range(start, end)
+            m = self._get(seq)
+            _, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
+            inside, _ = split_at(rest, end, self.storage.stored)
+            return KVChunk(self, inside.shifted(-start), end - start)
 
     def splice(self, seq: int, chunk: KVChunk, at: int) -> None:
         """Place `chunk` at logical `at`; tokens at or after `at` move up by its span.
 
-        `at` beyond the end leaves a gap: that attaches a stream at offset `at` (any offset up to 2^46).
+        `at` beyond the end leaves a gap: that attaches a stream at offset `at` (below `max_position`).
         """
-        if not isinstance(chunk, KVChunk) or chunk.cache is not self or chunk.freed:
-            raise ValueError("chunk: expected a live KVChunk of this cache")
-        if not isinstance(at, int) or at < 0:
-            raise ValueError(f"at: expected a non-negative int, got {at!r}")
-        m = self._get(seq)
-        before, after = split_at(seq_pieces(m, self.block_size), at, self.storage.stored)
-        pieces = before + chunk.pieces.shifted(at) + after.shifted(chunk.span)
-        nxt = at + chunk.span if at >= m.next_logical else m.next_logical + chunk.span
-        self._commit(seq, pieces, nxt, f"splice({seq}, chunk, at={at})")
+        with self._transaction():
+            if not isinstance(chunk, KVChunk) or chunk.cache is not self or chunk.freed:
+                raise ValueError("chunk: expected a live KVChunk of this cache")
+            _check_int("at", at, 0, self.max_position)
+            m = self._get(seq)
+            before, after = split_at(seq_pieces(m, self.block_size), at, self.storage.stored)
+            pieces = before + chunk.pieces.shifted(at) + after.shifted(chunk.span)
+            nxt = at + chunk.span if at >= m.next_logical else m.next_logical + chunk.span
+            self._commit(seq, pieces, nxt, f"splice({seq}, chunk, at={at})")
 
     def set_window(self, sink: int, window: int | None) -> None:
         """StreamingLLM: keep the blocks holding the first `sink` tokens and the fewest recent blocks holding at
         least `window` tokens; kept tokens take consecutive positions (sink from 0, window right after).
 
-        Applied now to every sequence and after every forward; `window=None` turns the policy off.
+        Applied now to every sequence (all or none) and after every forward; `window=None` turns it off.
         """
-        if window is None:
-            self._window = None
-            return
-        if not isinstance(sink, int) or sink < 0 or not isinstance(window, int) or window < 1:
-            raise ValueError(f"sink/window: expected sink >= 0 and window >= 1 ints, got {sink!r}, {window!r}")
-        self._window = (sink, window)
-        for seq in list(self._seqs):
-            self._apply_window(seq)
-        self._touch()
+        with self._transaction():
+            if window is None:
+                self._window = None
+                return
+            _check_int("sink", sink, 0)
+            _check_int("window", window, 1)
+            self._window = (sink, window)
+            for seq in list(self._seqs):
+                self._apply_window(seq)
+            self._touch()
 
     def prefill(self, model: torch.nn.Module, input_ids: torch.Tensor) -> KVChunk:
         """Run `model` on `input_ids` ([1, n]) alone, at positions 0..n-1, and return its KV as a chunk.
 
         The chunk attends only to itself; splice it anywhere, in any sequence of this cache.
         """
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids: expected shape [1, n], got {tuple(input_ids.shape)}")
-        saved = (self._batch, self._frame, self._window)
-        self._batch, self._frame, self._window = [], 0, None
-        try:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected shape [1, n], got {got}")
+        config = getattr(model, "config", None)
+        if config is not None:
+            self._check_model_config(config)
+        with self._transaction() as saved:
+            self._batch, self._window, self._view_sizes = [], None, torch.empty(0, 0)
             with torch.no_grad():
                 model(input_ids=input_ids, past_key_values=self, use_cache=True)
+            if self._fwd is not None:
+                raise RuntimeError(
+                    f"model: its forward did not reach layer {self.shape.num_layers - 1} (the config's last layer)"
+                )
             (tmp,) = self._batch
             chunk = self.chunk(tmp, 0, self._seqs[tmp].next_logical)
             self.free(tmp)
-        finally:
-            self._batch, self._frame, self._window = saved
-            self._touch()
+            self._batch, self._window, self._view_sizes = saved.batch, saved.window, saved.view
         return chunk
+
+    def _check_model_config(self, config) -> None:
+        """Refuse a model whose RoPE basis or KV geometry differs from the cache's config."""
+        if (shape := kv_shape_from_config(config)) != self.shape:
+            raise ValueError(f"model: its KV shape {shape} differs from the cache's {self.shape}")
+        rope = rope_from_config(config)
+        if rope != self.rope:
+            raise ValueError(
+                "model: its RoPE basis (rope theta/scaling, rotary dim or pair layout) differs from the cache's "
+                f"config: inv_freq[:3] {rope.inv_freq[:3].tolist()} vs {self.rope.inv_freq[:3].tolist()}"
+            )
 
     # ----------------------------------------------------------------- internals
     def _get(self, seq: int) -> SeqMap:
-        if seq not in self._seqs:
+        self._settle()
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq not in self._seqs:
             raise ValueError(f"seq: no live sequence {seq!r} (live: {sorted(self._seqs)})")
         return self._seqs[seq]
 
-    @staticmethod
-    def _check_range(start: int, end: int) -> None:
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
-            raise ValueError(f"start/end: expected ints with 0 <= start <= end, got {start!r}, {end!r}")
+    def _check_range(self, start: int, end: int) -> None:
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end))
+        if not (ok and 0 <= start <= end <= self.max_position):
+            raise ValueError(
+                f"start/end: expected ints with 0 <= start <= end <= max_position={self.max_position}, "
+                f"got {start!r}, {end!r}"
+            )
 
     def _new_seq(self, m: SeqMap) -> int:
         seq = self._next_id
@@ -524,33 +716,41 @@ class ManifoldCache(Cache):
         self._seqs[seq] = m
         return seq
 
-    def _longest(self) -> int:
-        return max((m.length for m in self._seqs.values()), default=0)
-
     def _touch(self) -> None:
-        """After any change: keep the frame at least the longest view (so kv_offset >= 0), track the peak."""
-        self._frame = max(self._frame, self._longest()) if self._seqs else 0
-        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.blocks_in_use)
+        """After any change: the view length of the batch (what get_seq_length reports), the peak."""
+        n = max((self._seqs[s].length for s in self._batch), default=0)
+        if n != self._view_sizes.shape[1]:
+            self._view_sizes = _size_carrier(n)
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.allocator.blocks_in_use)
 
     def _repeat_interleave(self, repeats: int) -> None:
-        if repeats < 1:
-            raise ValueError(f"repeats: expected a positive int, got {repeats}")
+        _check_int("repeats", repeats, 1)
+        if len(self._batch) * repeats > self.max_batch_size:
+            raise ValueError(
+                f"repeats: {len(self._batch)} x {repeats} rows exceed max_batch_size={self.max_batch_size}"
+            )
         order = []
         for seq in list(self._batch):
             order.append(seq)
-            extra = self.fork(seq, repeats - 1)
-            order.extend(extra)
+            m = self._seqs[seq]
+            for _ in range(repeats - 1):
+                self.allocator.incref(m.blocks)
+                order.append(self._new_seq(m.copy()))
         self._batch = order
+        self._touch()
 
     def _commit(self, seq: int, pieces: Pieces, next_logical: int, what: str) -> None:
-        """Repack `pieces` as the new mapping of `seq`: check copy budget and pool, then copy, then swap refs."""
+        """Repack `pieces` as the new mapping of `seq`: check bounds and pool, then copy, then swap refs.
+
+        Blocks an edit moves off block boundaries are copied (re-rotated to one sigma); the rest are shared.
+        """
+        if next_logical > self.max_position:
+            raise ValueError(f"{what}: the next position {next_logical} would pass max_position={self.max_position}")
         plan = repack(pieces, self.block_size)
         copy_at = plan.copies
-        if copy_at.size > MAX_COW_BLOCKS:
-            raise ValueError(
-                f"{what}: the edit moves tokens off block boundaries and would copy {copy_at.size} blocks; at most "
-                f"{MAX_COW_BLOCKS} may be copied (use block-aligned ranges: block_size={self.block_size})"
-            )
+        offset = _largest_rotation(pieces, plan, next_logical, self.block_size)
+        if offset >= MAX_ABS_DELTA:
+            raise ValueError(f"{what}: a key would be rotated by {offset} positions; offsets stay below 2^31")
         self.allocator.require(int(copy_at.size), what)
         blocks = plan.phys.copy()
         self.allocator.incref(blocks[blocks >= 0])
