@@ -45,7 +45,12 @@ def launch(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, num_splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Run the generated kernels.  num_splits: 0 picks automatically, 1 forces one pass, n > 1 forces n splits."""
+    """Run the generated kernels.  num_splits: 0 picks automatically, 1 forces one pass, n > 1 forces n splits.
+
+    The mapping's values are checked first (`check_mapping_values`; a host sync on the GPU)."""
+    from gaugecompile.ops.checks import check_mapping_values
+
+    check_mapping_values(block_table, block_delta, seq_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     max_blocks = block_table.shape[1]

@@ -217,6 +217,29 @@ inline int64_t row_index(int64_t h, int64_t i, int64_t g, int64_t t, int64_t cou
   return ((h * count + i) * G + g) * Q + t;
 }
 
+// Value checks of the mapping, made here where it is read: a compiled graph or an exported program calls this
+// kernel without the Python wrapper.  Ids inside the pool, lengths inside the table, deltas inside the range
+// where angles are exact ([-2^31, 2^31), gaugecompile.rope.MAX_ABS_DELTA).  O(blocks), next to O(blocks * d).
+void check_mapping(const at::Tensor& table, const at::Tensor& delta, const int64_t* lens, int64_t length,
+                   const char* length_name, int64_t min_length, int64_t num_blocks, int64_t bs) {
+  const int64_t B = table.size(0), width = table.size(1);
+  const int64_t* tp = table.const_data_ptr<int64_t>();
+  const int64_t* dp = delta.const_data_ptr<int64_t>();
+  const int64_t bound = int64_t(1) << 31;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens ? lens[b] : length;
+    TORCH_CHECK_VALUE(len >= min_length && len <= width * bs, length_name, ": row ", b, " has length ", len,
+                      "; expected one in [", min_length, ", max_blocks*block_size=", width * bs, "]");
+    for (int64_t j = 0; j < (len + bs - 1) / bs; ++j) {
+      const int64_t id = tp[b * width + j], d = dp[b * width + j];
+      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table: row ", b, ", block ", j, " is ", id,
+                        "; expected a block id in [0, num_blocks=", num_blocks, ")");
+      TORCH_CHECK_VALUE(d >= -bound && d < bound, "block_delta: row ", b, ", block ", j, " is ", d,
+                        "; expected -2^31 <= delta < 2^31 (where angles are exact)");
+    }
+  }
+}
+
 template <typename S>
 void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                     const at::Tensor& table, const at::Tensor& delta, const at::Tensor& lens,
@@ -240,6 +263,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
   const A* sp = rotated ? sin.const_data_ptr<A>() : nullptr;
   S* op = out.data_ptr<S>();
   A* lsep = lse.data_ptr<A>();
+  check_mapping(table, delta, lp, 0, "seq_lens", Q, k_pool.size(0), bs);
 
   // Rows grouped by view length; within a group, the leading blocks all rows share form one segment.
   std::vector<int64_t> order(B);
@@ -452,8 +476,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
 
 template <typename S>
 void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table,
-                      const at::Tensor& cos, const at::Tensor& sin, bool interleaved, const at::Tensor& k_out,
-                      const at::Tensor& v_out) {
+                      const at::Tensor& delta, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                      const at::Tensor& k_out, const at::Tensor& v_out) {
   using A = typename Acc<S>::type;
   const int64_t B = table.size(0), width = table.size(1);
   const int64_t bs = k_pool.size(1), Hkv = k_pool.size(2), L = k_out.size(2);
@@ -466,6 +490,7 @@ void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const 
   const A* sp = rotated ? sin.const_data_ptr<A>() : nullptr;
   S* ko = k_out.data_ptr<S>();
   S* vo = v_out.data_ptr<S>();
+  check_mapping(table, delta, nullptr, L, "length", 0, k_pool.size(0), bs);
   const int64_t n_blocks = (L + bs - 1) / bs;
   at::parallel_for(0, B * n_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> x(D), y(D);
@@ -513,12 +538,13 @@ void attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& 
   });
 }
 
-void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table, const at::Tensor& cos,
-                 const at::Tensor& sin, bool interleaved, const at::Tensor& k_out, const at::Tensor& v_out) {
+void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table,
+                 const at::Tensor& delta, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                 const at::Tensor& k_out, const at::Tensor& v_out) {
   TORCH_CHECK(k_pool.size(3) == D, "k_pool: this kernel was generated for head_dim ", D, ", got ", k_pool.size(3));
   dispatch(k_pool.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
-    materialize_impl<S>(k_pool, v_pool, table, cos, sin, interleaved, k_out, v_out);
+    materialize_impl<S>(k_pool, v_pool, table, delta, cos, sin, interleaved, k_out, v_out);
   });
 }
 
@@ -527,7 +553,8 @@ void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::T
 TORCH_LIBRARY($namespace, m) {
   m.def("attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor delta, Tensor lens, Tensor cos, "
         "Tensor sin, float scale, bool causal, bool interleaved, Tensor(a!) out, Tensor(b!) lse) -> ()", &attention);
-  m.def("materialize(Tensor k_pool, Tensor v_pool, Tensor table, Tensor cos, Tensor sin, bool interleaved, "
+  m.def("materialize(Tensor k_pool, Tensor v_pool, Tensor table, Tensor delta, Tensor cos, Tensor sin, "
+        "bool interleaved, "
         "Tensor(a!) k_out, Tensor(b!) v_out) -> ()", &materialize);
 }
 ''')

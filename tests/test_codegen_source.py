@@ -108,7 +108,7 @@ def test_angle_kernel_reduces_like_rope(dtype):
 
     spec = KernelSpec(64, 48, False, 16, 1, dtype)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 48, 2, dtype=torch.float64) / 48))
-    delta = torch.tensor([[0, 1, -1, 2**31 - 1], [-(2**31), 123_456_789, -987_654_321, 2**40 + 7]])
+    delta = torch.tensor([[0, 1, -1, 2**31 - 1], [-(2**31), 123_456_789, -987_654_321, 2**31 - 12_345]])
     split = inv_freq * float(2**27 + 1)
     hi = split - (split - inv_freq)
     tdt = getattr(torch, dtype)

@@ -123,7 +123,7 @@ def test_native_attention_makes_no_gather_copy():
     v = torch.randn_like(k)
     q = torch.randn(2, 8, 1, 64, generator=g)
     table = torch.stack([torch.randperm(256, generator=g)[:200] for _ in range(2)])
-    delta = torch.randint(-(2**40), 2**40, (2, 200), generator=g)
+    delta = torch.randint(-(2**31), 2**31, (2, 200), generator=g)
     lens = torch.tensor([3200, 3190])
     rope = gc.RopeSpec.from_base(1e4, 64)
     gc.rotated_query_attention(q, k, v, table, delta, lens, rope, impl="native")  # build outside the mode

@@ -1,7 +1,8 @@
 """Input validation for the rotated-query op: clear errors that name the argument.
 
-Shape, dtype and device checks run everywhere (they are static under tracing); checks that read
-tensor values (block ids, lengths, delta range) run only in eager mode.
+Shape, dtype and device checks run at the op's entry (they are static under tracing); checks that
+read tensor values (block ids, lengths, delta range) run in the kernels, where the values are read, so
+they also guard compiled graphs and exported programs.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
 
 
-def _is_tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+def _is_tracing(t: torch.Tensor) -> bool:
+    """True where `t` has no values to read: under Dynamo, torch.export, jit tracing, or a fake/meta tensor."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or t.device.type == "meta" or is_fake(t)
 
 
 def check_attention_inputs(
@@ -73,27 +77,46 @@ def check_attention_inputs(
         raise TypeError(f"seq_lens: expected an int32/int64 tensor, got {seq_lens.dtype}")
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"rope.rotary_dim: expected an even number in (0, head_dim={head_dim}], got {rotary_dim}")
-    if _is_tracing() or q.device.type == "meta":
+
+
+def check_mapping_values(
+    block_table: torch.Tensor, block_delta: torch.Tensor, lengths: torch.Tensor | int, num_blocks: int,
+    block_size: int, min_length: int = 0, length_name: str = "seq_lens",
+) -> None:
+    """Raise ValueError naming the argument when the mapping's values break the op's contract: a length outside
+    [min_length, max_blocks*block_size], a used block id outside [0, num_blocks), a used delta outside
+    [-2^31, 2^31) (`MAX_ABS_DELTA`, where angles are exact).  Padding past a row's length is never read.
+
+    Every kernel runs these checks where it reads the mapping (the native kernel in C++), so they hold for
+    compiled graphs and exported programs too; under tracing (fake or meta tensors) there are no values.
+    """
+    if _is_tracing(block_table):
         return
-    max_blocks = block_table.shape[1]
-    if seq_lens.numel():
-        lo, hi = int(seq_lens.min()), int(seq_lens.max())
-        if lo < q_len or hi > max_blocks * block_size:
-            raise ValueError(
-                f"seq_lens: expected values in [q_len={q_len}, max_blocks*block_size={max_blocks * block_size}], "
-                f"got min {lo}, max {hi}"
-            )
-    used = _used_blocks(seq_lens, block_size, max_blocks)
-    if used.any():
-        ids = block_table[used]
-        if int(ids.min()) < 0 or int(ids.max()) >= num_blocks:
-            raise ValueError(
-                f"block_table: block ids must lie in [0, num_blocks={num_blocks}), got min {int(ids.min())}, "
-                f"max {int(ids.max())}"
-            )
-        deltas = block_delta[used]
-        if int(deltas.abs().max()) >= MAX_ABS_DELTA:
-            raise ValueError(f"block_delta: expected |delta| < 2^46, got {int(deltas.abs().max())}")
+    batch, max_blocks = block_table.shape
+    if isinstance(lengths, int):
+        lengths = torch.full((batch,), lengths, dtype=torch.int64, device=block_table.device)
+    if not lengths.numel():
+        return
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < min_length or hi > max_blocks * block_size:
+        raise ValueError(
+            f"{length_name}: expected values in [{min_length}, max_blocks*block_size={max_blocks * block_size}], "
+            f"got min {lo}, max {hi}"
+        )
+    used = _used_blocks(lengths, block_size, max_blocks)
+    if not used.any():
+        return
+    ids, deltas = block_table[used], block_delta[used]
+    if int(ids.min()) < 0 or int(ids.max()) >= num_blocks:
+        raise ValueError(
+            f"block_table: block ids must lie in [0, num_blocks={num_blocks}), got min {int(ids.min())}, "
+            f"max {int(ids.max())}"
+        )
+    if int(deltas.min()) < -MAX_ABS_DELTA or int(deltas.max()) >= MAX_ABS_DELTA:
+        raise ValueError(
+            f"block_delta: expected -2^31 <= delta < 2^31 (where angles are exact), got min {int(deltas.min())}, "
+            f"max {int(deltas.max())}"
+        )
 
 
 def _used_blocks(seq_lens: torch.Tensor, block_size: int, max_blocks: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .angles import block_angles
+from .checks import check_mapping_values
 from .reference import gather_view, rerotate_view, token_deltas, token_slots
 
 __all__ = ["materialize_kv"]
@@ -66,7 +67,9 @@ def _materialize_op(
         width = -(-length // k_pool.shape[1])
         cdt = accumulation_dtype(k_pool.dtype)
         cos, sin = block_angles(block_delta[:, :width], inv_freq, cdt)
-        return native_materialize(k_pool, v_pool, block_table[:, :width], cos, sin, rotary_dim, interleaved, length)
+        return native_materialize(k_pool, v_pool, block_table[:, :width], block_delta[:, :width], cos, sin, rotary_dim,
+                                  interleaved, length)
+    check_mapping_values(block_table, block_delta, length, k_pool.shape[0], k_pool.shape[1], 0, "length")
     return materialize_views(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length)
 
 

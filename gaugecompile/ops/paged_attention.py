@@ -21,6 +21,7 @@ import torch
 
 from ..rope import accumulation_dtype, rotate
 from .angles import block_angles
+from .checks import check_mapping_values
 
 TILE_TOKENS = 4096
 
@@ -181,9 +182,10 @@ def paged_attention(
     block_delta: torch.Tensor, seq_lens: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
     interleaved: bool, scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated-query attention for a batch (validated inputs); out in q's dtype, lse float32/64."""
+    """Rotated-query attention for a batch (shape-checked inputs); out in q's dtype, lse float32/64."""
     cdt = accumulation_dtype(q.dtype)
     block_size = k_pool.shape[1]
+    check_mapping_values(block_table, block_delta, seq_lens, k_pool.shape[0], block_size, q.shape[2])
     lens = seq_lens.tolist()
     width = -(-max(lens) // block_size) if lens else 0
     cos, sin = block_angles(block_delta[:, :width], inv_freq, cdt)  # [B, width, F], once for every row and layer

@@ -79,11 +79,12 @@ def reference_attention(
 
     `impl` is accepted for signature compatibility and must be "reference".
     """
-    from .checks import check_attention_inputs
+    from .checks import check_attention_inputs, check_mapping_values
 
     if impl != "reference":
         raise ValueError(f"impl: reference_attention only has impl='reference', got {impl!r}")
     check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim)
+    check_mapping_values(block_table, block_delta, seq_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_size = k_pool.shape[1]
     outs, lses = [], []
