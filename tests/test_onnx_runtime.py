@@ -63,6 +63,22 @@ def test_bad_inputs_name_the_input(model_path):
         run(path, inputs[0])
 
 
+@pytest.mark.parametrize("name,value,match", [
+    ("block_table", [[2, -1], [1, 2]], "block_table: block ids must lie in"),  # onnxruntime would wrap -1
+    ("block_table", [[2, 3], [1, 2]], "block_table: block ids must lie in"),
+    ("block_delta", [[2**31, 0], [0, 0]], "block_delta: expected -2"),
+    ("seq_lens", [9, 3], "seq_lens: expected values in"),
+    ("seq_lens", [0, 3], "seq_lens: expected values in"),
+])
+def test_mapping_values_are_checked_against_the_pools(model_path, name, value, match):
+    """Issue 14, finding 7: an exported graph cannot check values, so `run` checks ids, lengths and deltas."""
+    path, inputs = model_path
+    names = ["q", "k_pool", "v_pool", "block_table", "block_delta", "seq_lens"]
+    feeds = dict(zip(names, inputs, strict=True))
+    with pytest.raises(ValueError, match=match):
+        run(path, {**feeds, name: torch.tensor(value)})
+
+
 def test_bad_path_or_provider(model_path, tmp_path):
     path, inputs = model_path
     with pytest.raises(ValueError, match="path: no ONNX file"):

@@ -12,7 +12,8 @@ Transactions.  Every operation validates and plans before it changes anything, a
 journal (`BlockAllocator.journal`) plus a copy of the host state (tables, batch, view, window), so one
 that raises -- also a KeyboardInterrupt -- leaves the cache exactly as it was.  A forward is a
 transaction that spans calls: `get_mask_sizes` (or layer 0's `update`) places its tokens, and it commits
-when the last layer's `update` returns.  A forward that fails or is interrupted in between is rolled back
+when the last layer's `update` returns (a model with more layers than the config undoes it at the first
+extra layer; a failure after the last layer, in the final norm or head, leaves a completed forward).  A forward that fails or is interrupted in between is rolled back
 by the next call that finds it pending: any cache operation or accessor, or the next forward's
 `get_mask_sizes`/`update` (a forward whose layers never ran is reused as is, it placed tokens only).
 
@@ -166,7 +167,7 @@ class ManifoldCache(Cache):
         self._window: tuple[int, int] | None = None
         self.peak_blocks_in_use = 0
         self._fwd: _Forward | None = None
-        self._layers_written = 0  # layers of the pending forward whose update() ran
+        self._layers_written = 0  # layers of the forward whose update() ran (all: it has committed)
         #: The mapping the most recent forward used (block table, deltas, pool slots written, view length).
         self.last_step: StepMapping | None = None
 
@@ -315,7 +316,12 @@ class ManifoldCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new K/V ([batch, kv_heads, q, head_dim]) into the pools; return the materialised view."""
-        self._check_kv(key_states, value_states, layer_idx)
+        error = self._kv_error(key_states, value_states, layer_idx)
+        if error is not None:  # the forward cannot go on: roll back what it placed, then say why
+            if self._fwd is not None and layer_idx == self._layers_written == self.shape.num_layers:
+                self._restore(self._fwd.saved)  # the model has more layers than the config: undo its forward too
+            self._settle()
+            raise error
         fwd = self._fwd
         if layer_idx == 0 and (fwd is None or self._layers_written or key_states.shape[0] != fwd.rows
                                or key_states.shape[2] != fwd.q):
@@ -346,30 +352,29 @@ class ManifoldCache(Cache):
                 self._end_forward()
             else:
                 self._view_sizes = sizes
-            self._fwd = None
-            self._layers_written = 0
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
-    def _check_kv(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
-        """K/V must match the pools (static checks: guards, not run-time work, under torch.compile)."""
+    def _kv_error(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> Exception | None:
+        """Why K/V do not fit the pools, or None (static checks: guards, not run-time work, under torch.compile)."""
         layers, heads, dim = self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
-            raise ValueError(f"layer_idx: expected an int in [0, {layers}) (the config's layers), got {layer_idx!r}")
+            return ValueError(f"layer_idx: expected an int in [0, {layers}) (the config's layers), got {layer_idx!r}")
         for name, t in (("key_states", key_states), ("value_states", value_states)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != heads or t.shape[3] != dim:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(
+                return ValueError(
                     f"{name}: expected [batch, num_kv_heads={heads}, q_len, head_dim={dim}] (the cache's config), "
                     f"got {got}"
                 )
             if t.dtype not in _FLOATS:
-                raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+                return TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
             if t.device != (pools := self.storage.k_pools[0].device):
-                raise ValueError(f"{name}: expected device {pools} (the pools'), got {t.device}")
+                return ValueError(f"{name}: expected device {pools} (the pools'), got {t.device}")
         if value_states.shape != key_states.shape:
-            raise ValueError(
+            return ValueError(
                 f"value_states: expected key_states' shape {tuple(key_states.shape)}, got {tuple(value_states.shape)}"
             )
+        return None
 
     # ----------------------------------------------------------------- transactions
     def _save(self) -> _Saved:
@@ -408,8 +413,12 @@ class ManifoldCache(Cache):
                 self.allocator.journal = None
 
     def _settle(self) -> None:
-        """Roll back a forward that is still pending outside a forward: it failed or was interrupted."""
-        if self._fwd is not None:
+        """Outside a forward: forget a committed forward, roll back a pending one (it failed or was interrupted)."""
+        if self._fwd is None:
+            return
+        if self._layers_written == self.shape.num_layers:
+            self._fwd, self._layers_written = None, 0
+        else:
             self._restore(self._fwd.saved)
 
     # ----------------------------------------------------------------- forward bookkeeping (host)
@@ -674,7 +683,7 @@ class ManifoldCache(Cache):
             self._batch, self._window, self._view_sizes = [], None, torch.empty(0, 0)
             with torch.no_grad():
                 model(input_ids=input_ids, past_key_values=self, use_cache=True)
-            if self._fwd is not None:
+            if self._fwd is not None and self._layers_written < self.shape.num_layers:
                 raise RuntimeError(
                     f"model: its forward did not reach layer {self.shape.num_layers - 1} (the config's last layer)"
                 )

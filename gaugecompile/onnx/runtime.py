@@ -2,7 +2,11 @@
 
 onnxruntime's own errors for a wrong feed name, rank or dtype are terse and name no shapes;
 this checks each input against the graph signature and raises ValueError/TypeError naming the
-input and what the model expects.
+input and what the model expects.  Exported graphs cannot check values (ONNX has no assert, and a
+gather wraps negative ids), so the mapping inputs of the two exported forms -- the op
+(`q, k_pool, ..., seq_lens`) and a `CacheStep` (`block_table, block_delta, slots, view_sizes,
+k_pools_*`) -- are checked here against the pools they index, as the kernels check them
+(`gaugecompile.ops.checks.check_mapping_values`).
 """
 
 from __future__ import annotations
@@ -69,6 +73,31 @@ def _feeds(session: ort.InferenceSession, inputs: Mapping[str, Any] | Sequence[A
     return feeds
 
 
+def _check_mapping(feeds: dict[str, np.ndarray]) -> None:
+    """Block ids, lengths, deltas and write slots of a feed, against the pools they index."""
+    from ..ops.checks import check_mapping_values
+
+    pool = feeds.get("k_pool", feeds.get("k_pools_0"))
+    if pool is None or "block_table" not in feeds or "block_delta" not in feeds or pool.ndim != 4:
+        return
+    num_blocks, block_size = pool.shape[:2]
+    table, delta = torch.from_numpy(feeds["block_table"]), torch.from_numpy(feeds["block_delta"])
+    if "seq_lens" in feeds and "q" in feeds:
+        check_mapping_values(table, delta, torch.from_numpy(feeds["seq_lens"]), num_blocks, block_size,
+                             feeds["q"].shape[2])
+    elif "view_sizes" in feeds and "input_ids" in feeds:
+        check_mapping_values(table, delta, int(feeds["view_sizes"].shape[1]), num_blocks, block_size,
+                             feeds["input_ids"].shape[1], "view_sizes")
+    if "slots" in feeds and feeds["slots"].size:
+        slots = feeds["slots"].reshape(-1)
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < 0 or hi >= num_blocks * block_size:
+            raise ValueError(f"inputs['slots']: expected pool slots in [0, num_blocks*block_size="
+                             f"{num_blocks * block_size}), got min {lo}, max {hi}")
+        if np.unique(slots).size != slots.size:
+            raise ValueError("inputs['slots']: expected distinct slots (two new tokens would write the same one)")
+
+
 def run(
     path: str | os.PathLike[str],
     inputs: Mapping[str, Any] | Sequence[Any],
@@ -88,4 +117,6 @@ def run(
     if not providers or unknown:
         raise ValueError(f"providers: expected a non-empty subset of {available}, got {providers}")
     session = ort.InferenceSession(path, providers=providers)
-    return session.run(None, _feeds(session, inputs))
+    feeds = _feeds(session, inputs)
+    _check_mapping(feeds)
+    return session.run(None, feeds)
