@@ -13,9 +13,10 @@ journal (`BlockAllocator.journal`) plus a copy of the host state (tables, batch,
 that raises -- also a KeyboardInterrupt -- leaves the cache exactly as it was.  A forward is a
 transaction that spans calls: `get_mask_sizes` (or layer 0's `update`) places its tokens, and it commits
 when the last layer's `update` returns (a model with more layers than the config undoes it at the first
-extra layer; a failure after the last layer, in the final norm or head, leaves a completed forward).  A forward that fails or is interrupted in between is rolled back
-by the next call that finds it pending: any cache operation or accessor, or the next forward's
-`get_mask_sizes`/`update` (a forward whose layers never ran is reused as is, it placed tokens only).
+extra layer; a failure after the last layer, in the final norm or head, leaves a completed forward).  A
+forward that fails or is interrupted in between is rolled back by the next call that finds it pending:
+any cache operation or accessor, or the next forward's `get_mask_sizes`/`update` (a forward whose
+layers never ran is reused as is: it placed tokens only, at the positions the next one gets too).
 
 Eagerly `update()` returns `gaugecompile.materialize_kv(...)` of the untouched pools (gather +
 re-rotate), so every attention implementation is exact; compiled with the gauge backend that node is
