@@ -9,8 +9,9 @@ described as `Pieces` -- runs of slots of physical blocks with their new sigma, 
 as is (reference counted), any other block must be copied (re-rotated to one sigma).
 
 Every step is array arithmetic over the pieces (numpy), never a Python loop over blocks: an edit costs
-O(number of blocks) in vectorised work plus a few Python objects, and the copy of the few blocks an
-unaligned edit splits.
+O(number of blocks) in vectorised work plus a few Python objects, and the copy of the blocks an edit
+off block boundaries splits or shifts (for a cut whose length is not a multiple of the block size, every
+block after it).
 """
 
 from __future__ import annotations
