@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from test_cache_transactions import snapshot
+from test_cache_transactions import snapshot, windowed
 from transformers import DynamicCache
 
 from gaugecompile.cache import CachePoolFullError, ManifoldCache
@@ -75,19 +75,17 @@ class ModelMachine(RuleBasedStateMachine):
         for row, seq in enumerate(seqs):
             want = _reference_logits(MODEL, self.toks[seq], new[row], self.next[seq])
             torch.testing.assert_close(logits[row], want, rtol=0, atol=1e-6)
-            self.toks[seq] = self.toks[seq] + [(t, self.next[seq] + i) for i, t in enumerate(new[row])]
-            self.next[seq] += q
-            if self.window is not None:
-                self._apply_window(seq)
+            self._append(seq, new[row])
+
+    def _append(self, seq: int, ids: list[int]) -> None:
+        self.toks[seq] = self.toks[seq] + [(t, self.next[seq] + i) for i, t in enumerate(ids)]
+        self.next[seq] += len(ids)
+        if self.window is not None:
+            self._apply_window(seq)
 
     def _apply_window(self, seq: int) -> None:
-        sink, window = self.window
-        toks, bs = self.toks[seq], self.cache.block_size
-        sink_blocks = min(-(-sink // bs), -(-len(toks) // bs))
-        recent = len(toks) - sink_blocks * bs
-        evict = max(0, (recent - window) // bs) if recent > 0 else 0
-        kept = toks[: sink_blocks * bs] + toks[(sink_blocks + evict) * bs:]
-        self.toks[seq], self.next[seq] = [(t, i) for i, (t, _) in enumerate(kept)], len(kept)
+        self.toks[seq] = windowed(self.toks[seq], *self.window, self.cache.block_size)
+        self.next[seq] = len(self.toks[seq])
 
     def _rows(self, pick: int, rows: int) -> list[int]:
         live = sorted(self.toks)
@@ -112,16 +110,14 @@ class ModelMachine(RuleBasedStateMachine):
         self.cache.set_batch([seq])
         layer = MODEL.model.layers[0]
         module = layer.self_attn.k_proj if where == "k" else MODEL.model.norm
-        before = snapshot(self.cache)
+        before, ids = snapshot(self.cache), self._ids(q)
         with _Raise(module, exc), pytest.raises(type(exc)), torch.no_grad():
-            MODEL(input_ids=torch.tensor([self._ids(q)]), past_key_values=self.cache, use_cache=True)
+            MODEL(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
         if where == "k":  # before the layer's update: the forward is pending, the next call rolls it back
             assert self.cache.seq_len(seq) == len(self.toks[seq])
             assert snapshot(self.cache) == before
-        else:  # after the last layer: the forward has committed, as a completed forward
-            new = self.cache.seq_len(seq) - len(self.toks[seq])
-            assert new == q
-            self.cache.crop(-new)  # transformers' way to drop tokens a failed step left
+        else:  # after the last layer (the final norm): the forward has committed, as a completed forward
+            self._append(seq, ids)
 
     @rule(pick=st.integers(0, 99), a=st.integers(0, 30), b=st.integers(0, 30))
     def delete(self, pick, a, b):

@@ -41,6 +41,16 @@ def snapshot(cache: ManifoldCache):
     )
 
 
+def windowed(toks: list[tuple[int, int]], sink: int, window: int, block_size: int) -> list[tuple[int, int]]:
+    """The StreamingLLM policy on a token list: the blocks holding the first `sink` tokens, then the fewest recent
+    blocks holding at least `window` tokens, renumbered from 0."""
+    sink_blocks = min(math.ceil(sink / block_size), -(-len(toks) // block_size))
+    recent = len(toks) - sink_blocks * block_size
+    evict = max(0, (recent - window) // block_size) if recent > 0 else 0
+    kept = toks[: sink_blocks * block_size] + toks[(sink_blocks + evict) * block_size:]
+    return [(t, i) for i, (t, _) in enumerate(kept)]
+
+
 class _Interrupt:
     """Raise KeyboardInterrupt from the cache's next block copy (a Ctrl-C in the middle of an edit)."""
 
@@ -100,15 +110,8 @@ class CacheMachine(RuleBasedStateMachine):
         return live[i % len(live)] if live else None
 
     def _apply_window(self, seq: int) -> None:
-        sink, window = self.window
-        toks = self.toks[seq]
-        n_blocks = -(-len(toks) // BS)
-        sink_blocks = min(math.ceil(sink / BS), n_blocks)
-        recent = len(toks) - sink_blocks * BS
-        evict = max(0, (recent - window) // BS) if recent > 0 else 0
-        kept = toks[: sink_blocks * BS] + toks[(sink_blocks + evict) * BS:]
-        self.toks[seq] = [(t, i) for i, (t, _) in enumerate(kept)]
-        self.next[seq] = len(kept)
+        self.toks[seq] = windowed(self.toks[seq], *self.window, BS)
+        self.next[seq] = len(self.toks[seq])
 
     # ------------------------------------------------------------------ rules
     @initialize(q=st.integers(1, 14), forks=st.integers(0, 2), chunk=st.integers(0, 10))

@@ -430,7 +430,6 @@ class ManifoldCache(Cache):
         Called again by update() when the forward turns out to have other rows than `get_mask_sizes` assumed
         (the first step of beams over a prefilled prompt): the plan made then is rolled back first.
         """
-        self._settle()
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ValueError(f"input: a forward needs at least one new token per row, got q_len={q!r}")
         if rows > self.max_batch_size:
@@ -742,12 +741,8 @@ class ManifoldCache(Cache):
         order = []
         for seq in list(self._batch):
             order.append(seq)
-            m = self._seqs[seq]
-            for _ in range(repeats - 1):
-                self.allocator.incref(m.blocks)
-                order.append(self._new_seq(m.copy()))
+            order.extend(self.fork(seq, repeats - 1))
         self._batch = order
-        self._touch()
 
     def _commit(self, seq: int, pieces: Pieces, next_logical: int, what: str) -> None:
         """Repack `pieces` as the new mapping of `seq`: check bounds and pool, then copy, then swap refs.
