@@ -42,7 +42,7 @@ def choose_splits(programs: int, max_blocks: int, block_size: int, device: torch
 
 
 def launch(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, num_splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Run the generated kernels.  num_splits: 0 picks automatically, 1 forces one pass, n > 1 forces n splits.
@@ -50,7 +50,7 @@ def launch(
     The mapping's values are checked first (`check_mapping_values`; a host sync on the GPU)."""
     from gaugecompile.ops.checks import check_mapping_values
 
-    check_mapping_values(block_table, block_delta, seq_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
+    check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     max_blocks = block_table.shape[1]
@@ -90,15 +90,20 @@ def launch(
         # Shape propagation only: interpreted kernels cannot take fake tensors (on the GPU, wrap_triton
         # turns the launches below into no-ops under fake tensors by itself).
         return out, lse
+    # Each entry's count and first view position, each view's length: O(blocks) on the device.
+    table = block_table.contiguous()
+    counts = block_lens.to(torch.int64).contiguous()
+    starts = counts.cumsum(1) - counts
+    lengths = counts.sum(1)
     rows = batch * max_blocks
     wrap_triton(getattr(module, f"angles_{spec.key}"))[(-(-rows // 32),)](
         block_delta.contiguous(), theta_hi, theta_lo, cos, sin, rows, num_warps=4)
     grid = (batch * num_kv_heads, row_tiles, splits)
     wrap_triton(kernel)[grid](
-        q, k_pool, v_pool, block_table, cos, sin, seq_lens, dst, dst_lse,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *block_table.stride(), cos.stride(0), cos.stride(1),
+        q, k_pool, v_pool, table, cos, sin, lengths, counts, starts, dst, dst_lse,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *table.stride(), cos.stride(0), cos.stride(1),
         *o_strides, *l_strides,
-        num_kv_heads, q_len, blocks_per_split, float(scale) * _LOG2E,
+        num_kv_heads, q_len, max_blocks, blocks_per_split, float(scale) * _LOG2E,
         num_warps=_num_warps(spec),
     )
     if splits > 1:

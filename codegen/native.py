@@ -107,11 +107,11 @@ def _table(t: Tensor) -> Tensor:
 
 
 def native_attention(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     cos: Tensor | None, sin: Tensor | None, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
 ) -> tuple[Tensor, Tensor]:
     """Rotated-query attention on shape-checked CPU inputs (pools with unit stride in head_dim); the kernel checks
-    the values (ids, lengths, deltas) and raises ValueError naming the argument.
+    the values (ids, counts, deltas) and raises ValueError naming the argument.
 
     cos/sin: [batch, max_blocks, rotary_dim // 2] in the accumulation dtype, or None when every delta is 0.
     Returns out (q's dtype, contiguous) and lse (float32, float64 for float64 inputs).
@@ -123,19 +123,19 @@ def native_attention(
         return out, lse.fill_(float("-inf"))
     empty = q.new_empty((0,), dtype=acc)
     lib = native_library(spec_for(q, k_pool, rotary_dim, interleaved, causal))
-    lib.attention(q.contiguous(), k_pool, v_pool, _table(block_table), _table(block_delta), _table(seq_lens),
+    lib.attention(q.contiguous(), k_pool, v_pool, _table(block_table), _table(block_delta), _table(block_lens),
                   empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
                   float(scale), bool(causal), bool(interleaved), out, lse)
     return out, lse
 
 
 def native_materialize(
-    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, cos: Tensor | None, sin: Tensor | None,
-    rotary_dim: int, interleaved: bool, length: int,
+    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
+    cos: Tensor | None, sin: Tensor | None, rotary_dim: int, interleaved: bool, length: int,
 ) -> tuple[Tensor, Tensor]:
     """Gather + re-rotate on shape-checked CPU inputs (contiguous pools): K/V [batch, num_kv_heads, length, head_dim].
 
-    The kernel checks the values (ids, length, deltas) and raises ValueError naming the argument."""
+    The kernel checks the values (ids, counts summing to `length`, deltas) and raises ValueError naming the argument."""
     shape = (block_table.shape[0], k_pool.shape[2], int(length), k_pool.shape[3])
     k_out, v_out = k_pool.new_empty(shape), v_pool.new_empty(shape)
     if k_out.numel() == 0:
@@ -144,7 +144,7 @@ def native_materialize(
     empty = k_pool.new_empty((0,), dtype=acc)
     dtype = str(k_pool.dtype).removeprefix("torch.")
     lib = native_library(KernelSpec(k_pool.shape[3], rotary_dim, interleaved, k_pool.shape[1], 1, dtype))
-    lib.materialize(k_pool, v_pool, _table(block_table), _table(block_delta),
+    lib.materialize(k_pool, v_pool, _table(block_table), _table(block_delta), _table(block_lens),
                     empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
                     bool(interleaved), k_out, v_out)
     return k_out, v_out

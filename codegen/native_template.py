@@ -9,8 +9,9 @@ template instances of the same code (float16/bfloat16 pools are widened to float
 float64).  That keeps the number of compilations at the number of head dims a process meets.
 
 Design of `attention` (one call per layer):
-- Rows of equal view length whose leading blocks are the same physical blocks with the same deltas (beams,
-  samples, a shared prompt) form a *shared segment*, read once with all their query rows stacked (cascade
+- Entry j of a row holds slots [0, lens[j]) of its block (the op's mapping).  Rows of equal view length whose
+  leading entries are the same physical blocks with the same deltas and counts (beams, samples, a shared
+  prompt) form a *shared segment*, read once with all their query rows stacked (cascade
   attention); each row then goes on over its own blocks.  The GQA group is folded into the query rows, so
   a K/V row is loaded once per KV head and meets every query head of its group.
 - Each segment is cut into KV splits by block ranges; (segment, split) items are taken by the threads of
@@ -206,8 +207,8 @@ struct Item {
 
 struct Segment {
   int64_t first, count;  // rows of the batch, as positions in `order`
-  int64_t rep;           // the batch row whose table and deltas the segment reads
-  int64_t j0, j1;        // logical blocks
+  int64_t rep;           // the batch row whose table, deltas and counts the segment reads
+  int64_t j0, j1;        // table entries
   int64_t length;        // view length of its rows
 };
 
@@ -217,27 +218,48 @@ inline int64_t row_index(int64_t h, int64_t i, int64_t g, int64_t t, int64_t cou
   return ((h * count + i) * G + g) * Q + t;
 }
 
-// Value checks of the mapping, made here where it is read: a compiled graph or an exported program calls this
-// kernel without the Python wrapper.  Ids inside the pool, lengths inside the table, deltas inside the range
-// where angles are exact ([-2^31, 2^31), gaugecompile.rope.MAX_ABS_DELTA).  O(blocks), next to O(blocks * d).
-void check_mapping(const at::Tensor& table, const at::Tensor& delta, const int64_t* lens, int64_t length,
-                   const char* length_name, int64_t min_length, int64_t num_blocks, int64_t bs) {
+// The view of every row, read from the mapping and checked where it is read: a compiled graph or an exported
+// program calls this kernel without the Python wrapper.  Counts inside [0, block_size], view lengths at least
+// `min_length` (and equal to `length` where the op has one), ids inside the pool and deltas inside the range
+// where angles are exact ([-2^31, 2^31), gaugecompile.rope.MAX_ABS_DELTA) for every entry holding tokens.
+// O(blocks), next to O(blocks * d).
+struct Views {
+  std::vector<int64_t> start;   // [B * width]: view position of each entry's first token
+  std::vector<int64_t> length;  // [B]: tokens of each view
+  std::vector<int64_t> used;    // [B]: entries up to the last one holding tokens
+};
+
+Views read_views(const at::Tensor& table, const at::Tensor& delta, const at::Tensor& lens, int64_t min_length,
+                 int64_t length, int64_t num_blocks, int64_t bs) {
   const int64_t B = table.size(0), width = table.size(1);
   const int64_t* tp = table.const_data_ptr<int64_t>();
   const int64_t* dp = delta.const_data_ptr<int64_t>();
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
   const int64_t bound = int64_t(1) << 31;
+  Views v{std::vector<int64_t>(B * width), std::vector<int64_t>(B), std::vector<int64_t>(B)};
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = lens ? lens[b] : length;
-    TORCH_CHECK_VALUE(len >= min_length && len <= width * bs, length_name, ": row ", b, " has length ", len,
-                      "; expected one in [", min_length, ", max_blocks*block_size=", width * bs, "]");
-    for (int64_t j = 0; j < (len + bs - 1) / bs; ++j) {
-      const int64_t id = tp[b * width + j], d = dp[b * width + j];
-      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table: row ", b, ", block ", j, " is ", id,
+    int64_t total = 0, used = 0;
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t n = lp[b * width + j], id = tp[b * width + j], d = dp[b * width + j];
+      TORCH_CHECK_VALUE(n >= 0 && n <= bs, "block_lens: row ", b, ", entry ", j, " holds ", n,
+                        " tokens; expected a count in [0, block_size=", bs, "]");
+      v.start[b * width + j] = total;
+      if (n == 0) continue;
+      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table: row ", b, ", entry ", j, " is ", id,
                         "; expected a block id in [0, num_blocks=", num_blocks, ")");
-      TORCH_CHECK_VALUE(d >= -bound && d < bound, "block_delta: row ", b, ", block ", j, " is ", d,
+      TORCH_CHECK_VALUE(d >= -bound && d < bound, "block_delta: row ", b, ", entry ", j, " is ", d,
                         "; expected -2^31 <= delta < 2^31 (where angles are exact)");
+      total += n;
+      used = j + 1;
     }
+    TORCH_CHECK_VALUE(total >= min_length, "block_lens: row ", b, " holds ", total,
+                      " tokens; expected at least the ", min_length, " query tokens");
+    TORCH_CHECK_VALUE(length < 0 || total == length, "block_lens: row ", b, " holds ", total,
+                      " tokens; expected length=", length);
+    v.length[b] = total;
+    v.used[b] = used;
   }
+  return v;
 }
 
 template <typename S>
@@ -263,32 +285,35 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
   const A* sp = rotated ? sin.const_data_ptr<A>() : nullptr;
   S* op = out.data_ptr<S>();
   A* lsep = lse.data_ptr<A>();
-  check_mapping(table, delta, lp, 0, "seq_lens", Q, k_pool.size(0), bs);
+  const Views views = read_views(table, delta, lens, Q, -1, k_pool.size(0), bs);
+  const int64_t* vlen = views.length.data();
 
-  // Rows grouped by view length; within a group, the leading blocks all rows share form one segment.
+  // Rows grouped by view length; within a group, the leading entries all rows share form one segment.
   std::vector<int64_t> order(B);
   for (int64_t b = 0; b < B; ++b) order[b] = b;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lp[a] < lp[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return vlen[a] < vlen[b]; });
   std::vector<Segment> segs;
   for (int64_t g0 = 0; g0 < B;) {
     int64_t g1 = g0 + 1;
-    while (g1 < B && lp[order[g1]] == lp[order[g0]]) ++g1;
-    const int64_t length = lp[order[g0]];
-    const int64_t n_blocks = (length + bs - 1) / bs;
+    while (g1 < B && vlen[order[g1]] == vlen[order[g0]]) ++g1;
+    const int64_t length = vlen[order[g0]];
     const int64_t r0 = order[g0];
+    int64_t common = views.used[r0];
+    for (int64_t i = g0 + 1; i < g1; ++i) common = std::min(common, views.used[order[i]]);
     int64_t shared = 0;
-    while (g1 - g0 > 1 && shared < n_blocks) {
+    while (g1 - g0 > 1 && shared < common) {
       bool same = true;
+      const int64_t e0 = r0 * width + shared;
       for (int64_t i = g0 + 1; i < g1 && same; ++i) {
-        const int64_t r = order[i];
-        same = tp[r * width + shared] == tp[r0 * width + shared] && dp[r * width + shared] == dp[r0 * width + shared];
+        const int64_t e = order[i] * width + shared;
+        same = tp[e] == tp[e0] && dp[e] == dp[e0] && lp[e] == lp[e0];
       }
       if (!same) break;
       ++shared;
     }
     if (shared > 0) segs.push_back({g0, g1 - g0, r0, 0, shared, length});
-    if (shared < n_blocks) {
-      for (int64_t i = g0; i < g1; ++i) segs.push_back({i, 1, order[i], shared, n_blocks, length});
+    for (int64_t i = g0; i < g1; ++i) {
+      if (shared < views.used[order[i]]) segs.push_back({i, 1, order[i], shared, views.used[order[i]], length});
     }
     g0 = g1;
   }
@@ -356,8 +381,9 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       int64_t cur_delta = 0;
       const int64_t length = s.length, q0 = length - Q;
       for (int64_t j = item.j0; j < item.j1; ++j) {
-        const int64_t tok0 = j * bs;
-        const int64_t n_tok = std::min(bs, length - tok0);
+        const int64_t tok0 = views.start[s.rep * width + j];
+        const int64_t n_tok = lp[s.rep * width + j];
+        if (n_tok == 0) continue;
         const int64_t phys = tp[s.rep * width + j];
         const int64_t dl = dp[s.rep * width + j];
         if (qcur == nullptr || dl != cur_delta) {  // R(-delta) once per run of equal deltas
@@ -476,7 +502,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
 
 template <typename S>
 void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table,
-                      const at::Tensor& delta, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                      const at::Tensor& delta, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin,
+                      bool interleaved,
                       const at::Tensor& k_out, const at::Tensor& v_out) {
   using A = typename Acc<S>::type;
   const int64_t B = table.size(0), width = table.size(1);
@@ -486,24 +513,24 @@ void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const 
   const S* kp = k_pool.const_data_ptr<S>();
   const S* vp = v_pool.const_data_ptr<S>();
   const int64_t* tp = table.const_data_ptr<int64_t>();
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
   const A* cp = rotated ? cos.const_data_ptr<A>() : nullptr;
   const A* sp = rotated ? sin.const_data_ptr<A>() : nullptr;
   S* ko = k_out.data_ptr<S>();
   S* vo = v_out.data_ptr<S>();
-  check_mapping(table, delta, nullptr, L, "length", 0, k_pool.size(0), bs);
-  const int64_t n_blocks = (L + bs - 1) / bs;
-  at::parallel_for(0, B * n_blocks, 1, [&](int64_t begin, int64_t end) {
+  const Views views = read_views(table, delta, lens, 0, L, k_pool.size(0), bs);
+  at::parallel_for(0, B * width, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> x(D), y(D);
     for (int64_t bj = begin; bj < end; ++bj) {
-      const int64_t b = bj / n_blocks, j = bj % n_blocks;
-      const int64_t phys = tp[b * width + j];
-      const int64_t n_tok = std::min(bs, L - j * bs);
+      const int64_t b = bj / width, j = bj % width;
+      const int64_t phys = tp[bj];
+      const int64_t n_tok = lp[bj], tok0 = views.start[bj];
       const A* cs = rotated ? cp + (b * width + j) * half : nullptr;
       const A* sn = rotated ? sp + (b * width + j) * half : nullptr;
       for (int64_t t = 0; t < n_tok; ++t) {
         for (int64_t h = 0; h < Hkv; ++h) {
           const int64_t src = ((phys * bs + t) * Hkv + h) * D;
-          const int64_t dst = ((b * Hkv + h) * L + j * bs + t) * D;
+          const int64_t dst = ((b * Hkv + h) * L + tok0 + t) * D;
           std::memcpy(vo + dst, vp + src, sizeof(S) * D);
           if (!rotated) {
             std::memcpy(ko + dst, kp + src, sizeof(S) * D);
@@ -539,12 +566,13 @@ void attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& 
 }
 
 void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table,
-                 const at::Tensor& delta, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                 const at::Tensor& delta, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin,
+                 bool interleaved,
                  const at::Tensor& k_out, const at::Tensor& v_out) {
   TORCH_CHECK(k_pool.size(3) == D, "k_pool: this kernel was generated for head_dim ", D, ", got ", k_pool.size(3));
   dispatch(k_pool.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
-    materialize_impl<S>(k_pool, v_pool, table, delta, cos, sin, interleaved, k_out, v_out);
+    materialize_impl<S>(k_pool, v_pool, table, delta, lens, cos, sin, interleaved, k_out, v_out);
   });
 }
 
@@ -553,7 +581,7 @@ void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::T
 TORCH_LIBRARY($namespace, m) {
   m.def("attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor delta, Tensor lens, Tensor cos, "
         "Tensor sin, float scale, bool causal, bool interleaved, Tensor(a!) out, Tensor(b!) lse) -> ()", &attention);
-  m.def("materialize(Tensor k_pool, Tensor v_pool, Tensor table, Tensor delta, Tensor cos, Tensor sin, "
+  m.def("materialize(Tensor k_pool, Tensor v_pool, Tensor table, Tensor delta, Tensor lens, Tensor cos, Tensor sin, "
         "bool interleaved, "
         "Tensor(a!) k_out, Tensor(b!) v_out) -> ()", &materialize);
 }

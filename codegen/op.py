@@ -22,10 +22,10 @@ __all__ = ["triton_attention"]
 
 @triton_op("gauge::rotated_query_attention_triton", mutates_args=())
 def _rqa_triton(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, num_splits: int,
 ) -> tuple[Tensor, Tensor]:
-    return launch(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved, scale,
+    return launch(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, scale,
                   causal, num_splits)
 
 
@@ -35,13 +35,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq = ctx.saved_tensors
+    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(q)
     if grad_lse is None:
         grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     dq, dk, dv = torch.ops.gauge.rotated_query_attention_backward(
-        grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, *ctx.attrs)
+        grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, *ctx.attrs)
     return (dq, dk, dv) + (None,) * 9
 
 
@@ -61,7 +61,7 @@ def _functional(mode, op, types, args, kwargs):
 
 
 def triton_attention(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, *, num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rotated-query attention through the generated Triton kernels: (out in q's dtype, lse [B, H, Q]).
@@ -73,5 +73,5 @@ def triton_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits: expected None or a positive int, got {num_splits!r}")
     return torch.ops.gauge.rotated_query_attention_triton(
-        q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, int(rotary_dim), bool(interleaved),
+        q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, int(rotary_dim), bool(interleaved),
         float(scale), bool(causal), int(num_splits or 0))

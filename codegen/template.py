@@ -7,7 +7,8 @@ the code its signature needs (no constexpr branching at run time).
 A first small kernel turns the block deltas into one cos and one sin per (sequence, block,
 frequency), with the exact float64 reduction of `gaugecompile.rope` (O(blocks * F) work, and no
 float64 tensor temporaries).  The attention kernel (one program per (sequence, KV head, row
-tile[, KV split])) walks the sequence's logical blocks through the block table.  Per block it
+tile[, KV split])) walks the sequence's table entries (entry j: slots [0, count) of its block, its
+first token at view position start) and skips the empty ones.  Per entry it
 loads one cos and one sin per frequency and rotates the query held in registers by R(-delta):
 two half-vectors (rotate-half pairs (i, i + F)) or even/odd lanes (interleaved pairs (2i, 2i + 1));
 lanes past the rotary dim are used as they are.  The rotated query meets the stored keys in three
@@ -31,14 +32,14 @@ _TL_DTYPE = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.
 _MAIN = Template('''\
 @triton.jit
 def $name(
-    Q, K, V, Table, Cos, Sin, Lens, Out, Lse,
+    Q, K, V, Table, Cos, Sin, Lens, Counts, Starts, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kn, stride_kt, stride_kh, stride_kd,
     stride_vn, stride_vt, stride_vh, stride_vd,
     stride_tb, stride_tj, stride_cb, stride_cj,
     stride_ob, stride_oh, stride_om, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls,
-    num_kv_heads, q_len, blocks_per_split, qk_scale,
+    num_kv_heads, q_len, num_entries, blocks_per_split, qk_scale,
 ):
     """$doc"""
     pid_bh = tl.program_id(0)
@@ -66,18 +67,21 @@ $q_rest
     l_i = tl.zeros([$block_m], $acc)
     acc = tl.zeros([$block_m, $block_d], $acc)
 
-    n_blocks = tl.cdiv(length, $block_size)
+    n_blocks = num_entries
 $causal_bound
 $split_range
     for j in range(j_start, j_end):
-        phys = tl.load(Table + b * stride_tb + j * stride_tj).to(tl.int64)
-        cos = tl.load(Cos + b * stride_cb + j * stride_cj + f, mask=f_ok, other=0.0)[None, :]
-        sin = tl.load(Sin + b * stride_cb + j * stride_cj + f, mask=f_ok, other=0.0)[None, :]
-        # R(-delta) applied to the query, once per block.
-        q1r = (q1 * cos + q2 * sin).to($op)
-        q2r = (q2 * cos - q1 * sin).to($op)
-        k_blk = K + phys * stride_kn + kvh * stride_kh
-        v_blk = V + phys * stride_vn + kvh * stride_vh
+        n_j = tl.load(Counts + b * stride_tb + j * stride_tj).to(tl.int32)
+        tok0 = tl.load(Starts + b * stride_tb + j * stride_tj).to(tl.int32)
+        if (n_j > 0) & (tok0 <= k_last):
+            phys = tl.load(Table + b * stride_tb + j * stride_tj).to(tl.int64)
+            cos = tl.load(Cos + b * stride_cb + j * stride_cj + f, mask=f_ok, other=0.0)[None, :]
+            sin = tl.load(Sin + b * stride_cb + j * stride_cj + f, mask=f_ok, other=0.0)[None, :]
+            # R(-delta) applied to the query, once per entry.
+            q1r = (q1 * cos + q2 * sin).to($op)
+            q2r = (q2 * cos - q1 * sin).to($op)
+            k_blk = K + phys * stride_kn + kvh * stride_kh
+            v_blk = V + phys * stride_vn + kvh * stride_vh
 $chunk_loop
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -90,8 +94,8 @@ $chunk_loop
 
 _CHUNK = Template('''\
 t = $t0 + tl.arange(0, $block_n)
-kpos = j * $block_size + t
-t_ok = $t_ok
+kpos = tok0 + t
+t_ok = t < n_j
 k_mask = t_ok[:, None] & f_ok[None, :]
 k1 = tl.load(k_blk + t[:, None] * stride_kt + ($off1)[None, :] * stride_kd, mask=k_mask, other=0.0)
 k2 = tl.load(k_blk + t[:, None] * stride_kt + ($off2)[None, :] * stride_kd, mask=k_mask, other=0.0)
@@ -201,14 +205,14 @@ def render(spec: KernelSpec, *, interpret: bool = False) -> str:
             f"q3 = tl.load(q_rows + r[None, :] * stride_qd, mask=row_ok[:, None] & r_ok[None, :], other=0.0).to({op})",
             4,
         )
-    causal_bound = ""
+    causal_bound = _indent("k_last = length - 1  # the last view position any query of the tile sees", 4)
     valid = "t_ok[None, :]"
     if spec.causal:
         causal_bound = _indent(
             "# Bottom-right causal: query token i sits at view position length - q_len + i.\n"
             "q_pos = length - q_len + q_idx\n"
             f"q_last = tl.minimum(q_len - 1, (pid_m * {spec.block_m} + {spec.block_m - 1}) // {spec.group})\n"
-            f"n_blocks = tl.minimum(n_blocks, (length - q_len + q_last) // {spec.block_size} + 1)",
+            "k_last = length - q_len + q_last",
             4,
         )
         valid = "t_ok[None, :] & (kpos[None, :] <= q_pos[:, None])"
@@ -233,14 +237,12 @@ def render(spec: KernelSpec, *, interpret: bool = False) -> str:
         dot_pv = f"tl.dot(p.to({op}), {v}{precision})"
     chunks = []
     for t0 in range(0, spec.block_size, spec.block_n):
-        overhang = t0 + spec.block_n > spec.block_size
         chunks.append(_CHUNK.substitute(
-            t0=t0, t_ok=f"(t < {spec.block_size}) & (kpos < length)" if overhang else "kpos < length",
-            block_n=spec.block_n, block_size=spec.block_size, off1=off1, off2=off2,
+            t0=t0, block_n=spec.block_n, off1=off1, off2=off2,
             dot_q1=_dot("q1r", "k1", acc, op, io), dot_q2=_dot("q2r", "k2", acc, op, io),
             k_rest=k_rest.rstrip("\n"), valid=valid, dot_pv=dot_pv,
         ))
-    chunk_loop = _indent("\n".join(chunks), 8)
+    chunk_loop = _indent("\n".join(chunks), 12)
 
     name = f"rqa_{spec.key}"
     doc = (f"Rotated-query attention, generated for {spec}. Pool blocks of {spec.block_size} tokens are walked in "

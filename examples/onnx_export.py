@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         nodes = [node for node in proto.graph.node if node.domain == DOMAIN]
         print(f"wrote {path}: {len(nodes)} {DOMAIN} node(s), e.g.")
         print("  " + onnx.helper.printable_node(nodes[0]) if nodes else "  none")
-        *tensors, k_pools, v_pools = step_inputs  # input_ids, position_ids, block_table, block_delta, slots, view_sizes
+        # input_ids, position_ids, block_table, block_delta, block_lens, slots, view_sizes; then the pools
+        *tensors, k_pools, v_pools = step_inputs
         outputs = run(path, [*tensors, *k_pools, *v_pools])  # logits, then every layer's updated pools
     diff = float(abs(outputs[0] - logits.numpy()).max())
     print(f"onnxruntime vs eager: max |logit difference| {diff:.1e}")

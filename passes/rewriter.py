@@ -212,7 +212,7 @@ def _kv_length(b: Builder, plan: KVPlan):
     """The keys' total length as an int or a size node."""
     total = None
     for piece in plan.pieces:
-        length = piece.materialize.args[7] if piece.materialize is not None else _size(b, piece.k, 2)
+        length = piece.materialize.args[8] if piece.materialize is not None else _size(b, piece.k, 2)
         total = length if total is None else b(operator.add, total, length)
     return total
 
@@ -235,8 +235,9 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
     if site.assume_square:
         _assert_square(b, graph, site, plan)
     if site.check_mask:
-        kp, vp, table, delta, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
-        new_out = b(RQA_MASKED, q, kp, vp, table, delta, inv_freq, rot, inter, length, site.scale, site.masks[0])
+        kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
+        new_out = b(RQA_MASKED, q, kp, vp, table, delta, lens, inv_freq, rot, inter, length, site.scale,
+                    site.masks[0])
         site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
     else:
         new_out = _piece_attention(b, q, site, plan, flags)
@@ -253,9 +254,7 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
     outs = []
     for piece, causal in zip(plan.pieces, flags, strict=True):
         if piece.materialize is not None:
-            kp, vp, table, delta, inv_freq, rot, inter, length = piece.materialize.args
-            seq = b(aten.full.default, [bsz], length, **i64)
-            args = (kp, vp, table, delta, seq, inv_freq, rot, inter)
+            args = piece.materialize.args[:8]  # pools, table, deltas, counts, rope: the op reads the pool in place
         else:
             kp = b(aten.permute.default, piece.k, [0, 2, 1, 3])
             vp = b(aten.permute.default, piece.v, [0, 2, 1, 3])
@@ -274,8 +273,9 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
                              b(aten.reshape.default, piece.inv_freq, [-1]), torch.float64)
                 if val(inv_freq).shape[0] * 2 != piece.rotary_dim:
                     raise AnalysisError("the re-rotation's inv_freq does not match its rotary width")
-            seq = b(aten.full.default, [bsz], _size(b, piece.k, 2), **i64)
-            args = (kp, vp, table, delta, seq, inv_freq, piece.rotary_dim, piece.interleaved)
+            # each row's cache is one block holding all its tokens
+            lens = b(aten.full.default, [bsz, 1], _size(b, piece.k, 2), **i64)
+            args = (kp, vp, table, delta, lens, inv_freq, piece.rotary_dim, piece.interleaved)
         call = b(RQA, q, *args, site.scale, causal)
         site.kernels.append((val(q), val(args[0]), args[6], args[7], causal))
         outs.append((b(operator.getitem, call, 0), b(operator.getitem, call, 1)))

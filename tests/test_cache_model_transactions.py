@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from test_cache_transactions import snapshot, windowed
+from test_cache_transactions import WindowSpy, snapshot, windowed
 from transformers import DynamicCache
 
 from gaugecompile.cache import CachePoolFullError, ManifoldCache
@@ -59,6 +59,7 @@ class ModelMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.cache = _cache()
+        self.spy = WindowSpy(self.cache)
         self.toks: dict[int, list[tuple[int, int]]] = {}
         self.next: dict[int, int] = {}
         self.window: tuple[int, int] | None = None
@@ -84,7 +85,7 @@ class ModelMachine(RuleBasedStateMachine):
             self._apply_window(seq)
 
     def _apply_window(self, seq: int) -> None:
-        self.toks[seq] = windowed(self.toks[seq], *self.window, self.cache.block_size)
+        self.toks[seq] = windowed(self.toks[seq], *self.window, self.spy.counts[seq])
         self.next[seq] = len(self.toks[seq])
 
     def _rows(self, pick: int, rows: int) -> list[int]:
@@ -324,7 +325,7 @@ def test_finding_4_a_splice_below_the_bound_stays_exact():
     cache.splice(0, chunk, cache.max_position - 100)  # a stream attached near the bound
     chunk.free()
     assert cache.next_position(0) == cache.max_position - 92
-    _, deltas = cache.mapping(0)
+    _, deltas, _ = cache.mapping(0)
     assert max(abs(d) for d in deltas) < 2**31
 
 
@@ -375,16 +376,18 @@ def test_finding_7_compiled_graphs_check_the_mapping_values():
     def step(q, table, delta, lens):
         attn = torch.ops.gauge.rotated_query_attention(q, pool, pool, table, delta, lens, rope.inv_freq, 16, False,
                                                         0.25, True)[0]
-        view = torch.ops.gauge.materialize_kv(pool, pool, table, delta, rope.inv_freq, 16, False, 8)[0]
+        view = torch.ops.gauge.materialize_kv(pool, pool, table, delta, lens, rope.inv_freq, 16, False, 8)[0]
         return attn, view
 
-    q, delta, lens = torch.randn(1, 2, 1, 16), torch.zeros(1, 2, dtype=torch.long), torch.tensor([8])
+    q, delta, lens = torch.randn(1, 2, 1, 16), torch.zeros(1, 2, dtype=torch.long), torch.tensor([[4, 4]])
     step(q, torch.tensor([[0, 1]]), delta, lens)
     for table in ([[0, 7]], [[-1, 0]]):
         with pytest.raises(ValueError, match="block_table"):
             step(q, torch.tensor(table), delta, lens)
-    with pytest.raises(ValueError, match="seq_lens"):
-        step(q, torch.tensor([[0, 1]]), delta, torch.tensor([9]))
+    with pytest.raises(ValueError, match="block_lens: row 0, entry 1 holds 5 tokens"):
+        step(q, torch.tensor([[0, 1]]), delta, torch.tensor([[4, 5]]))
+    with pytest.raises(ValueError, match="block_lens: row 0 holds 7 tokens; expected length=8"):
+        step(q, torch.tensor([[0, 1]]), delta, torch.tensor([[4, 3]]))
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])

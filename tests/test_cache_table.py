@@ -58,10 +58,9 @@ def _check(cache: ManifoldCache, model: Model) -> None:
         assert cache.next_position(s) == model.next[s]
         if not toks:
             continue
-        blocks, deltas = cache.mapping(s)
-        k, v = materialize_kv(
-            cache.k_pools[0], cache.v_pools[0], torch.tensor([blocks]), torch.tensor([deltas]), cache.rope, len(toks)
-        )
+        blocks, deltas, counts = cache.mapping(s)
+        k, v = materialize_kv(cache.k_pools[0], cache.v_pools[0], torch.tensor([blocks]), torch.tensor([deltas]),
+                              cache.rope, len(toks), torch.tensor([counts]))
         assert v[0, 0, :, 0].tolist() == [float(t) for t, _ in toks]
         for j, (t, p) in enumerate(toks):
             want = cache.rope.apply(_key(t), torch.tensor([p - model.next[s] + len(toks)]).expand(H))
@@ -70,7 +69,8 @@ def _check(cache: ManifoldCache, model: Model) -> None:
 
 def _snapshot(cache: ManifoldCache):
     return (
-        {s: (m.blocks.tolist(), m.sigma.tolist(), m.length, m.next_logical) for s, m in cache._seqs.items()},
+        {s: (m.blocks.tolist(), m.sigma.tolist(), m.counts.tolist(), m.length, m.next_logical)
+         for s, m in cache._seqs.items()},
         cache.free_blocks, cache.get_seq_length(), cache.batch, cache.allocator.refcount.copy().tolist(),
         cache.allocator.free_list, cache.window,
     )
@@ -159,21 +159,41 @@ def _append_fresh(cache, model, q, counter):
     model.next[s] = q
 
 
-def test_unaligned_edits_are_never_refused():
-    """Issue 14, finding 6: a cut off block boundaries copies the blocks it misaligns instead of refusing."""
-    cache = ManifoldCache(CONFIG, max_batch_size=2, max_tokens=64, block_size=BS, dtype=torch.float64)
+def _delete(cache, model, seq, start, end):
+    cache.delete(seq, start, end)
+    model.seqs[seq] = [(t, p if p < start else p - (end - start)) for t, p in model.seqs[seq] if not start <= p < end]
+    model.next[seq] -= end - start
+
+
+def test_unaligned_edits_copy_at_most_the_split_block():
+    """Issue 14, finding 6: a cut off block boundaries is never refused, and copies only the block it splits
+    (entries carry their own token counts), however many tokens come after it."""
+    cache = ManifoldCache(CONFIG, max_batch_size=2, max_tokens=400, block_size=BS, dtype=torch.float64)
     model, counter = Model(), [0]
-    _append_fresh(cache, model, 14, counter)
-    in_use = cache.blocks_in_use
-    cache.delete(0, 1, 2)  # every later block shifts by one slot: 3 copies
-    model.seqs[0] = [(t, p if p < 1 else p - 1) for t, p in model.seqs[0] if p != 1]
-    model.next[0] -= 1
+    _append_fresh(cache, model, 60 * BS + 2, counter)
+    copied = []
+    copy_blocks = cache.storage.copy_blocks
+    cache.storage.copy_blocks = lambda targets: (copied.append(len(targets)), copy_blocks(targets))
+    _delete(cache, model, 0, 1, 2)  # splits block 0: its tail is copied to a fresh block, nothing after it moves
     _check(cache, model)
-    assert cache.blocks_in_use == in_use
-    cache.delete(0, 1, 5)  # shift of one block: a single copied block
-    model.seqs[0] = [(t, p if p < 1 else p - 4) for t, p in model.seqs[0] if not 1 <= p < 5]
-    model.next[0] -= 4
+    blocks, _, counts = cache.mapping(0)
+    assert copied == [1] and counts[:3] == [1, BS - 2, BS] and blocks[2:] == list(range(1, 61))
+    _delete(cache, model, 0, BS + 1, 3 * BS)  # from inside one entry to inside another: the right one is copied
     _check(cache, model)
+    assert copied == [1, 1]
+    entries = len(cache.mapping(0)[0])
+    _delete(cache, model, 0, 2, BS + 1)  # from entry boundaries to entry boundaries: no copy
+    _check(cache, model)
+    assert copied == [1, 1, 0] and len(cache.mapping(0)[0]) < entries
+    chunk = cache.chunk(0, 3, 3 * BS + 1)  # a ragged chunk, spliced off block boundaries
+    cache.splice(0, chunk, 5 * BS + 3)
+    inserted = [(t, p - 3 + 5 * BS + 3) for t, p in model.seqs[0] if 3 <= p < 3 * BS + 1]
+    model.seqs[0] = sorted([(t, p if p < 5 * BS + 3 else p + 3 * BS - 2) for t, p in model.seqs[0]] + inserted,
+                           key=lambda tp: tp[1])
+    model.next[0] += 3 * BS - 2
+    chunk.free()
+    _check(cache, model)
+    assert copied[3:] == [2]  # the chunk's first piece and the block the splice splits
 
 
 def test_full_pool_raises_before_any_change():

@@ -10,7 +10,6 @@ and after every step each view must hold exactly the model's tokens, every key r
 position in the frame of the next query.  Freeing everything at the end must leave no block in use.
 """
 
-import math
 
 import pytest
 import torch
@@ -35,20 +34,39 @@ def _key(t: int, heads: int, dim: int) -> torch.Tensor:
 def snapshot(cache: ManifoldCache):
     """Everything an operation may change, as plain values (read without settling a pending forward)."""
     return (
-        {s: (m.blocks.tolist(), m.sigma.tolist(), m.length, m.next_logical) for s, m in cache._seqs.items()},
+        {s: (m.blocks.tolist(), m.sigma.tolist(), m.counts.tolist(), m.length, m.next_logical)
+         for s, m in cache._seqs.items()},
         cache.allocator.refcount.tolist(), cache.allocator.free_list, tuple(cache._batch), cache.get_seq_length(),
         cache._window, cache._next_id, cache.peak_blocks_in_use,
     )
 
 
-def windowed(toks: list[tuple[int, int]], sink: int, window: int, block_size: int) -> list[tuple[int, int]]:
-    """The StreamingLLM policy on a token list: the blocks holding the first `sink` tokens, then the fewest recent
-    blocks holding at least `window` tokens, renumbered from 0."""
-    sink_blocks = min(math.ceil(sink / block_size), -(-len(toks) // block_size))
-    recent = len(toks) - sink_blocks * block_size
-    evict = max(0, (recent - window) // block_size) if recent > 0 else 0
-    kept = toks[: sink_blocks * block_size] + toks[(sink_blocks + evict) * block_size:]
+def windowed(toks: list[tuple[int, int]], sink: int, window: int, counts: list[int]) -> list[tuple[int, int]]:
+    """The StreamingLLM policy on a token list laid out in entries of `counts` tokens (the cache's layout when it
+    applied the policy): the entries holding the first `sink` tokens, then the fewest recent entries holding at
+    least `window` tokens, renumbered from 0."""
+    assert sum(counts) == len(toks)
+    starts = [sum(counts[:j]) for j in range(len(counts) + 1)]  # token index where each entry starts (and the end)
+    sink_end = next((j for j in range(len(counts) + 1) if starts[j] >= sink), len(counts))
+    keep_from = sink_end
+    while keep_from < len(counts) and len(toks) - starts[keep_from + 1] >= window:
+        keep_from += 1
+    kept = toks[: starts[sink_end]] + toks[starts[keep_from]:]
     return [(t, i) for i, (t, _) in enumerate(kept)]
+
+
+class WindowSpy:
+    """Records the entry counts of each sequence when the cache applies its window (the layout `windowed` needs)."""
+
+    def __init__(self, cache: ManifoldCache) -> None:
+        self.counts: dict[int, list[int]] = {}
+        apply = cache._apply_window
+
+        def spy(seq: int) -> None:
+            self.counts[seq] = cache._seqs[seq].counts.tolist()
+            apply(seq)
+
+        cache._apply_window = spy
 
 
 class _Interrupt:
@@ -81,6 +99,7 @@ class CacheMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.cache = ManifoldCache(CONFIG, max_batch_size=6, max_tokens=120, block_size=BS, dtype=torch.float64)
+        self.spy = WindowSpy(self.cache)
         self.heads, self.dim = self.cache.shape.num_kv_heads, self.cache.shape.head_dim
         self.toks: dict[int, list[tuple[int, int]]] = {}
         self.next: dict[int, int] = {}
@@ -110,7 +129,7 @@ class CacheMachine(RuleBasedStateMachine):
         return live[i % len(live)] if live else None
 
     def _apply_window(self, seq: int) -> None:
-        self.toks[seq] = windowed(self.toks[seq], *self.window, BS)
+        self.toks[seq] = windowed(self.toks[seq], *self.window, self.spy.counts[seq])
         self.next[seq] = len(self.toks[seq])
 
     # ------------------------------------------------------------------ rules
@@ -295,10 +314,10 @@ class CacheMachine(RuleBasedStateMachine):
             assert cache.next_position(s) == self.next[s]
             if not toks:
                 continue
-            blocks, deltas = cache.mapping(s)
+            blocks, deltas, counts = cache.mapping(s)
             layer = len(toks) % LAYERS
             k, v = materialize_kv(cache.k_pools[layer], cache.v_pools[layer], torch.tensor([blocks]),
-                                  torch.tensor([deltas]), cache.rope, len(toks))
+                                  torch.tensor([deltas]), cache.rope, len(toks), torch.tensor([counts]))
             assert v[0, 0, :, 0].tolist() == [float(t) for t, _ in toks]
             want = torch.stack([cache.rope.apply(_key(t, self.heads, self.dim),
                                                  torch.tensor([p - self.next[s] + len(toks)])) for t, p in toks], 1)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaugecompile as gc
+from gaugecompile.ops.reference import full_block_lens
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 LSE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -32,10 +33,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_case(*, batch=1, kv_heads=1, group=1, q_len=1, head_dim=32, rotary_dim=None, block_size=4, blocks=2,
-              spare_blocks=2, dtype=torch.float32, table="random", delta_bound=64, full=False, seed=0):
-    """Random pools, a block table of the given kind, deltas in [-delta_bound, delta_bound), ragged lengths.
+              spare_blocks=2, dtype=torch.float32, table="random", delta_bound=64, full=False, ragged=False,
+              seed=0):
+    """Random pools, a block table of the given kind, deltas in [-delta_bound, delta_bound), ragged lengths;
+    with `ragged`, entries holding any number of tokens (empty and partial ones anywhere, as edits off block
+    boundaries leave them).
 
-    Table entries past a sequence's length are garbage (-1, huge deltas): the kernels must not read them.
+    Entries holding no tokens are garbage (-1, huge deltas): the kernels must not read them.
     """
     g = torch.Generator().manual_seed(seed)
     rotary_dim = head_dim if rotary_dim is None else rotary_dim
@@ -57,11 +61,15 @@ def make_case(*, batch=1, kv_heads=1, group=1, q_len=1, head_dim=32, rotary_dim=
         seq_lens = torch.full((batch,), max_len)
     else:
         seq_lens = torch.randint(q_len, max_len + 1, (batch,), generator=g)
-    used = (seq_lens[:, None] + block_size - 1) // block_size > torch.arange(blocks)[None, :]
+    block_lens = full_block_lens(seq_lens, blocks, block_size)
+    if ragged:
+        block_lens = torch.randint(0, block_size + 1, (batch, blocks), generator=g)
+        block_lens[:, -1] = block_size  # at least q_len tokens per row
+    used = block_lens > 0
     block_table = block_table.masked_fill(~used, -1)
     block_delta = block_delta.masked_fill(~used, 2**60)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    tensors = [t.to(dtype) for t in (q, k_pool, v_pool)] + [block_table, block_delta, seq_lens]
+    tensors = [t.to(dtype) for t in (q, k_pool, v_pool)] + [block_table, block_delta, block_lens]
     return [t.to(DEVICE) for t in tensors], inv_freq.to(DEVICE), rotary_dim
 
 
@@ -98,9 +106,9 @@ def cases(draw):
         spare_blocks=draw(st.integers(0, 3)), dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float16,
                                                                             torch.bfloat16, torch.float64])),
         table=draw(st.sampled_from(["random", "shared", "permuted", "contiguous"])),
-        delta_bound=2**31 if big else 64, seed=draw(st.integers(0, 2**31)),
+        delta_bound=2**31 if big else 64, ragged=draw(st.booleans()), seed=draw(st.integers(0, 2**31)),
     )
-    params["q_len"] = min(params["q_len"], params["blocks"] * block_size)
+    params["q_len"] = min(params["q_len"], block_size if params["ragged"] else params["blocks"] * block_size)
     return params, draw(st.booleans()), draw(st.booleans()), draw(st.sampled_from([None, 1, 2, 3]))
 
 
@@ -128,9 +136,11 @@ EDGE = dict(batch=2, kv_heads=1, group=2, q_len=1, head_dim=32, block_size=4, bl
         dict(dtype=torch.float16, group=4, blocks=4, split=2),
         dict(dtype=torch.bfloat16, q_len=2, causal=True),
         dict(dtype=torch.float64, group=1, q_len=2, rotary_dim=16, causal=True, split=2),
+        dict(ragged=True, q_len=3, blocks=6, causal=True, split=2, seed=8),  # partial and empty entries, causal
+        dict(ragged=True, blocks=5, table="shared", dtype=torch.float64, seed=9),
     ],
     ids=["base", "bs1-permuted", "bs64-d128", "gqa4-multi", "partial-rotary", "huge-delta-split", "causal-split",
-         "fp16-gqa4-split", "bf16-causal", "fp64-split"],
+         "fp16-gqa4-split", "bf16-causal", "fp64-split", "ragged-causal-split", "ragged-shared-fp64"],
 )
 def test_edge_cases(override, interleaved):
     override = dict(override)

@@ -12,6 +12,7 @@ import torch
 import gaugecompile
 from gaugecompile import RopeSpec
 from gaugecompile.onnx import DOMAIN, OP_TYPE, export_onnx, run
+from gaugecompile.onnx.function import VERSION
 
 TOL32 = 1e-4
 
@@ -99,7 +100,7 @@ def test_graph_is_one_custom_node_with_a_function(exported):
     assert attrs == {"rotary_dim": 16, "interleaved": 0, "scale": 0.25, "causal": 1, "block_size": 4}
     assert len(nodes[0].input) == 7 and len(nodes[0].output) == 2
     assert (DOMAIN, OP_TYPE) in {(f.domain, f.name) for f in loaded.functions}
-    assert {imp.domain: imp.version for imp in loaded.opset_import}[DOMAIN] == 1
+    assert {imp.domain: imp.version for imp in loaded.opset_import}[DOMAIN] == VERSION
     assert model == loaded
     assert isinstance(loaded.graph.input[0].type.tensor_type.shape.dim[0].dim_param, str)
 
@@ -191,7 +192,7 @@ def test_one_node_per_layer(tmp_path):
     path = tmp_path / "three.onnx"
     model = export_onnx(module, example, path, opset=18)
     assert len(gauge_nodes(model)) == 3
-    assert {imp.domain: imp.version for imp in model.opset_import} == {"": 18, DOMAIN: 1}
+    assert {imp.domain: imp.version for imp in model.opset_import} == {"": 18, DOMAIN: VERSION}
     err_out, err_lse = max_errors(path, module, example)
     assert err_out < TOL32 and err_lse < TOL32, (err_out, err_lse)
 

@@ -17,12 +17,14 @@ TOL32 = 1e-4
 
 
 def edited_cache(model, seed: int) -> ManifoldCache:
-    """A 20-token prompt, tokens [4, 8) deleted, an 8-token chunk spliced at 2^30."""
+    """A 20-token prompt, tokens [3, 9) deleted (off block boundaries: a partial entry, a copied one), an 8-token
+    chunk spliced at 2^30."""
     gen = torch.Generator().manual_seed(seed)
     cache = ManifoldCache(model.config, max_batch_size=2, max_tokens=256, block_size=4)
     with torch.no_grad():
         model(input_ids=torch.randint(0, 128, (1, 20), generator=gen), past_key_values=cache, use_cache=True)
-    cache.delete(0, 4, 8)
+    cache.delete(0, 3, 9)
+    assert cache.mapping(0)[2][:2] == [3, 3]
     chunk = cache.prefill(model, torch.randint(0, 128, (1, 8), generator=gen))
     cache.splice(0, chunk, 2**30)
     assert max(abs(d) for d in cache.mapping(0)[1]) > 2**29
@@ -38,7 +40,7 @@ def step_error(path, model, cache, new) -> tuple[float, tuple[int, int]]:
     want = [logits, *cache.k_pools, *cache.v_pools]
     assert len(outs) == 1 + 2 * model.config.num_hidden_layers
     error = max(float(np.abs(o - w.numpy()).max()) for o, w in zip(outs, want, strict=True))
-    return error, (tensors[2].shape[1], tensors[5].shape[1])
+    return error, (tensors[2].shape[1], tensors[6].shape[1])
 
 
 def export_and_compare(tmp_path, arch: str, q_len: int):

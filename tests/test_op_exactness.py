@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaugecompile as gc
+from gaugecompile.ops.reference import full_block_lens
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -38,8 +39,12 @@ def make_case(draw_or_rng, *, batch, heads, group, q_len, head_dim, rotary_dim, 
         prefix = int(torch.randint(0, blocks_per_seq + 1, (), generator=g))
         table[:, :prefix], delta[:, :prefix] = table[:1, :prefix], delta[:1, :prefix]
         seq_lens[:] = seq_lens[0]
+    lens = full_block_lens(seq_lens, blocks_per_seq, block_size)
+    if table_kind == "ragged":  # entries of any size, empty ones too (what edits off block boundaries leave)
+        lens = torch.randint(0, block_size + 1, (batch, blocks_per_seq), generator=g)
+        lens[lens.sum(1) < q_len] = block_size
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    return [t.to(dtype) for t in (q, k_pool, v_pool)] + [table, delta, seq_lens], inv_freq
+    return [t.to(dtype) for t in (q, k_pool, v_pool)] + [table, delta, lens], inv_freq
 
 
 @st.composite
@@ -57,7 +62,7 @@ def cases(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.floa
         q_len=draw(st.sampled_from([1, 1, 2, 5])), head_dim=head_dim, rotary_dim=rotary_dim,
         block_size=block_size, blocks_per_seq=blocks_per_seq, pool_blocks=blocks_per_seq + draw(st.integers(0, 6)),
         dtype=draw(st.sampled_from(dtypes)),
-        table_kind=draw(st.sampled_from(["random", "shared", "contiguous", "beams"])),
+        table_kind=draw(st.sampled_from(["random", "shared", "contiguous", "beams", "ragged"])),
         delta_range=(-(2**31), 2**31) if big else (-64, 64), seed=draw(st.integers(0, 2**31)),
     ), draw(st.booleans()), draw(st.booleans())
 
@@ -151,7 +156,7 @@ def test_cpu_kernel_reads_a_shared_prefix_once_for_all_rows(monkeypatch):
     (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)
     table[:, :48], delta[:, :48] = torch.arange(48), 7
     table[:, 48:] = torch.arange(48, 56).view(4, 2)
-    lens[:] = 50 * 16
+    lens[:] = 16
     out, lse = paged_attention.paged_attention(q, k, v, table, delta, lens, inv_freq, 32, False, 0.1, True)
     rope = gc.RopeSpec(inv_freq, 32, False)
     ref, ref_lse = gc.reference_attention(q, k, v, table, delta, lens, rope, scale=0.1, causal=True, return_lse=True)

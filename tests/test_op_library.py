@@ -15,7 +15,7 @@ def small_inputs(dtype=torch.float64, q_len=2, seed=0):
     v = torch.randn(6, 4, 2, 16, generator=g, dtype=dtype)
     table = torch.tensor([[3, 0, 5], [1, 1, 2]])
     delta = torch.tensor([[7, -3, 2**30], [0, 100, -(2**31)]])
-    lens = torch.tensor([11, 9])
+    lens = torch.tensor([[4, 3, 4], [2, 4, 3]])  # tokens per entry: partial ones in the middle too
     return q, k, v, table, delta, lens
 
 
@@ -39,12 +39,27 @@ def test_gradcheck_q_k_v(interleaved):
     q = torch.randn(2, 2, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(3, 2, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(3, 2, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    table, delta, lens = torch.tensor([[2, 0], [1, 1]]), torch.tensor([[5, -2**30], [0, 3]]), torch.tensor([4, 3])
+    table, delta = torch.tensor([[2, 0], [1, 1]]), torch.tensor([[5, -2**30], [0, 3]])
+    for lens in (torch.tensor([4, 3]), torch.tensor([[1, 2], [2, 1]])):  # plain views, then partial entries
 
-    def f(q, k, v):
-        return gc.rotated_query_attention(q, k, v, table, delta, lens, rope, return_lse=True)
+        def f(q, k, v):
+            return gc.rotated_query_attention(q, k, v, table, delta, lens, rope, return_lse=True)
 
-    assert torch.autograd.gradcheck(f, (q, k, v))
+        assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_materialize_gradcheck_over_partial_entries():
+    g = torch.Generator().manual_seed(4)
+    rope = gc.RopeSpec.from_base(100.0, 8, interleaved=False)
+    k = torch.randn(4, 3, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, 3, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    table, delta = torch.tensor([[2, 0, 3], [1, 1, 0]]), torch.tensor([[5, -2**30, 7], [0, 3, 9]])
+    lens = torch.tensor([[1, 0, 3], [2, 2, 0]])
+
+    def f(k, v):
+        return gc.materialize_kv(k, v, table, delta, rope, 4, lens)
+
+    assert torch.autograd.gradcheck(f, (k, v))
 
 
 def test_gradients_equal_reference_gradients():
@@ -103,6 +118,9 @@ def _bad(name, **changes):
         (*_bad("block_delta", block_delta=torch.full((2, 3), 2**47)), ValueError),
         (*_bad("seq_lens", seq_lens=torch.tensor([13, 9])), ValueError),
         (*_bad("seq_lens", seq_lens=torch.tensor([1, 9])), ValueError),
+        (*_bad("block_lens: row 0, entry 0 holds 5", seq_lens=torch.tensor([[5, 3, 3], [2, 4, 3]])), ValueError),
+        (*_bad("block_lens: expected the shape of block_table", seq_lens=torch.tensor([[4, 3], [2, 4]])), ValueError),
+        (*_bad("block_lens: .*at least .*2 query tokens", seq_lens=torch.tensor([[0, 0, 1], [2, 4, 3]])), ValueError),
         (*_bad("num_heads", q=torch.randn(2, 3, 2, 16, dtype=torch.float64)), ValueError),
         (*_bad("k_pool", k_pool=torch.randn(6, 4, 2, 16, dtype=torch.float32)), TypeError),
         (*_bad("v_pool", v_pool=torch.randn(6, 4, 2, 8, dtype=torch.float64)), ValueError),
@@ -112,7 +130,8 @@ def _bad(name, **changes):
         (*_bad("device", k_pool=torch.randn(6, 4, 2, 16, dtype=torch.float64, device="meta")), ValueError),
     ],
     ids=["block-id-too-large", "block-id-negative", "delta-shape", "delta-too-large", "seq-len-too-long",
-         "seq-len-below-q-len", "heads-not-divisible", "dtype-mismatch", "pool-shape", "rotary-dim-too-big",
+         "seq-len-below-q-len", "block-count-too-large", "block-lens-shape", "block-lens-below-q-len",
+         "heads-not-divisible", "dtype-mismatch", "pool-shape", "rotary-dim-too-big",
          "float-table", "rope-type", "device-mismatch"],
 )
 def test_bad_input_names_the_argument(name, args, exc):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import gaugecompile as gc
 from gaugecompile.ops import masked_attention
 from gaugecompile.ops.masked_attention import is_bottom_right_causal
-from gaugecompile.ops.reference import gather_view, rerotate_view
+from gaugecompile.ops.reference import full_block_lens, rerotate, view_tokens
 
 OP = torch.ops.gauge.rotated_query_attention_masked.default
 
@@ -22,11 +22,12 @@ def _causal(q_len, length, *, additive, shape=()):
     return torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
 
 
-def _reference(q, kp, vp, table, delta, rope, length, scale, mask):
+def _reference(q, kp, vp, table, delta, lens, rope, scale, mask):
     """Gather + re-rotate in float64, repeat heads, add the mask, softmax, weigh the values."""
-    k = rerotate_view(gather_view(kp.double(), table, length), delta, kp.shape[1], rope.inv_freq, rope.rotary_dim,
-                      rope.interleaved).permute(0, 2, 1, 3)
-    v = gather_view(vp.double(), table, length).permute(0, 2, 1, 3)
+    views = [view_tokens(table[b], delta[b], lens[b], kp.shape[1]) for b in range(table.shape[0])]
+    k = torch.stack([rerotate(kp.double().flatten(0, 1)[s], d, rope.inv_freq, rope.rotary_dim, rope.interleaved)
+                     for s, d in views]).permute(0, 2, 1, 3)
+    v = torch.stack([vp.double().flatten(0, 1)[s] for s, _ in views]).permute(0, 2, 1, 3)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = q.double() @ k.transpose(-1, -2) * scale
@@ -43,6 +44,12 @@ def cases(draw):
     kind = draw(st.sampled_from(["causal-bool", "causal-additive", "padding", "window", "bias", "none"]))
     length = draw(st.integers(q_len + (3 if kind in ("padding", "window") else 0), 40))  # something to hide
     blocks = -(-length // bs)
+    if draw(st.booleans()):  # every block full but the last
+        lens = full_block_lens(torch.full((batch,), length), blocks, bs)
+    else:  # entries of any size, empty ones too (what edits off block boundaries leave)
+        rows = [draw(ragged_counts(length, bs)) for _ in range(batch)]
+        blocks = max(map(len, rows))
+        lens = torch.tensor([row + [0] * (blocks - len(row)) for row in rows])
     kp, vp = torch.randn(blocks * batch + 2, bs, hkv, d, generator=g), torch.randn(blocks * batch + 2, bs, hkv, d,
                                                                                     generator=g)
     table = torch.randperm(blocks * batch + 2, generator=g)[: batch * blocks].view(batch, blocks)
@@ -63,22 +70,34 @@ def cases(draw):
     elif kind == "none":
         mask = torch.ones(batch, 1, q_len, length, dtype=torch.bool)
     causal = kind.startswith("causal") or (kind == "none" and q_len == 1)
-    return (q, kp, vp, table, delta, rope, length, d**-0.5, mask), causal
+    return (q, kp, vp, table, delta, lens, rope, length, d**-0.5, mask), causal
+
+
+@st.composite
+def ragged_counts(draw, length: int, block_size: int) -> list[int]:
+    """Token counts of entries (each in [0, block_size]) that sum to `length`."""
+    counts, left = [], length
+    while left:
+        if draw(st.integers(0, 4)) == 0:
+            counts.append(0)
+        counts.append(draw(st.integers(1, min(block_size, left))))
+        left -= counts[-1]
+    return counts
 
 
 @settings(max_examples=40, deadline=None)
 @given(cases())
 def test_masked_op_equals_masked_attention_and_skips_the_gather_iff_causal(case):
-    (q, kp, vp, table, delta, rope, length, scale, mask), causal = case
+    (q, kp, vp, table, delta, lens, rope, length, scale, mask), causal = case
     calls = []
     original = masked_attention.materialize_views
     masked_attention.materialize_views = lambda *a: calls.append(1) or original(*a)
     try:
-        got = OP(q, kp, vp, table, delta, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
+        got = OP(q, kp, vp, table, delta, lens, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
                  mask.float() if mask.dtype == torch.float64 else mask)
     finally:
         masked_attention.materialize_views = original
-    want = _reference(q, kp, vp, table, delta, rope, length, scale, mask)
+    want = _reference(q, kp, vp, table, delta, lens, rope, scale, mask)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
     assert bool(calls) != causal  # the gather runs only for the masks the rotated-query op cannot express
 
@@ -102,6 +121,7 @@ def test_opcheck(kind):
     mask = _causal(2, 11, additive=False, shape=(2, 1)).clone()
     if kind == "padding":
         mask[1, ..., :3] = False
-    args = (q, kp, vp, table, delta, rope.inv_freq, 16, False, 11, 0.25, mask)
+    lens = torch.tensor([[4, 3, 4], [3, 4, 4]] if kind == "padding" else [[4, 4, 3]] * 2)
+    args = (q, kp, vp, table, delta, lens, rope.inv_freq, 16, False, 11, 0.25, mask)
     result = torch.library.opcheck(OP, args)
     assert all(v == "SUCCESS" for v in result.values()), result

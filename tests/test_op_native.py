@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gaugecompile as gc
 from gaugecompile.ops.materialize import materialize_views
+from gaugecompile.ops.reference import full_block_lens
 from gaugecompile.rope import MAX_ABS_DELTA
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -43,12 +44,13 @@ def native_cases(draw):
     return dict(group=group, kv_heads=kv_heads, head_dim=head_dim, rotary_dim=rotary_dim, block_size=block_size,
                 blocks=blocks, batch=batch, q_len=q_len, interleaved=draw(st.booleans()), causal=draw(st.booleans()),
                 dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16])),
-                shared=draw(st.integers(0, blocks)), equal_lengths=draw(st.booleans()),
+                shared=draw(st.integers(0, blocks)), equal_lengths=draw(st.booleans()), ragged=draw(st.booleans()),
                 head_stride=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
 
 
 def make(c):
-    """Random pools, tables with a shared prefix of `shared` blocks, deltas up to the documented bound."""
+    """Random pools, tables with a shared prefix of `shared` blocks, deltas up to the documented bound; tokens per
+    entry either a plain paged layout or `ragged`."""
     g = torch.Generator().manual_seed(c["seed"])
     heads, bs, blocks = c["kv_heads"] * c["group"], c["block_size"], c["blocks"]
     pool_blocks = blocks + 3
@@ -64,8 +66,12 @@ def make(c):
     table[:, : c["shared"]], delta[:, : c["shared"]] = table[:1, : c["shared"]], delta[:1, : c["shared"]]
     full = blocks * bs
     lens = torch.randint(max(c["q_len"], full - bs + 1), full + 1, (c["batch"],), generator=g)
+    lens = full_block_lens(lens, blocks, bs)
+    if c["ragged"]:  # entries of any size, empty ones too (what edits off block boundaries leave)
+        lens = torch.randint(0, bs + 1, (c["batch"], blocks), generator=g)
+        lens[lens.sum(1) < c["q_len"]] = bs
     if c["equal_lengths"]:
-        lens[:] = lens[0]
+        lens = lens[:1].repeat(c["batch"], 1)
     rope = gc.RopeSpec(1.0 / (10000.0 ** (torch.arange(0, c["rotary_dim"], 2, dtype=torch.float64)
                                          / c["rotary_dim"])), c["rotary_dim"], c["interleaved"])
     dt = c["dtype"]
@@ -92,9 +98,11 @@ def test_native_materialize_equals_the_torch_gather(c):
     """The op's native kernel gives what its torch definition (also its ONNX decomposition) gives."""
     _, k, v, table, delta, lens, rope = make(c)
     k, v = k.contiguous(), v.contiguous()
-    length = int(lens.min())
-    got_k, got_v = gc.materialize_kv(k, v, table, delta, rope, length)
-    want_k, want_v = materialize_views(k, v, table, delta, rope.inv_freq, rope.rotary_dim, rope.interleaved, length)
+    lens = lens[:1].repeat(lens.shape[0], 1)  # one view length for all rows
+    length = int(lens[0].sum())
+    got_k, got_v = gc.materialize_kv(k, v, table, delta, rope, length, lens)
+    want_k, want_v = materialize_views(k, v, table, delta, lens, rope.inv_freq, rope.rotary_dim, rope.interleaved,
+                                       length)
     assert torch.equal(got_v, want_v)
     assert rel_err(got_k, want_k) <= (1e-15 if c["dtype"] == torch.float64 else 4e-7 if c["dtype"] == torch.float32
                                       else 8e-3)

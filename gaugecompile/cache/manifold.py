@@ -34,7 +34,6 @@ row there; a forward with more rows redoes the bookkeeping in update(), inside t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -46,7 +45,7 @@ from transformers.cache_utils import Cache
 from ..ops.materialize import materialize_kv
 from ..rope import MAX_ABS_DELTA
 from .chunk import KVChunk
-from .mapping import NewBlock, Piece, Pieces, SeqMap, block_sources, consecutive_runs, repack, seq_pieces, split_at
+from .mapping import NewBlock, Piece, Pieces, SeqMap, consecutive_runs, copy_source, repack, seq_pieces, split_at
 from .pool import BlockAllocator
 from .rope_config import kv_shape_from_config, rope_from_config
 from .storage import BlockStorage
@@ -78,6 +77,7 @@ class _Forward(NamedTuple):
 
     table: torch.Tensor
     delta: torch.Tensor
+    lens: torch.Tensor
     slots: torch.Tensor
     sizes: torch.Tensor
     rows: int
@@ -90,6 +90,7 @@ class StepMapping(NamedTuple):
 
     block_table: torch.Tensor
     block_delta: torch.Tensor
+    block_lens: torch.Tensor
     slots: torch.Tensor
     length: int
 
@@ -108,15 +109,12 @@ def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"{name}: expected {kind}{bound}, got {value!r}")
 
 
-def _largest_rotation(pieces: Pieces, plan, next_logical: int, block_size: int) -> int:
-    """The largest |offset| a repacked sequence rotates by: its block deltas (in the frame of a query at the
-    view length) and the re-rotations its copies make (each piece to the sigma of the blocks it lands in)."""
-    if not len(pieces):
+def _largest_rotation(plan, next_logical: int) -> int:
+    """The largest |offset| a repacked sequence rotates by: its entries' deltas in the frame of a query at the
+    view length (copies keep their sigma, so they rotate nothing)."""
+    if not len(plan.sigma):
         return 0
-    n = pieces.b - pieces.a
-    start = np.cumsum(n) - n
-    copies = [pieces.shift - plan.sigma[start // block_size], pieces.shift - plan.sigma[(start + n - 1) // block_size]]
-    return int(max(np.abs(x).max() for x in (plan.sigma - (next_logical - plan.length), *copies)))
+    return int(np.abs(plan.sigma - (next_logical - plan.length)).max())
 
 
 class ManifoldCache(Cache):
@@ -226,7 +224,7 @@ class ManifoldCache(Cache):
         """Logical position of every token in the view of `seq` (O(tokens); for inspection and tests)."""
         m = self._get(seq)
         out: list[int] = []
-        for p in seq_pieces(m, self.block_size):
+        for p in seq_pieces(m):
             out.extend((self.storage.stored[p.phys, p.a:p.b] + p.shift).tolist())
         return out
 
@@ -234,10 +232,11 @@ class ManifoldCache(Cache):
         """Logical position the next token of `seq` will take."""
         return self._get(seq).next_logical
 
-    def mapping(self, seq: int) -> tuple[list[int], list[int]]:
-        """(physical blocks, per-block delta in the frame of the next query, which sits at the view length)."""
+    def mapping(self, seq: int) -> tuple[list[int], list[int], list[int]]:
+        """The table entries of `seq`: (physical blocks, per-entry delta in the frame of the next query, which sits
+        at the view length, tokens each entry holds: slots [0, n) of its block)."""
         m = self._get(seq)
-        return m.blocks.tolist(), (m.sigma - (m.next_logical - m.length)).tolist()
+        return m.blocks.tolist(), (m.sigma - (m.next_logical - m.length)).tolist(), m.counts.tolist()
 
     # ----------------------------------------------------------------- transformers Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -341,12 +340,12 @@ class ManifoldCache(Cache):
                 f"key_states: layer {layer_idx} got {key_states.shape[0]} rows x {key_states.shape[2]} tokens, but "
                 f"the forward was planned for {fwd.rows} x {fwd.q} (layer 0's input)"
             )
-        table, delta, slots, sizes = fwd.table, fwd.delta, fwd.slots, fwd.sizes
+        table, delta, lens, slots, sizes = fwd.table, fwd.delta, fwd.lens, fwd.slots, fwd.sizes
         k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
         v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
-        k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, sizes.shape[1])
+        k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, sizes.shape[1], lens)
         self._layers_written = layer_idx + 1
         if layer_idx == self.shape.num_layers - 1:  # the forward commits
             if self._window is not None:
@@ -381,7 +380,7 @@ class ManifoldCache(Cache):
     def _save(self) -> _Saved:
         journal = self.allocator.journal
         return _Saved(
-            {s: SeqMap(m.blocks, m.sigma, m.length, m.next_logical) for s, m in self._seqs.items()},
+            {s: SeqMap(m.blocks, m.sigma, m.counts, m.length, m.next_logical) for s, m in self._seqs.items()},
             list(self._batch), self._next_id, self._view_sizes, self._window, self.last_step,
             self.peak_blocks_in_use, journal, len(journal),
         )
@@ -436,15 +435,18 @@ class ManifoldCache(Cache):
             raise ValueError(f"batch: {rows} rows exceed max_batch_size={self.max_batch_size}")
         with self._transaction() as saved:
             slots = self._place(rows, q)
-            table, delta = self._tables()
+            table, delta, lens = self._tables()
             length = self._common_length()
-            self._fwd = _Forward(table, delta, slots, _size_carrier(length), rows, q, saved)
-            self.last_step = StepMapping(table, delta, slots, length)
+            self._fwd = _Forward(table, delta, lens, slots, _size_carrier(length), rows, q, saved)
+            self.last_step = StepMapping(table, delta, lens, slots, length)
         self._layers_written = 0
 
     def _place(self, rows: int, q: int) -> torch.Tensor:
         """Open the rows, allocate (and copy-on-write) the blocks the q new tokens of each row go to, grow the
-        views; return the flat pool slots of the new tokens, row-major."""
+        views; return the flat pool slots of the new tokens, row-major.
+
+        New tokens fill the free slots of a row's last block when only that entry refers to it and its sigma is
+        the new tokens' (else its tokens are copied to a fresh block first), then fresh blocks."""
         if not self._batch:
             self._batch = [self._new_seq(SeqMap()) for _ in range(rows)]
         elif rows != len(self._batch):
@@ -462,7 +464,7 @@ class ManifoldCache(Cache):
             if m.next_logical + q > self.max_position:
                 raise ValueError(f"input: sequence {seq} would pass logical position max_position={self.max_position}")
             sq = m.next_logical - view
-            r = m.length % bs
+            r = int(m.counts[-1]) % bs if len(m.counts) else 0  # tokens of a last block with room left
             cow = r > 0 and (self.allocator.refcount[m.blocks[-1]] > 1 or m.sigma[-1] != sq)
             fresh = -(-(r + q) // bs) - (1 if r else 0)
             plans.append((seq, m, sq, r, cow, fresh))
@@ -473,7 +475,7 @@ class ManifoldCache(Cache):
         released: list[int] = []  # released after the copies read them
         slots: list[np.ndarray] = []
         for seq, m, sq, r, cow, fresh in plans:
-            blocks, sigma = m.blocks, m.sigma  # new arrays below: a SeqMap's arrays are never written in place
+            blocks, sigma, counts = m.blocks, m.sigma, m.counts  # new arrays below: never written in place
             if cow:
                 old = int(blocks[-1])
                 (new,) = self.allocator.allocate(1)
@@ -483,11 +485,16 @@ class ManifoldCache(Cache):
             if fresh:
                 blocks = np.concatenate((blocks, self.allocator.allocate(fresh)))
                 sigma = np.concatenate((sigma, np.full(fresh, sq, dtype=np.int64)))
-            pos = np.arange(m.length, m.length + q)
-            phys, offset = blocks[pos // bs], pos % bs
+            # the new tokens continue the last block (from slot r) and fill the fresh ones
+            first = len(counts) - (1 if r else 0)
+            pos = r + np.arange(q)
+            phys, offset = blocks[first + pos // bs], pos % bs
+            filled = np.bincount(pos // bs)  # new tokens per entry they go to
+            filled[0] += r
+            counts = np.concatenate((counts[:first], filled))
             slots.append(phys * bs + offset)
             self.storage.stored[phys, offset] = view + np.arange(q)
-            self._seqs[seq] = SeqMap(blocks, sigma, m.length + q, m.next_logical + q)
+            self._seqs[seq] = SeqMap(blocks, sigma, counts, m.length + q, m.next_logical + q)
         self.storage.copy_blocks(copies)
         self.allocator.decref(released)
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.allocator.blocks_in_use)
@@ -509,21 +516,20 @@ class ManifoldCache(Cache):
         finally:
             self.allocator.journal = outer
 
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block table and deltas of the batch, padded to a power-of-two width >= 2 (marked dynamic)."""
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block table, deltas and token counts of the batch's entries, padded to a power-of-two width >= 2 with
+        empty entries (marked dynamic)."""
         width = 1 << max(1, (max(len(self._seqs[s].blocks) for s in self._batch) - 1).bit_length())
-        table = np.zeros((len(self._batch), width), dtype=np.int64)
-        delta = np.zeros((len(self._batch), width), dtype=np.int64)
+        tables = np.zeros((3, len(self._batch), width), dtype=np.int64)
         view = self._common_length()
         for row, seq in enumerate(self._batch):
             m = self._seqs[seq]
-            table[row, : len(m.blocks)] = m.blocks
-            delta[row, : len(m.blocks)] = m.sigma - (m.next_logical - view)
-        table = torch.from_numpy(table).to(self.storage.device)
-        delta = torch.from_numpy(delta).to(self.storage.device)
-        torch._dynamo.maybe_mark_dynamic(table, 1)
-        torch._dynamo.maybe_mark_dynamic(delta, 1)
-        return table, delta
+            n = len(m.blocks)
+            tables[:, row, :n] = m.blocks, m.sigma - (m.next_logical - view), m.counts
+        out = tuple(torch.from_numpy(t).to(self.storage.device) for t in tables)
+        for t in out:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        return out
 
     def _common_length(self) -> int:
         lengths = [self._seqs[s].length for s in self._batch]
@@ -622,7 +628,7 @@ class ManifoldCache(Cache):
         with self._transaction():
             self._check_range(start, end)
             m = self._get(seq)
-            before, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
+            before, rest = split_at(seq_pieces(m), start, self.storage.stored)
             _, after = split_at(rest, end, self.storage.stored)
             nxt = m.next_logical - (end - start) if m.next_logical >= end else min(m.next_logical, start)
             self._commit(seq, before + after.shifted(start - end), nxt, f"delete({seq}, {start}, {end})")
@@ -632,7 +638,7 @@ class ManifoldCache(Cache):
         with self._transaction():
             self._check_range(start, end)
             m = self._get(seq)
-            _, rest = split_at(seq_pieces(m, self.block_size), start, self.storage.stored)
+            _, rest = split_at(seq_pieces(m), start, self.storage.stored)
             inside, _ = split_at(rest, end, self.storage.stored)
             return KVChunk(self, inside.shifted(-start), end - start)
 
@@ -646,7 +652,7 @@ class ManifoldCache(Cache):
                 raise ValueError("chunk: expected a live KVChunk of this cache")
             _check_int("at", at, 0, self.max_position)
             m = self._get(seq)
-            before, after = split_at(seq_pieces(m, self.block_size), at, self.storage.stored)
+            before, after = split_at(seq_pieces(m), at, self.storage.stored)
             pieces = before + chunk.pieces.shifted(at) + after.shifted(chunk.span)
             nxt = at + chunk.span if at >= m.next_logical else m.next_logical + chunk.span
             self._commit(seq, pieces, nxt, f"splice({seq}, chunk, at={at})")
@@ -747,13 +753,13 @@ class ManifoldCache(Cache):
     def _commit(self, seq: int, pieces: Pieces, next_logical: int, what: str) -> None:
         """Repack `pieces` as the new mapping of `seq`: check bounds and pool, then copy, then swap refs.
 
-        Blocks an edit moves off block boundaries are copied (re-rotated to one sigma); the rest are shared.
+        A piece that starts inside its block (an edit split it) is copied to a fresh block; the rest are shared.
         """
         if next_logical > self.max_position:
             raise ValueError(f"{what}: the next position {next_logical} would pass max_position={self.max_position}")
-        plan = repack(pieces, self.block_size)
+        plan = repack(pieces)
         copy_at = plan.copies
-        offset = _largest_rotation(pieces, plan, next_logical, self.block_size)
+        offset = _largest_rotation(plan, next_logical)
         if offset >= MAX_ABS_DELTA:
             raise ValueError(f"{what}: a key would be rotated by {offset} positions; offsets stay below 2^31")
         self.allocator.require(int(copy_at.size), what)
@@ -761,22 +767,21 @@ class ManifoldCache(Cache):
         self.allocator.incref(blocks[blocks >= 0])
         fresh = self.allocator.allocate(int(copy_at.size))
         blocks[copy_at] = fresh
-        self.storage.copy_blocks([(phys, block_sources(pieces, int(j), self.block_size))
-                                  for phys, j in zip(fresh, copy_at, strict=True)])
+        self.storage.copy_blocks([(phys, copy_source(plan, int(j))) for phys, j in zip(fresh, copy_at, strict=True)])
         old = self._seqs[seq]
         self.allocator.decref(old.blocks)
-        self._seqs[seq] = SeqMap(blocks, plan.sigma, plan.length, next_logical)
+        self._seqs[seq] = SeqMap(blocks, plan.sigma, plan.counts, plan.length, next_logical)
         self._touch()
 
     def _apply_window(self, seq: int) -> None:
         sink, window = self._window
         m = self._seqs[seq]
-        bs = self.block_size
-        sink_blocks = min(math.ceil(sink / bs), len(m.blocks))
-        recent = m.length - sink_blocks * bs
-        evict = max(0, (recent - window) // bs) if recent > 0 else 0
-        current = seq_pieces(m, bs)
-        kept = current.take(np.r_[0:sink_blocks, sink_blocks + evict:len(current)])
+        held = np.cumsum(m.counts)  # tokens in the first j + 1 entries
+        sink_blocks = min(int(np.searchsorted(held, sink, side="left")) + 1 if sink else 0, len(m.blocks))
+        after = m.length - held + m.counts  # tokens in entries j.. (the recent part keeps a suffix of them)
+        keep_from = sink_blocks + int(np.count_nonzero(after[sink_blocks:] - m.counts[sink_blocks:] >= window))
+        current = seq_pieces(m)
+        kept = current.take(np.r_[0:sink_blocks, keep_from:len(current)])
         stored = self.storage.stored
         first, last = stored[kept.phys, kept.a], stored[kept.phys, kept.b - 1]
         broken = np.flatnonzero(last - first != kept.b - kept.a - 1)  # stored positions not stepping by 1

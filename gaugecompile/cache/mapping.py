@@ -2,16 +2,16 @@
 
 Coordinates.  Every cached token has a *stored* position (the position it was rotated at when its key
 was written, kept per physical slot) and a *logical* position (where it sits in its sequence now).
-Inside one mapped block all tokens share `sigma = logical - stored`, so a sequence is an array of
-physical blocks with their sigma plus a length; all blocks are full except the last.  An edit is
-described as `Pieces` -- runs of slots of physical blocks with their new sigma, held as arrays -- and
-`repack` packs them into blocks again: a block made of exactly one piece that starts at slot 0 is reused
-as is (reference counted), any other block must be copied (re-rotated to one sigma).
+A sequence is a list of table entries: a physical block, the tokens it holds for this sequence (slots
+[0, n) of the block: an entry may be partial anywhere, not only at the end) and one
+`sigma = logical - stored` for all of them.  An edit is described as `Pieces` -- runs of slots of
+physical blocks with their new sigma, held as arrays -- and `repack` turns them into entries again:
+a piece that starts at slot 0 of its block is that block, shared (reference counted); a piece that
+starts later (the right part of a block an edit splits) is copied to a new block.
 
 Every step is array arithmetic over the pieces (numpy), never a Python loop over blocks: an edit costs
-O(number of blocks) in vectorised work plus a few Python objects, and the copy of the blocks an edit
-off block boundaries splits or shifts (for a cut whose length is not a multiple of the block size, every
-block after it).
+O(number of blocks) in vectorised work plus a few Python objects, and the copy of at most one block per
+cut an edit makes off block boundaries -- whatever the number of tokens after it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Piece", "Pieces", "SeqMap", "NewBlock", "Plan", "seq_pieces", "split_at", "repack", "block_sources",
+__all__ = ["Piece", "Pieces", "SeqMap", "NewBlock", "Plan", "seq_pieces", "split_at", "repack", "copy_source",
            "consecutive_runs"]
 
 _I64 = np.int64
@@ -91,15 +91,17 @@ class Pieces:
 
 @dataclass
 class SeqMap:
-    """One sequence: physical blocks, per-block sigma (logical - stored), token count, next logical position."""
+    """One sequence: its table entries (physical block, sigma = logical - stored, tokens held: slots [0, n) of
+    the block), its token count and its next logical position."""
 
     blocks: np.ndarray = field(default_factory=_ids)
     sigma: np.ndarray = field(default_factory=_ids)
+    counts: np.ndarray = field(default_factory=_ids)
     length: int = 0
     next_logical: int = 0
 
     def copy(self) -> SeqMap:
-        return SeqMap(self.blocks.copy(), self.sigma.copy(), self.length, self.next_logical)
+        return SeqMap(self.blocks.copy(), self.sigma.copy(), self.counts.copy(), self.length, self.next_logical)
 
 
 class NewBlock(NamedTuple):
@@ -112,25 +114,24 @@ class NewBlock(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """A repacked sequence: per block the reused physical block (-1 where a copy must be made) and sigma."""
+    """A repacked sequence: per entry the reused physical block (-1 where a copy must be made), sigma and
+    token count, the pieces the entries are made of, and the tokens in all."""
 
     phys: np.ndarray
     sigma: np.ndarray
+    counts: np.ndarray
+    pieces: Pieces
     length: int
 
     @property
     def copies(self) -> np.ndarray:
-        """Indices of the blocks that must be copied."""
+        """Indices of the entries that must be copied."""
         return np.flatnonzero(self.phys < 0)
 
 
-def seq_pieces(m: SeqMap, block_size: int) -> Pieces:
-    """The sequence as pieces, one per block, with its current sigma."""
-    n = len(m.blocks)
-    ends = np.full(n, block_size, dtype=_I64)
-    if n:
-        ends[-1] = m.length - (n - 1) * block_size
-    return Pieces(m.blocks.copy(), np.zeros(n, dtype=_I64), ends, m.sigma.copy())
+def seq_pieces(m: SeqMap) -> Pieces:
+    """The sequence as pieces, one per entry, with its current sigma."""
+    return Pieces(m.blocks.copy(), np.zeros(len(m.blocks), dtype=_I64), m.counts.copy(), m.sigma.copy())
 
 
 def split_at(pieces: Pieces, logical: int, stored: np.ndarray) -> tuple[Pieces, Pieces]:
@@ -159,45 +160,19 @@ def consecutive_runs(phys: int, a: int, b: int, stored: np.ndarray) -> list[tupl
     return [(a + s, a + e) for s, e in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def _starts(pieces: Pieces) -> np.ndarray:
-    n = pieces.b - pieces.a
-    return np.cumsum(n) - n
+def repack(pieces: Pieces) -> Plan:
+    """One table entry per non-empty piece (in view order): a piece from slot 0 of its block is that block,
+    shared (its entry holds slots [0, b)); a piece starting later in its block is copied to slot 0 of a new
+    block, at its own sigma (a plain copy: nothing is re-rotated).  An edit off block boundaries thus copies
+    at most the one block it splits, never the blocks after it."""
+    keep = pieces.take(pieces.b > pieces.a)
+    phys = np.where(keep.a == 0, keep.phys, -1)
+    counts = keep.b - keep.a
+    return Plan(phys, keep.shift.copy(), counts, keep, int(counts.sum()))
 
 
-def repack(pieces: Pieces, block_size: int) -> Plan:
-    """Pack pieces (in view order) into blocks: reuse where a block is one piece from slot 0, else copy.
-
-    A piece lies inside one physical block, so a block is one whole piece exactly when that piece starts
-    at the block's first slot, at its own slot 0, and either fills the block or is the last piece.
-    """
-    n = pieces.b - pieces.a
-    start = _starts(pieces)
-    total = int(n.sum())
-    n_blocks = -(-total // block_size)
-    last = np.arange(len(pieces)) == len(pieces) - 1
-    whole = (pieces.a == 0) & (start % block_size == 0) & ((n == block_size) | last)
-    phys = np.full(n_blocks, -1, dtype=_I64)
-    sigma = np.zeros(n_blocks, dtype=_I64)
-    at = start[whole] // block_size
-    phys[at], sigma[at] = pieces.phys[whole], pieces.shift[whole]
-    copies = np.flatnonzero(phys < 0)
-    if copies.size:  # a copied block takes the sigma of the first piece it holds
-        first = np.searchsorted(start + n, copies * block_size, side="right")
-        sigma[copies] = pieces.shift[first]
-    return Plan(phys, sigma, total)
-
-
-def block_sources(pieces: Pieces, block: int, block_size: int) -> NewBlock:
-    """Block `block` of `repack(pieces)` as a copy: the slots of the pieces it holds, at the first one's sigma."""
-    n = pieces.b - pieces.a
-    start = _starts(pieces)
-    lo, hi = block * block_size, (block + 1) * block_size
-    first = int(np.searchsorted(start + n, lo, side="right"))
-    sources = []
-    i = first
-    while i < len(pieces) and start[i] < hi:
-        a = int(pieces.a[i]) + max(0, lo - int(start[i]))
-        b = int(pieces.a[i]) + min(int(n[i]), hi - int(start[i]))
-        sources.append(Piece(int(pieces.phys[i]), a, b, int(pieces.shift[i])))
-        i += 1
-    return NewBlock(None, sources[0].shift, sum(p.b - p.a for p in sources), tuple(sources))
+def copy_source(plan: Plan, entry: int) -> NewBlock:
+    """Entry `entry` of `plan` as a copy: its piece's slots, to slot 0 of a new block, at the piece's sigma."""
+    p = plan.pieces.take(slice(entry, entry + 1))
+    piece = Piece(int(p.phys[0]), int(p.a[0]), int(p.b[0]), int(p.shift[0]))
+    return NewBlock(None, piece.shift, piece.b - piece.a, (piece,))

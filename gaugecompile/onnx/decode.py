@@ -42,10 +42,12 @@ class PoolView(Cache):
     """
 
     def __init__(self, rope: RopeSpec, length, q_len, block_table: torch.Tensor, block_delta: torch.Tensor,
-                 slots: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor]) -> None:
+                 block_lens: torch.Tensor, slots: torch.Tensor, k_pools: Sequence[torch.Tensor],
+                 v_pools: Sequence[torch.Tensor]) -> None:
         super().__init__(layers=[])
         self.rope, self.length, self.q_len = rope, length, q_len
-        self.block_table, self.block_delta, self.slots = block_table, block_delta, slots.reshape(-1)
+        self.block_table, self.block_delta, self.block_lens = block_table, block_delta, block_lens
+        self.slots = slots.reshape(-1)
         self.k_pools, self.v_pools = list(k_pools), list(v_pools)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -69,18 +71,20 @@ class PoolView(Cache):
             rows = _cast(new.transpose(1, 2).reshape(-1, *pool.shape[2:]), pool.dtype)
             pools.append(pool.flatten(0, 1).index_copy(0, self.slots, rows).view(pool.shape))
         self.k_pools[layer_idx], self.v_pools[layer_idx] = pools
-        k, v = materialize_kv(pools[0], pools[1], self.block_table, self.block_delta, self.rope, self.length)
+        k, v = materialize_kv(pools[0], pools[1], self.block_table, self.block_delta, self.rope, self.length,
+                              self.block_lens)
         return _cast(k, key_states.dtype), _cast(v, value_states.dtype)
 
 
 class CacheStep(torch.nn.Module):
     """`model` run on new tokens over a ManifoldCache's state given as tensors.
 
-    forward(input_ids [B, Q], position_ids [B, Q], block_table [B, M], block_delta [B, M],
+    forward(input_ids [B, Q], position_ids [B, Q], block_table [B, M], block_delta [B, M], block_lens [B, M],
     slots [B, Q], view_sizes [0, L], k_pools (one [N, S, Hkv, D] per layer), v_pools)
-    -> (logits, k_pools, v_pools) with the pools updated by the step.  `slots` are the flat pool
-    slots (block * S + offset) the new tokens are written to; L is the view length after the step
-    (only `view_sizes`' shape is read).  `capture` builds them from a ManifoldCache step.
+    -> (logits, k_pools, v_pools) with the pools updated by the step.  `block_lens` are the tokens each
+    entry holds (the op's mapping), `slots` the flat pool slots (block * S + offset) the new tokens are
+    written to; L is the view length after the step (only `view_sizes`' shape is read).  `capture` builds them
+    from a ManifoldCache step.
     """
 
     def __init__(self, model: torch.nn.Module, rope: RopeSpec) -> None:
@@ -89,9 +93,10 @@ class CacheStep(torch.nn.Module):
             raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
         self.model, self.rope = model, rope
 
-    def forward(self, input_ids, position_ids, block_table, block_delta, slots, view_sizes, k_pools, v_pools):
-        view = PoolView(self.rope, view_sizes.shape[1], input_ids.shape[1], block_table, block_delta, slots,
-                        k_pools, v_pools)
+    def forward(self, input_ids, position_ids, block_table, block_delta, block_lens, slots, view_sizes, k_pools,
+                v_pools):
+        view = PoolView(self.rope, view_sizes.shape[1], input_ids.shape[1], block_table, block_delta, block_lens,
+                        slots, k_pools, v_pools)
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=view, use_cache=True)
         return out.logits, tuple(view.k_pools), tuple(view.v_pools)
 
@@ -105,7 +110,7 @@ class CacheStep(torch.nn.Module):
 
         tokens, table = {0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}
         pools = tuple({0: Dim.AUTO} for _ in range(num_layers))
-        return tokens, tokens, table, table, tokens, {1: Dim.AUTO}, pools, pools
+        return tokens, tokens, table, table, table, tokens, {1: Dim.AUTO}, pools, pools
 
     @classmethod
     def capture(cls, model: torch.nn.Module, cache, input_ids: torch.Tensor):
@@ -124,10 +129,10 @@ class CacheStep(torch.nn.Module):
         v_pools = tuple(p.clone() for p in cache.v_pools)
         with torch.no_grad():
             logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
-        block_table, block_delta, slots, length = cache.last_step  # the mapping this step used
+        block_table, block_delta, block_lens, slots, length = cache.last_step  # the mapping this step used
         batch, q_len = input_ids.shape
         position_ids = (frame + torch.arange(q_len, device=input_ids.device)).expand(batch, q_len)
         view_sizes = torch.empty(0, length, dtype=torch.int64, device=input_ids.device)
-        args = (input_ids, position_ids, block_table, block_delta, slots.view(batch, q_len), view_sizes, k_pools,
-                v_pools)
+        args = (input_ids, position_ids, block_table, block_delta, block_lens, slots.view(batch, q_len), view_sizes,
+                k_pools, v_pools)
         return cls(model, cache.rope), args, logits

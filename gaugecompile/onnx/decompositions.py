@@ -18,14 +18,14 @@ from .function import DOMAIN, OP_TYPE, VERSION
 __all__ = ["DECOMPOSITIONS"]
 
 
-def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
+def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
                              interleaved, scale, causal):
     block_size = k_pool.shape[1]
     if not isinstance(block_size, int):
         raise ValueError("k_pool: the block size (dim 1) must be static for ONNX export, got a dynamic dim")
     out, lse = torch.onnx.ops.symbolic_multi_out(
         f"{DOMAIN}::{OP_TYPE}",
-        [q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq],
+        [q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq],
         {"rotary_dim": int(rotary_dim), "interleaved": int(bool(interleaved)), "scale": float(scale),
          "causal": int(bool(causal)), "block_size": block_size},
         dtypes=(q.dtype, q.dtype),

@@ -1,18 +1,20 @@
 """The meaning of `ai.gauge::RotatedQueryAttention` in standard ONNX ops (a model-local function).
 
-Node contract (domain `ai.gauge`, version 1):
+Node contract (domain `ai.gauge`, version 2):
 
     inputs:  q [B, H, Q, D], k_pool [N, S, Hkv, D], v_pool [N, S, Hkv, D] (dtype of q),
-             block_table [B, M] and block_delta [B, M] (int32/int64), seq_lens [B] (int32/int64),
+             block_table [B, M], block_delta [B, M] and block_lens [B, M] (int32/int64),
              inv_freq [rotary_dim // 2] (float64)
     outputs: out [B, H, Q, D] and lse [B, H, Q], both in the dtype of q
     attributes: rotary_dim (int), interleaved (int 0/1), scale (float), causal (int 0/1),
              block_size (int, = S; informative for runtimes that bind a fused kernel)
 
-The body is the reference: gather every sequence's blocks through its table, re-rotate every
-key by its block's delta, GQA by grouping query heads, mask keys past `seq_lens` (and, if
-causal, bottom-right: query i of Q sits at position seq_len - Q + i), softmax, output and
-log-sum-exp.  Blocks past a sequence's length are never read (their ids are replaced by 0).
+The body is the reference: entry j of a sequence is slots [0, block_lens[j]) of block block_table[j];
+gather every entry's block, re-rotate every key by its entry's delta, GQA by grouping query heads,
+hide the slots an entry does not hold (and, if causal, bottom-right: query i of Q sits at position
+seq_len - Q + i, a held slot's position being the number of held slots before it), softmax, output and
+log-sum-exp.  Entries holding no tokens are never read (their ids are replaced by 0).  Version 1 took
+view lengths `seq_lens` [B] (every block full but the last) in place of `block_lens`.
 
 Angles reproduce `gaugecompile.rope.reduced_angles` op for op in float64: the delta is split
 into 16-bit halves, the frequency by Veltkamp splitting, each of the four exact products is
@@ -35,7 +37,7 @@ __all__ = ["DOMAIN", "OP_TYPE", "VERSION", "MIN_OPSET", "function_proto"]
 
 DOMAIN = "ai.gauge"
 OP_TYPE = "RotatedQueryAttention"
-VERSION = 1
+VERSION = 2
 #: Oldest standard opset whose ops (Reduce* with axes as inputs) the body uses.
 MIN_OPSET = 18
 
@@ -56,7 +58,7 @@ _K_2P16, _K_2M16 = _f64("two_16", 65536.0), _f64("two_m16", 1.0 / 65536.0)
 _ZERO, _ONE, _TWO = _i64("zero", [0]), _i64("one", [1]), _i64("two", [2])
 _MINUS1 = _i64("minus_one", [-1])
 _S0, _S1, _S2 = (onnx.numpy_helper.from_array(np.array(v, dtype=np.int64), f"s{v}") for v in (0, 1, 2))
-_AXES_23, _AXES_12 = _i64("axes_23", [2, 3]), _i64("axes_12", [1, 2])
+_AXES_23, _AXES_12, _AXES_01 = _i64("axes_23", [2, 3]), _i64("axes_12", [1, 2]), _i64("axes_01", [0, 1])
 
 
 @onnxscript.script(_gauge, default_opset=op)
@@ -68,7 +70,7 @@ def ReduceTwoPi(p):  # noqa: N802 -- an ONNX function name
 
 @onnxscript.script(_gauge, default_opset=op)
 def RotatedQueryAttention(  # noqa: N802 -- the ONNX op name
-    q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq,
+    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
     rotary_dim: int, interleaved: int, scale: float, causal: int, block_size: int,
 ):
     zero = op.Constant(value=_ZERO)
@@ -87,10 +89,9 @@ def RotatedQueryAttention(  # noqa: N802 -- the ONNX op name
     s1 = op.Constant(value=_S1)
     s2 = op.Constant(value=_S2)
 
-    # Blocks that hold part of each view; the others are never read.
-    lens = op.Cast(seq_lens, to=TensorProto.INT64)
-    block_start = op.Range(s0, op.Squeeze(max_blocks), s1) * size
-    used = op.Less(op.Unsqueeze(block_start, zero), op.Unsqueeze(lens, one))  # [B, M]
+    # Entries that hold tokens; the others are never read.
+    counts = op.Cast(block_lens, to=TensorProto.INT64)  # [B, M]
+    used = op.Less(op.CastLike(zero, counts), counts)
     ids = op.Where(used, op.Cast(block_table, to=TensorProto.INT64), zero)
     delta = op.Where(used, op.Cast(block_delta, to=TensorProto.INT64), zero)
 
@@ -138,12 +139,18 @@ def RotatedQueryAttention(  # noqa: N802 -- the ONNX op name
     scores = op.MatMul(q5, op.Transpose(keys, perm=[0, 1, 2, 4, 3]))
     scores = scores * op.CastLike(op.Constant(value_float=scale), q)  # [B, Hkv, G, Q, L]
 
-    # Key j is visible to query i iff j < seq_len - (Q - 1 - i) * causal (bottom-right causal).
-    key_pos = op.Range(s0, op.Squeeze(view_len), s1)
+    # A slot is a key of the view iff its entry holds it; its view position is the count of held slots before it.
+    # Key p is visible to query i iff p < seq_len - (Q - 1 - i) * causal (bottom-right causal).
+    slot = op.Range(s0, op.Squeeze(size), s1)
+    held = op.Less(op.Unsqueeze(slot, op.Constant(value=_AXES_01)), op.Unsqueeze(counts, minus1))  # [B, M, S]
+    held = op.Reshape(held, op.Concat(batch, view_len, axis=0))  # [B, L]
+    key_pos = op.CumSum(op.Cast(held, to=TensorProto.INT64), one) - s1
+    lens = op.ReduceSum(counts, one, keepdims=0)  # [B]
     q_idx = op.Range(s0, op.Squeeze(q_len), s1)
     back = (op.Squeeze(q_len) - s1 - q_idx) * op.Constant(value_int=causal)
     limit = op.Unsqueeze(lens, one) - op.Unsqueeze(back, zero)  # [B, Q]
-    visible = op.Less(key_pos, op.Unsqueeze(limit, minus1))  # [B, Q, L]
+    visible = op.And(op.Unsqueeze(held, one),
+                     op.Less(op.Unsqueeze(key_pos, one), op.Unsqueeze(limit, minus1)))  # [B, Q, L]
     visible = op.Unsqueeze(visible, op.Constant(value=_AXES_12))
     scores = op.Where(visible, scores, op.CastLike(op.Constant(value_float=float("-inf")), q))
 

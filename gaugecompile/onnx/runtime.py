@@ -4,8 +4,8 @@ onnxruntime's own errors for a wrong feed name, rank or dtype are terse and name
 this checks each input against the graph signature and raises ValueError/TypeError naming the
 input and what the model expects.  Exported graphs cannot check values (ONNX has no assert, and a
 gather wraps negative ids), so the mapping inputs of the two exported forms -- the op
-(`q, k_pool, ..., seq_lens`) and a `CacheStep` (`block_table, block_delta, slots, view_sizes,
-k_pools_*`) -- are checked here against the pools they index, as the kernels check them
+(`q, k_pool, ..., block_lens` or `seq_lens`) and a `CacheStep` (`block_table, block_delta, block_lens,
+slots, view_sizes, k_pools_*`) -- are checked here against the pools they index, as the kernels check them
 (`gaugecompile.ops.checks.check_mapping_values`).
 """
 
@@ -74,20 +74,21 @@ def _feeds(session: ort.InferenceSession, inputs: Mapping[str, Any] | Sequence[A
 
 
 def _check_mapping(feeds: dict[str, np.ndarray]) -> None:
-    """Block ids, lengths, deltas and write slots of a feed, against the pools they index."""
-    from ..ops.checks import check_mapping_values
+    """Block ids, token counts, deltas and write slots of a feed, against the pools they index."""
+    from ..ops.checks import as_block_lens, check_mapping_values
 
     pool = feeds.get("k_pool", feeds.get("k_pools_0"))
     if pool is None or "block_table" not in feeds or "block_delta" not in feeds or pool.ndim != 4:
         return
     num_blocks, block_size = pool.shape[:2]
     table, delta = torch.from_numpy(feeds["block_table"]), torch.from_numpy(feeds["block_delta"])
-    if "seq_lens" in feeds and "q" in feeds:
-        check_mapping_values(table, delta, torch.from_numpy(feeds["seq_lens"]), num_blocks, block_size,
-                             feeds["q"].shape[2])
-    elif "view_sizes" in feeds and "input_ids" in feeds:
-        check_mapping_values(table, delta, int(feeds["view_sizes"].shape[1]), num_blocks, block_size,
-                             feeds["input_ids"].shape[1], "view_sizes")
+    lens = feeds.get("block_lens", feeds.get("seq_lens"))
+    if lens is not None and "q" in feeds:
+        block_lens = as_block_lens(torch.from_numpy(lens), table, torch.from_numpy(pool), feeds["q"].shape[2])
+        check_mapping_values(table, delta, block_lens, num_blocks, block_size, feeds["q"].shape[2])
+    elif lens is not None and "view_sizes" in feeds and "input_ids" in feeds:
+        check_mapping_values(table, delta, torch.from_numpy(lens), num_blocks, block_size, feeds["input_ids"].shape[1],
+                             int(feeds["view_sizes"].shape[1]))
     if "slots" in feeds and feeds["slots"].size:
         slots = feeds["slots"].reshape(-1)
         lo, hi = int(slots.min()), int(slots.max())

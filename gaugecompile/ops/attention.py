@@ -3,10 +3,13 @@
 Schema (the contract the passes, the codegen and the ONNX export rely on):
 
     rotated_query_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
-        Tensor block_delta, Tensor seq_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
+        Tensor block_delta, Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
         float scale, bool causal) -> (Tensor out, Tensor lse)
 
-`inv_freq` is float64 `[rotary_dim // 2]`.  `lse` is `[batch, num_heads, q_len]`, float32
+Entry j of row b is slots [0, block_lens[b, j]) of block block_table[b, j], rotated by block_delta[b, j];
+a row's view is its entries in order (`reference` says it in code), so an edit off block boundaries
+shortens or starts an entry instead of moving the tokens after it.  `inv_freq` is float64 `[rotary_dim // 2]`.
+`lse` is `[batch, num_heads, q_len]`, float32
 (float64 for float64 inputs).  The CPU kernel is the generated native code (`gaugecompile.codegen.native`,
 compiled on first use), or the torch loop of `paged_attention` where no C++ compiler exists; the CUDA
 kernel is the generated Triton code (`gaugecompile.codegen`).  Gradients (q, k_pool, v_pool) come
@@ -24,7 +27,7 @@ from torch import Tensor
 from ..rope import RopeSpec, accumulation_dtype
 from .angles import block_angles
 from .attention_backward import attention_backward
-from .checks import check_attention_inputs
+from .checks import as_block_lens, check_attention_inputs
 from .paged_attention import paged_attention
 from .reference import reference_attention
 
@@ -34,7 +37,7 @@ IMPLS = ("auto", "native", "loop", "triton", "reference")
 
 
 def cpu_attention(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, *, native: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The CPU kernel: native code when it can be built (`native=None`), else (or with `native=False`) the loop.
@@ -47,31 +50,29 @@ def cpu_attention(
     if native is None:
         native = native_available() and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1
     if not native:
-        return paged_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim,
+        return paged_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
                                interleaved, scale, causal)
-    width = -(-int(seq_lens.max()) // k_pool.shape[1]) if seq_lens.numel() else 0
-    table, delta = block_table[:, :width], block_delta[:, :width]
-    cos, sin = block_angles(delta, inv_freq, accumulation_dtype(q.dtype))
-    return native_attention(q, k_pool, v_pool, table, delta, seq_lens, cos, sin, rotary_dim, interleaved, scale,
-                            causal)
+    cos, sin = block_angles(block_delta, inv_freq, accumulation_dtype(q.dtype))
+    return native_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, cos, sin, rotary_dim,
+                            interleaved, scale, causal)
 
 
 @torch.library.custom_op("gauge::rotated_query_attention", mutates_args=())
 def _rqa_op(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, seq_lens: Tensor,
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
 ) -> tuple[Tensor, Tensor]:
     if q.device.type == "cuda":
         from ..codegen import triton_attention
 
-        return triton_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq,
+        return triton_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
                                 rotary_dim, interleaved, scale, causal)
-    return cpu_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved,
+    return cpu_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
                          scale, causal)
 
 
 @_rqa_op.register_fake
-def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, rotary_dim, interleaved,
+def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
               scale, causal):
     # the kernels return contiguous outputs whatever q's strides are; the fake must say the same
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
@@ -80,10 +81,10 @@ def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq, r
 @torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())
 def _rqa_backward_op(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
-    block_delta: Tensor, seq_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
+    block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
     scale: float, causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens,
+    return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
                               inv_freq, rotary_dim, interleaved, scale, causal)
 
 
@@ -98,12 +99,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k_pool, v_pool, block_table, block_delta, seq_lens, inv_freq = ctx.saved_tensors
+    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(q)
     if grad_lse is None:
         grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
-    dq, dk, dv = _rqa_backward_op(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, seq_lens,
+    dq, dk, dv = _rqa_backward_op(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
                                   inv_freq, *ctx.attrs)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
@@ -131,7 +132,9 @@ def rotated_query_attention(
     q: [batch, num_heads, q_len, head_dim], rotated at its own logical positions (the last q_len
     tokens of each view). k_pool/v_pool: [num_blocks, block_size, num_kv_heads, head_dim], keys
     stored rotated at their write positions. block_table/block_delta: [batch, max_blocks];
-    seq_lens: [batch]. impl: "auto" (the registered op: native CPU kernel, Triton on CUDA), "native"
+    seq_lens: tokens per table entry [batch, max_blocks] (entry j holds slots [0, n) of its block), or
+    view lengths [batch] of views whose blocks are full but the last.
+    impl: "auto" (the registered op: native CPU kernel, Triton on CUDA), "native"
     (the generated C++ kernel, CPU only), "loop" (the torch loop, the fallback where no compiler exists, on
     any device), "triton" (generated kernels; on the CPU only under TRITON_INTERPRET=1), "reference"
     (gather + re-rotate + softmax).
@@ -143,9 +146,11 @@ def rotated_query_attention(
     if impl == "reference":
         return reference_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope, scale=scale,
                                    causal=causal, return_lse=return_lse)
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim)
+    q_len = q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
+    block_lens = as_block_lens(seq_lens, block_table, k_pool, q_len)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    args = (q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.inv_freq.to(q.device),
+    args = (q, k_pool, v_pool, block_table, block_delta, block_lens, rope.inv_freq.to(q.device),
             rope.rotary_dim, rope.interleaved, scale, bool(causal))
     if impl == "auto":
         out, lse = torch.ops.gauge.rotated_query_attention(*args)

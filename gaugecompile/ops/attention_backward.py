@@ -12,15 +12,16 @@ import torch
 from torch import Tensor
 
 from ..rope import accumulation_dtype, delta_cos_sin, rotate
-from .reference import gather_view, rerotate_view, token_deltas, token_slots
+from .reference import rerotate, view_tokens
 
 
-def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, table, delta, length, inv_freq, rotary_dim,
-                       interleaved, scale, causal):
-    """dq [H, Q, D] and dK, dV [L, Hkv, D] of one sequence (dK already rotated back to storage)."""
-    block_size = k_pool.shape[1]
-    k = rerotate_view(gather_view(k_pool, table, length), delta, block_size, inv_freq, rotary_dim, interleaved)
-    v = gather_view(v_pool, table, length)
+def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv_freq, rotary_dim, interleaved,
+                       scale, causal):
+    """dq [H, Q, D] and dK, dV [L, Hkv, D] of one sequence whose view is pool slots `slots` rotated by `deltas`
+    (dK already rotated back to storage)."""
+    length = slots.shape[0]
+    k = rerotate(k_pool.flatten(0, 1)[slots], deltas, inv_freq, rotary_dim, interleaved)
+    v = v_pool.flatten(0, 1)[slots]
     num_heads, q_len, _ = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
@@ -38,13 +39,13 @@ def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, table, delta, leng
     dq = (ds @ kh) * scale
     dk = ((ds.transpose(-1, -2) @ q) * scale).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
     dv = (p.transpose(-1, -2) @ grad_out).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
-    cos, sin = delta_cos_sin(token_deltas(delta, block_size, length), inv_freq, dk.dtype)
+    cos, sin = delta_cos_sin(deltas, inv_freq, dk.dtype)
     return dq, rotate(dk, cos[:, None], -sin[:, None], rotary_dim, interleaved), dv
 
 
 def attention_backward(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
-    block_delta: Tensor, seq_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
+    block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
     causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk_pool, dv_pool) for the op's (out, lse) cotangents; computed in float32/float64."""
@@ -54,14 +55,12 @@ def attention_backward(
     dq = torch.empty(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros((k_pool.shape[0] * block_size, *k_pool.shape[2:]), dtype=cdt, device=q.device)
     dv = torch.zeros_like(dk)
-    for b, length in enumerate(seq_lens.tolist()):
-        n_blocks = -(-length // block_size)
-        table = block_table[b, :n_blocks].long()
+    for b in range(q.shape[0]):
+        slots, deltas = view_tokens(block_table[b], block_delta[b], block_lens[b], block_size)
         dq[b], dk_b, dv_b = _sequence_backward(
-            grad_out[b].to(cdt), grad_lse[b].to(cdt), q[b].to(cdt), k32, v32, table, block_delta[b, :n_blocks],
-            length, inv_freq, rotary_dim, interleaved, scale, causal,
+            grad_out[b].to(cdt), grad_lse[b].to(cdt), q[b].to(cdt), k32, v32, slots, deltas, inv_freq, rotary_dim,
+            interleaved, scale, causal,
         )
-        slots = token_slots(table, block_size, length)
         dk.index_add_(0, slots, dk_b)
         dv.index_add_(0, slots, dv_b)
     return dq.to(q.dtype), dk.view(k_pool.shape).to(k_pool.dtype), dv.view(v_pool.shape).to(v_pool.dtype)

@@ -28,12 +28,12 @@ def check_attention_inputs(
     v_pool: torch.Tensor,
     block_table: torch.Tensor,
     block_delta: torch.Tensor,
-    seq_lens: torch.Tensor,
+    block_lens: torch.Tensor,
     rotary_dim: int,
 ) -> None:
     """Raise TypeError/ValueError naming the first argument that breaks the op's contract."""
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),
-                    ("block_delta", block_delta), ("seq_lens", seq_lens)):
+                    ("block_delta", block_delta), ("block_lens", block_lens)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4:
@@ -52,7 +52,7 @@ def check_attention_inputs(
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
     for name, t in (("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),
-                    ("block_delta", block_delta), ("seq_lens", seq_lens)):
+                    ("block_delta", block_delta), ("block_lens", block_lens)):
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
     if pool_dim != head_dim:
@@ -71,39 +71,71 @@ def check_attention_inputs(
         )
     if block_delta.dtype not in _INTS:
         raise TypeError(f"block_delta: expected an int64 tensor, got {block_delta.dtype}")
-    if seq_lens.shape != (batch,):
-        raise ValueError(f"seq_lens: expected shape [batch={batch}], got {tuple(seq_lens.shape)}")
-    if seq_lens.dtype not in _INTS:
-        raise TypeError(f"seq_lens: expected an int32/int64 tensor, got {seq_lens.dtype}")
+    if block_lens.shape != block_table.shape:
+        raise ValueError(
+            f"block_lens: expected the shape of block_table {tuple(block_table.shape)}, got {tuple(block_lens.shape)}"
+        )
+    if block_lens.dtype not in _INTS:
+        raise TypeError(f"block_lens: expected an int32/int64 tensor, got {block_lens.dtype}")
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"rope.rotary_dim: expected an even number in (0, head_dim={head_dim}], got {rotary_dim}")
 
 
+def as_block_lens(seq_lens: torch.Tensor, block_table: torch.Tensor, k_pool: torch.Tensor,
+                  min_length: int = 0) -> torch.Tensor:
+    """The public `seq_lens` argument as tokens per table entry [batch, max_blocks].
+
+    It is either that already, or view lengths [batch] of views whose blocks are full but the last (a plain
+    paged cache), which must fit the table and hold at least `min_length` (the queries) tokens."""
+    from .reference import full_block_lens
+
+    if not isinstance(k_pool, torch.Tensor) or k_pool.dim() != 4:
+        got = tuple(k_pool.shape) if isinstance(k_pool, torch.Tensor) else type(k_pool).__name__
+        raise ValueError(f"k_pool: expected [num_blocks, block_size, num_kv_heads, head_dim], got {got}")
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype not in _INTS:
+        got = seq_lens.dtype if isinstance(seq_lens, torch.Tensor) else type(seq_lens).__name__
+        raise TypeError(f"seq_lens: expected an int32/int64 tensor, got {got}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        got = tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        raise ValueError(f"block_table: expected [batch, max_blocks], got {got}")
+    if seq_lens.dim() == 2:
+        return seq_lens
+    if seq_lens.shape != block_table.shape[:1]:
+        raise ValueError(f"seq_lens: expected [batch={block_table.shape[0]}] view lengths or [batch, max_blocks] "
+                         f"tokens per block, got shape {tuple(seq_lens.shape)}")
+    width, block_size = block_table.shape[1], k_pool.shape[1]
+    if not _is_tracing(seq_lens) and seq_lens.numel():
+        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        if lo < min_length or hi > width * block_size:
+            raise ValueError(f"seq_lens: expected values in [{min_length}, max_blocks*block_size="
+                             f"{width * block_size}], got min {lo}, max {hi}")
+    return full_block_lens(seq_lens, width, block_size)
+
+
 def check_mapping_values(
-    block_table: torch.Tensor, block_delta: torch.Tensor, lengths: torch.Tensor | int, num_blocks: int,
-    block_size: int, min_length: int = 0, length_name: str = "seq_lens",
+    block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor, num_blocks: int,
+    block_size: int, min_length: int = 0, length: int | None = None,
 ) -> None:
-    """Raise ValueError naming the argument when the mapping's values break the op's contract: a length outside
-    [min_length, max_blocks*block_size], a used block id outside [0, num_blocks), a used delta outside
-    [-2^31, 2^31) (`MAX_ABS_DELTA`, where angles are exact).  Padding past a row's length is never read.
+    """Raise ValueError naming the argument when the mapping's values break the op's contract: a count outside
+    [0, block_size], a view shorter than `min_length` (the queries) or other than `length` (where the op has
+    one view length), a used block id outside [0, num_blocks), a used delta outside [-2^31, 2^31)
+    (`MAX_ABS_DELTA`, where angles are exact).  Entries holding no tokens are never read.
 
     Every kernel runs these checks where it reads the mapping (the native kernel in C++), so they hold for
     compiled graphs and exported programs too; under tracing (fake or meta tensors) there are no values.
     """
-    if _is_tracing(block_table):
+    if _is_tracing(block_table) or not block_lens.numel():
         return
-    batch, max_blocks = block_table.shape
-    if isinstance(lengths, int):
-        lengths = torch.full((batch,), lengths, dtype=torch.int64, device=block_table.device)
-    if not lengths.numel():
-        return
-    lo, hi = int(lengths.min()), int(lengths.max())
-    if lo < min_length or hi > max_blocks * block_size:
-        raise ValueError(
-            f"{length_name}: expected values in [{min_length}, max_blocks*block_size={max_blocks * block_size}], "
-            f"got min {lo}, max {hi}"
-        )
-    used = _used_blocks(lengths, block_size, max_blocks)
+    if int(block_lens.min()) < 0 or int(block_lens.max()) > block_size:
+        raise ValueError(f"block_lens: expected token counts in [0, block_size={block_size}], got min "
+                         f"{int(block_lens.min())}, max {int(block_lens.max())}")
+    rows = block_lens.to(torch.int64).sum(1)
+    lo, hi = int(rows.min()), int(rows.max())
+    if length is not None and (lo != length or hi != length):
+        raise ValueError(f"block_lens: every row must hold length={length} tokens, got min {lo}, max {hi}")
+    if lo < min_length:
+        raise ValueError(f"block_lens: every row must hold at least the {min_length} query tokens, got {lo}")
+    used = block_lens > 0
     if not used.any():
         return
     ids, deltas = block_table[used], block_delta[used]
@@ -117,9 +149,3 @@ def check_mapping_values(
             f"block_delta: expected -2^31 <= delta < 2^31 (where angles are exact), got min {int(deltas.min())}, "
             f"max {int(deltas.max())}"
         )
-
-
-def _used_blocks(seq_lens: torch.Tensor, block_size: int, max_blocks: int) -> torch.Tensor:
-    """Mask [batch, max_blocks] of the blocks that hold part of each sequence's view."""
-    n_used = (seq_lens.to(torch.int64) + block_size - 1) // block_size
-    return torch.arange(max_blocks, device=seq_lens.device)[None, :] < n_used[:, None]

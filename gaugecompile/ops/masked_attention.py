@@ -4,8 +4,8 @@ run time, taking the rotated-query path whenever that mask is the causal one.
 Schema:
 
     rotated_query_attention_masked(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
-        Tensor block_delta, Tensor inv_freq, int rotary_dim, bool interleaved, SymInt length,
-        float scale, Tensor mask) -> Tensor
+        Tensor block_delta, Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
+        SymInt length, float scale, Tensor mask) -> Tensor
 
 Meaning: `softmax(scale * q K^T + mask) V` with `K, V = materialize_kv(...)[:length]` (heads repeated
 for GQA); `mask` is boolean (True = visible) or additive and broadcasts to `[batch, heads, q_len,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_mapping_values
 from .materialize import materialize_views
 
 __all__ = ["MASKED", "is_bottom_right_causal"]
@@ -53,19 +54,21 @@ def _masked_view_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: 
 
 @torch.library.custom_op("gauge::rotated_query_attention_masked", mutates_args=())
 def _masked_op(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, inv_freq: Tensor,
-    rotary_dim: int, interleaved: bool, length: int, scale: float, mask: Tensor,
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, length: int, scale: float, mask: Tensor,
 ) -> Tensor:
     q_len = q.shape[2]
+    check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], 0, length)
     if q_len <= length and is_bottom_right_causal(mask, q_len, length):
-        seq_lens = torch.full((q.shape[0],), length, dtype=torch.int64, device=q.device)
-        out, _ = torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens,
+        out, _ = torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens,
                                                          inv_freq, rotary_dim, interleaved, scale, q_len > 1)
         return out
-    k, v = materialize_views(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length)
+    k, v = materialize_views(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
+                             length)
     return _masked_view_attention(q, k.to(q.dtype), v.to(q.dtype), scale, mask).contiguous()
 
 
 @_masked_op.register_fake
-def _masked_fake(q, k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length, scale, mask):
+def _masked_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, length,
+                 scale, mask):
     return q.new_empty(q.shape)

@@ -1,18 +1,20 @@
 """`gauge::materialize_kv`: the gather + re-rotate of a block pool into a contiguous K/V view.
 
 This is what a cache does eagerly so that any attention implementation sees exact keys: gather
-each sequence's blocks through its block table and re-rotate every key by its block's delta.
+each sequence's entries through its block table and re-rotate every key by its entry's delta.
 It is O(L*d) per call, and it is exactly the node the gauge passes look for: an attention whose
 keys and values come from `materialize_kv` becomes one `rotated_query_attention` over the
-untouched pool, with the same table, deltas and lengths.
+untouched pool, with the same table, deltas and token counts.
 
 Schema:
 
     materialize_kv(Tensor k_pool, Tensor v_pool, Tensor block_table, Tensor block_delta,
-        Tensor inv_freq, int rotary_dim, bool interleaved, SymInt length) -> (Tensor k, Tensor v)
+        Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved, SymInt length)
+        -> (Tensor k, Tensor v)
 
-Every sequence's view has exactly `length` tokens; k and v are `[batch, num_kv_heads, length,
-head_dim]` (the layout transformers' attention takes).
+Entry j of row b is slots [0, block_lens[b, j]) of block block_table[b, j] (the op's mapping); every
+row holds exactly `length` tokens; k and v are `[batch, num_kv_heads, length, head_dim]` (the layout
+transformers' attention takes).
 """
 
 from __future__ import annotations
@@ -23,21 +25,22 @@ from torch import Tensor
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .angles import block_angles
 from .checks import check_mapping_values
-from .reference import gather_view, rerotate_view, token_deltas, token_slots
+from .reference import full_block_lens, rerotate
 
-__all__ = ["materialize_kv"]
+__all__ = ["materialize_kv", "view_slots"]
 
 
-def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, length: int) -> None:
+def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
+           length: int) -> None:
     if k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
         raise ValueError(
             f"k_pool/v_pool: expected equal shapes [num_blocks, block_size, num_kv_heads, head_dim], "
             f"got {tuple(k_pool.shape)} and {tuple(v_pool.shape)}"
         )
-    if block_table.dim() != 2 or block_delta.shape != block_table.shape:
+    if block_table.dim() != 2 or block_delta.shape != block_table.shape or block_lens.shape != block_table.shape:
         raise ValueError(
-            f"block_table/block_delta: expected equal shapes [batch, max_blocks], "
-            f"got {tuple(block_table.shape)} and {tuple(block_delta.shape)}"
+            f"block_table/block_delta/block_lens: expected equal shapes [batch, max_blocks], got "
+            f"{tuple(block_table.shape)}, {tuple(block_delta.shape)} and {tuple(block_lens.shape)}"
         )
     if length > block_table.shape[1] * k_pool.shape[1]:
         raise ValueError(
@@ -45,53 +48,70 @@ def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Ten
         )
 
 
+def view_slots(block_table: Tensor, block_delta: Tensor, block_lens: Tensor, block_size: int,
+               length: int) -> tuple[Tensor, Tensor]:
+    """Flat pool slot and delta of every view token, [batch, length] each, for rows holding `length` tokens.
+
+    O(max_blocks + length) and free of data-dependent shapes (it exports): token t belongs to the last entry
+    that starts at or before t, found by marking where entries start and a running count.  An entry holding
+    no tokens starts where the next one does, so the last entry found is never an empty one.
+    """
+    lens = block_lens.to(torch.int64)
+    start = lens.cumsum(1) - lens  # [B, W]: the view position of each entry's first token
+    marks = torch.zeros((lens.shape[0], length + 1), dtype=torch.int64, device=lens.device)
+    marks = marks.scatter_add(1, start.clamp(max=length), torch.ones_like(start))
+    entry = marks.cumsum(1)[:, :length] - 1  # [B, L]
+    offset = torch.arange(length, device=lens.device)[None, :] - start.gather(1, entry)
+    slots = block_table.to(torch.int64).gather(1, entry) * block_size + offset
+    return slots, block_delta.to(torch.int64).gather(1, entry)
+
+
 def materialize_views(
-    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, inv_freq: Tensor,
+    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor,
     rotary_dim: int, interleaved: bool, length: int,
 ) -> tuple[Tensor, Tensor]:
-    """The op's meaning in torch ops (its kernel, and its ONNX decomposition): gather + re-rotate."""
-    k = gather_view(k_pool, block_table, length)  # [B, L, Hkv, D]
-    k = rerotate_view(k, block_delta, k_pool.shape[1], inv_freq, rotary_dim, interleaved)
-    v = gather_view(v_pool, block_table, length)
+    """The op's meaning in torch ops (its kernel off the CPU, and its ONNX decomposition): gather + re-rotate."""
+    slots, deltas = view_slots(block_table, block_delta, block_lens, k_pool.shape[1], length)
+    k = rerotate(k_pool.flatten(0, 1)[slots], deltas, inv_freq, rotary_dim, interleaved)  # [B, L, Hkv, D]
+    v = v_pool.flatten(0, 1)[slots]
     return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("gauge::materialize_kv", mutates_args=())
 def _materialize_op(
-    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, inv_freq: Tensor,
+    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor,
     rotary_dim: int, interleaved: bool, length: int,
 ) -> tuple[Tensor, Tensor]:
     from ..codegen.native import native_available, native_materialize
 
     if k_pool.device.type == "cpu" and k_pool.is_contiguous() and v_pool.is_contiguous() and native_available():
-        width = -(-length // k_pool.shape[1])
-        cdt = accumulation_dtype(k_pool.dtype)
-        cos, sin = block_angles(block_delta[:, :width], inv_freq, cdt)
-        return native_materialize(k_pool, v_pool, block_table[:, :width], block_delta[:, :width], cos, sin, rotary_dim,
+        cos, sin = block_angles(block_delta, inv_freq, accumulation_dtype(k_pool.dtype))
+        return native_materialize(k_pool, v_pool, block_table, block_delta, block_lens, cos, sin, rotary_dim,
                                   interleaved, length)
-    check_mapping_values(block_table, block_delta, length, k_pool.shape[0], k_pool.shape[1], 0, "length")
-    return materialize_views(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length)
+    check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], 0, length)
+    return materialize_views(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
+                             length)
 
 
 @_materialize_op.register_fake
-def _materialize_fake(k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length):
+def _materialize_fake(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
+                      length):
     shape = (block_table.shape[0], k_pool.shape[2], length, k_pool.shape[3])
     return k_pool.new_empty(shape), v_pool.new_empty(shape)
 
 
 def _setup_context(ctx, inputs, output):
-    k_pool, v_pool, block_table, block_delta, inv_freq, rotary_dim, interleaved, length = inputs
-    ctx.save_for_backward(block_table, block_delta, inv_freq)
+    k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, length = inputs
+    ctx.save_for_backward(block_table, block_delta, block_lens, inv_freq)
     ctx.attrs = (k_pool.shape, rotary_dim, interleaved, length)
 
 
 def _backward(ctx, grad_k, grad_v):
     """Adjoint: rotate grad_k back by -delta and scatter-add both into the pools."""
-    block_table, block_delta, inv_freq = ctx.saved_tensors
+    block_table, block_delta, block_lens, inv_freq = ctx.saved_tensors
     pool_shape, rotary_dim, interleaved, length = ctx.attrs
     block_size = pool_shape[1]
-    token_delta = token_deltas(block_delta, block_size, length)
-    slots = token_slots(block_table, block_size, length)
+    slots, token_delta = view_slots(block_table, block_delta, block_lens, block_size, length)
     grads = []
     for g, rotated in ((grad_k, True), (grad_v, False)):
         if g is None:
@@ -105,20 +125,27 @@ def _backward(ctx, grad_k, grad_v):
         flat = g.new_zeros((pool_shape[0] * block_size, *pool_shape[2:]))
         flat.index_add_(0, slots.reshape(-1), g.reshape(-1, *pool_shape[2:]))
         grads.append(flat.view(pool_shape))
-    return grads[0], grads[1], None, None, None, None, None, None
+    return grads[0], grads[1], None, None, None, None, None, None, None
 
 
 _materialize_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def materialize_kv(
-    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, rope: RopeSpec, length: int
+    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, rope: RopeSpec, length: int,
+    block_lens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Gather + re-rotate: K/V `[batch, num_kv_heads, length, head_dim]` of each sequence's view."""
+    """Gather + re-rotate: K/V `[batch, num_kv_heads, length, head_dim]` of each sequence's view.
+
+    `block_lens` [batch, max_blocks]: the tokens each entry holds (slots [0, n) of its block); None for
+    views whose blocks are full but the last."""
     if not isinstance(rope, RopeSpec):
         raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
-    _check(k_pool, v_pool, block_table, block_delta, length)
+    if block_lens is None:
+        lengths = torch.full(block_table.shape[:1], length, dtype=torch.int64, device=block_table.device)
+        block_lens = full_block_lens(lengths, block_table.shape[1], k_pool.shape[1])
+    _check(k_pool, v_pool, block_table, block_delta, block_lens, length)
     return torch.ops.gauge.materialize_kv(
-        k_pool, v_pool, block_table, block_delta, rope.inv_freq.to(k_pool.device), rope.rotary_dim,
+        k_pool, v_pool, block_table, block_delta, block_lens, rope.inv_freq.to(k_pool.device), rope.rotary_dim,
         rope.interleaved, length,
     )

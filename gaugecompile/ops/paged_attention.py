@@ -1,8 +1,9 @@
 """Rotated-query attention on plain torch ops: a paged loop that never materialises the view.
 
-Design.  Each sequence's logical view is walked in tiles of consecutive logical blocks (about
-`TILE_TOKENS` tokens).  Rows of equal length whose leading blocks are the same physical blocks with
-the same deltas (beams and samples over one prompt) read those blocks once for all of them, their
+Design.  Each sequence's logical view is walked in tiles of consecutive table entries (about
+`TILE_TOKENS` tokens; entry j holds slots [0, block_lens[j]) of its block).  Rows of equal length whose
+leading entries are the same physical blocks with the same deltas and counts (beams and samples over one
+prompt) read those blocks once for all of them, their
 queries stacked as extra rows (cascade attention); each row then goes on alone over the rest of its
 view.  A tile whose physical blocks are consecutive in the pool is read as a *view* of the pool (no
 copy); a fragmented tile is read with one `index_select` into a bounded scratch of at most one tile.
@@ -29,15 +30,17 @@ TILE_TOKENS = 4096
 MIN_VIEW_BLOCKS = 8
 
 
-def _runs(table: list[int], deltas: list[int], tile_blocks: int) -> list[tuple[int, int]]:
-    """Split logical blocks [0, n) into tiles of at most `tile_blocks` blocks.
+def _runs(table: list[int], deltas: list[int], lens: list[int], block_size: int,
+          tile_blocks: int) -> list[tuple[int, int]]:
+    """Split entries [0, n) into tiles of at most `tile_blocks` entries.
 
-    A run of >= MIN_VIEW_BLOCKS blocks that are physically consecutive with one delta becomes its own
-    tile (read as a view, query rotated once); shorter irregular stretches are grouped into gathered
-    tiles so that a fragmented table costs a few large tiles, not one tiny tile per block.
+    A run of >= MIN_VIEW_BLOCKS full blocks that are physically consecutive with one delta (its last block may
+    be partial) becomes its own tile (read as a view, query rotated once); shorter irregular stretches are
+    grouped into gathered tiles so that a fragmented table costs a few large tiles, not one tiny tile per block.
     """
     n = len(table)
-    regular = [j + 1 < n and table[j + 1] == table[j] + 1 and deltas[j + 1] == deltas[j] for j in range(n)]
+    regular = [j + 1 < n and table[j + 1] == table[j] + 1 and deltas[j + 1] == deltas[j] and lens[j] == block_size
+               for j in range(n)]
     run_end = list(range(1, n + 1))  # exclusive end of the regular run starting at j
     for j in range(n - 2, -1, -1):
         if regular[j]:
@@ -101,43 +104,56 @@ class _Softmax:
 
 def _attend(
     state: _Softmax, qg: torch.Tensor, row_pos: torch.Tensor | None, k_pool: torch.Tensor, v_pool: torch.Tensor,
-    table: list[int], deltas: list[int], cos: torch.Tensor | None, sin: torch.Tensor | None, first: int, end: int,
-    length: int, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
+    table: list[int], deltas: list[int], lens: list[int], cos: torch.Tensor | None, sin: torch.Tensor | None,
+    first: int, end: int, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
 ) -> None:
-    """Fold logical blocks [first, end) of a view of `length` tokens into `state`, for queries qg [Hkv, R, D]
-    whose view positions are row_pos [R] (causal only).  table/deltas/cos/sin are indexed by logical block;
-    cos/sin may be None when every delta is 0."""
+    """Fold entries [first, end) of a view into `state`, for queries qg [Hkv, R, D] whose view positions are
+    row_pos [R] (causal only).  table/deltas/lens/cos/sin are indexed by entry; cos/sin may be None when every
+    delta is 0."""
     block_size = k_pool.shape[1]
     cdt = qg.dtype
     tile_blocks = max(1, TILE_TOKENS // block_size)
-    for r0, r1 in _runs(table[first:end], deltas[first:end], tile_blocks):
+    tok0 = sum(lens[:first])
+    for r0, r1 in _runs(table[first:end], deltas[first:end], lens[first:end], block_size, tile_blocks):
         j0, j1 = first + r0, first + r1
-        tok0 = j0 * block_size
-        n_tok = min(j1 * block_size, length) - tok0
-        if causal and tok0 > length - 1:
-            break
+        counts = lens[j0:j1]
+        n_tok = sum(counts)
+        if n_tok == 0:
+            continue
+        if all(n == block_size for n in counts[:-1]):  # the tile's tokens are its first n_tok slots
+            held = slice(0, n_tok)
+        else:
+            mask = torch.arange(block_size)[None, :] < torch.tensor(counts)[:, None]
+            held = mask.flatten().nonzero().squeeze(1).to(qg.device)
         kb = _tile_kv(k_pool, table[j0:j1]).to(cdt)  # [n, bs, Hkv, D]
         vb = _tile_kv(v_pool, table[j0:j1]).to(cdt)
         if all(d == deltas[j0] for d in deltas[j0:j1]):
             qr = qg if deltas[j0] == 0 else rotate(qg, cos[j0], -sin[j0], rotary_dim, interleaved)  # [Hkv, R, D]
-            s = torch.matmul(qr, kb.flatten(0, 1)[:n_tok].permute(1, 2, 0))  # [Hkv, R, T]
+            s = torch.matmul(qr, kb.flatten(0, 1)[held].permute(1, 2, 0))  # [Hkv, R, T]
         else:
             qr = rotate(qg.unsqueeze(0), cos[j0:j1, None, None], -sin[j0:j1, None, None], rotary_dim, interleaved)
-            s = torch.einsum("nhqd,nshd->hqns", qr, kb).flatten(2)[..., :n_tok]
+            s = torch.einsum("nhqd,nshd->hqns", qr, kb).flatten(2)[..., held]
         s = s * scale
         if causal:
             key_pos = torch.arange(tok0, tok0 + n_tok, device=qg.device)
             s = s.masked_fill(key_pos[None, None, :] > row_pos[None, :, None], float("-inf"))
-        state.add(s, vb.flatten(0, 1)[:n_tok].transpose(0, 1))
+        state.add(s, vb.flatten(0, 1)[held].transpose(0, 1))
+        tok0 += n_tok
 
 
-def _shared_blocks(tables: list[list[int]], deltas: list[list[int]], n_blocks: int) -> int:
-    """How many leading logical blocks all rows map to the same physical block with the same delta."""
+def _shared_blocks(tables: list[list[int]], deltas: list[list[int]], lens: list[list[int]], n_blocks: int) -> int:
+    """How many leading entries all rows map to the same physical block with the same delta and count."""
     shared = 0
     while shared < n_blocks and all(t[shared] == tables[0][shared] and d[shared] == deltas[0][shared]
-                                    for t, d in zip(tables, deltas, strict=True)):
+                                    and n[shared] == lens[0][shared]
+                                    for t, d, n in zip(tables, deltas, lens, strict=True)):
         shared += 1
     return shared
+
+
+def _entries(lens: list[int]) -> int:
+    """Entries up to the last one holding tokens."""
+    return next((j + 1 for j in range(len(lens) - 1, -1, -1) if lens[j]), 0)
 
 
 def _row(t: torch.Tensor | None, r: int) -> torch.Tensor | None:
@@ -146,31 +162,31 @@ def _row(t: torch.Tensor | None, r: int) -> torch.Tensor | None:
 
 def _group(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: list[list[int]], deltas: list[list[int]],
-    cos: torch.Tensor, sin: torch.Tensor, length: int, rotary_dim: int, interleaved: bool, scale: float,
-    causal: bool,
+    lens: list[list[int]], cos: torch.Tensor, sin: torch.Tensor, length: int, rotary_dim: int, interleaved: bool,
+    scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of one view length: q [b, H, Q, D] (compute dtype) -> out [b, H, Q, D], lse [b, H, Q].
 
-    Their common leading blocks are read once with all rows' queries stacked; then each row goes on alone.
-    cos/sin are [b, n_blocks, F], or None when every delta is 0.
+    Their common leading entries are read once with all rows' queries stacked; then each row goes on alone.
+    cos/sin are [b, max_blocks, F], or None when every delta is 0.
     """
     rows, num_heads, q_len, head_dim = q.shape
     num_kv = k_pool.shape[2]
     group = num_heads // num_kv
-    n_blocks = -(-length // k_pool.shape[1])
+    n_blocks = [_entries(n) for n in lens]
     per_row = group * q_len
     # [b, H, Q, D] -> [Hkv, b * G * Q, D]: query rows grouped by KV head, rows of one sequence contiguous
     qg = q.reshape(rows, num_kv, per_row, head_dim).transpose(0, 1).reshape(num_kv, rows * per_row, head_dim)
     row_pos = torch.arange(length - q_len, length, device=q.device).repeat(group) if causal else None  # per row
-    shared = _shared_blocks(tables, deltas, n_blocks) if rows > 1 else n_blocks
+    shared = _shared_blocks(tables, deltas, lens, min(n_blocks)) if rows > 1 else n_blocks[0]
     state = _Softmax()
-    _attend(state, qg, row_pos.repeat(rows) if causal else None, k_pool, v_pool, tables[0], deltas[0], _row(cos, 0),
-            _row(sin, 0), 0, shared, length, rotary_dim, interleaved, scale, causal)
+    _attend(state, qg, row_pos.repeat(rows) if causal else None, k_pool, v_pool, tables[0], deltas[0], lens[0],
+            _row(cos, 0), _row(sin, 0), 0, shared, rotary_dim, interleaved, scale, causal)
     outs, lses = [], []
     for r in range(rows):
         mine = state.rows(r * per_row, (r + 1) * per_row)
-        _attend(mine, qg[:, r * per_row : (r + 1) * per_row], row_pos, k_pool, v_pool, tables[r], deltas[r],
-                _row(cos, r), _row(sin, r), shared, n_blocks, length, rotary_dim, interleaved, scale, causal)
+        _attend(mine, qg[:, r * per_row : (r + 1) * per_row], row_pos, k_pool, v_pool, tables[r], deltas[r], lens[r],
+                _row(cos, r), _row(sin, r), shared, n_blocks[r], rotary_dim, interleaved, scale, causal)
         out, lse = mine.result(per_row, head_dim, qg)
         outs.append(out.reshape(num_heads, q_len, head_dim))
         lses.append(lse.reshape(num_heads, q_len))
@@ -179,28 +195,26 @@ def _group(
 
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
-    block_delta: torch.Tensor, seq_lens: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+    block_delta: torch.Tensor, block_lens: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
     interleaved: bool, scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated-query attention for a batch (shape-checked inputs); out in q's dtype, lse float32/64."""
     cdt = accumulation_dtype(q.dtype)
-    block_size = k_pool.shape[1]
-    check_mapping_values(block_table, block_delta, seq_lens, k_pool.shape[0], block_size, q.shape[2])
-    lens = seq_lens.tolist()
-    width = -(-max(lens) // block_size) if lens else 0
-    cos, sin = block_angles(block_delta[:, :width], inv_freq, cdt)  # [B, width, F], once for every row and layer
-    tables, deltas = block_table[:, :width].tolist(), block_delta[:, :width].tolist()
-    groups = sorted(set(lens))
+    check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
+    cos, sin = block_angles(block_delta, inv_freq, cdt)  # [B, width, F], once for every row and layer
+    tables, deltas, lens = block_table.tolist(), block_delta.tolist(), block_lens.tolist()
+    totals = [sum(n) for n in lens]
+    groups = sorted(set(totals))
     if len(groups) == 1:  # ManifoldCache's case: one view length for the whole batch
-        out, lse = _group(q.to(cdt), k_pool, v_pool, tables, deltas, cos, sin, groups[0], rotary_dim, interleaved,
-                          scale, causal)
+        out, lse = _group(q.to(cdt), k_pool, v_pool, tables, deltas, lens, cos, sin, groups[0], rotary_dim,
+                          interleaved, scale, causal)
         return out.to(q.dtype), lse
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=cdt, device=q.device)
     for length in groups:
-        idx = [b for b, n in enumerate(lens) if n == length]
+        idx = [b for b, n in enumerate(totals) if n == length]
         o, l_ = _group(q[idx].to(cdt), k_pool, v_pool, [tables[b] for b in idx], [deltas[b] for b in idx],
-                       None if cos is None else cos[idx], None if sin is None else sin[idx], length, rotary_dim,
-                       interleaved, scale, causal)
+                       [lens[b] for b in idx], None if cos is None else cos[idx], None if sin is None else sin[idx],
+                       length, rotary_dim, interleaved, scale, causal)
         out[idx], lse[idx] = o.to(q.dtype), l_
     return out, lse

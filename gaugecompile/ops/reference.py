@@ -2,6 +2,11 @@
 
 Slow on purpose (it materialises the whole logical view, O(L*d) per call); every fast
 implementation is tested against it.
+
+The mapping of one sequence is a row of three tables: entry j of its view is slots
+[0, block_lens[j]) of physical block block_table[j], rotated by block_delta[j].  Its view is the
+concatenation of its entries in order; entries holding 0 tokens are never read.  A plain paged
+cache (every block full but the last) is `full_block_lens(seq_lens, ...)`.
 """
 
 from __future__ import annotations
@@ -13,33 +18,27 @@ import torch
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 
 
-def token_slots(block_table: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
-    """Flat pool slot (block * block_size + offset) of each of the first `length` view tokens: [..., length]."""
-    n_blocks = -(-length // block_size)
-    ids = block_table[..., :n_blocks].long()
+def full_block_lens(seq_lens: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
+    """Tokens per entry [batch, width] of views of `seq_lens` tokens whose blocks are full but the last."""
+    start = torch.arange(width, device=seq_lens.device) * block_size
+    return (seq_lens.to(torch.int64)[:, None] - start[None, :]).clamp(0, block_size)
+
+
+def view_tokens(
+    block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's view token by token: the flat pool slot (block * block_size + offset) and the delta of each."""
     offsets = torch.arange(block_size, device=block_table.device)
-    return (ids[..., None] * block_size + offsets).flatten(-2)[..., :length]
+    held = offsets[None, :] < block_lens.to(torch.int64)[:, None]  # [width, block_size]
+    slots = block_table.to(torch.int64)[:, None] * block_size + offsets[None, :]
+    return slots[held], block_delta.to(torch.int64)[:, None].expand(-1, block_size)[held]
 
 
-def token_deltas(block_delta: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
-    """The delta of each of the first `length` view tokens (its block's delta): [..., length]."""
-    n_blocks = -(-length // block_size)
-    return block_delta[..., :n_blocks].repeat_interleave(block_size, dim=-1)[..., :length]
-
-
-def gather_view(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens of each view: [..., length, num_kv_heads, head_dim] for a [..., max_blocks] table."""
-    return pool.flatten(0, 1)[token_slots(block_table, pool.shape[1], length)]
-
-
-def rerotate_view(
-    keys: torch.Tensor, block_delta: torch.Tensor, block_size: int, inv_freq: torch.Tensor,
-    rotary_dim: int, interleaved: bool,
-) -> torch.Tensor:
-    """Rotate each gathered key [..., L, Hkv, D] by the delta of its block (float64 angles)."""
-    token_delta = token_deltas(block_delta, block_size, keys.shape[-3])
+def rerotate(keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+             interleaved: bool) -> torch.Tensor:
+    """Rotate keys [..., L, Hkv, D] by their deltas [..., L] (exact float64 angles)."""
     cdt = accumulation_dtype(keys.dtype)
-    cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)
+    cos, sin = delta_cos_sin(deltas, inv_freq, cdt)
     return rotate(keys.to(cdt), cos[..., None, :], sin[..., None, :], rotary_dim, interleaved).to(keys.dtype)
 
 
@@ -79,21 +78,20 @@ def reference_attention(
 
     `impl` is accepted for signature compatibility and must be "reference".
     """
-    from .checks import check_attention_inputs, check_mapping_values
+    from .checks import as_block_lens, check_attention_inputs, check_mapping_values
 
     if impl != "reference":
         raise ValueError(f"impl: reference_attention only has impl='reference', got {impl!r}")
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope.rotary_dim)
-    check_mapping_values(block_table, block_delta, seq_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
+    q_len = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
+    block_lens = as_block_lens(seq_lens, block_table, k_pool, q_len)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim)
+    check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    block_size = k_pool.shape[1]
     outs, lses = [], []
     for b in range(q.shape[0]):
-        length = int(seq_lens[b])
-        k = rerotate_view(gather_view(k_pool, block_table[b], length), block_delta[b], block_size,
-                          rope.inv_freq, rope.rotary_dim, rope.interleaved)
-        v = gather_view(v_pool, block_table[b], length)
-        o, lse = attention_one(q[b], k, v, scale, causal)
+        slots, deltas = view_tokens(block_table[b], block_delta[b], block_lens[b], k_pool.shape[1])
+        k = rerotate(k_pool.flatten(0, 1)[slots], deltas, rope.inv_freq, rope.rotary_dim, rope.interleaved)
+        o, lse = attention_one(q[b], k, v_pool.flatten(0, 1)[slots], scale, causal)
         outs.append(o)
         lses.append(lse)
     out = torch.stack(outs)
