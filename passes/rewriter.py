@@ -24,14 +24,17 @@ from .fx_utils import (
     concrete_shape,
     const_eval,
     known_equal,
+    layout_root,
     shape,
     size_envs,
     val,
 )
 from .kv_detect import KVPlan
+from .rope_detect import match_rope
 
 RQA = torch.ops.gauge.rotated_query_attention.default
 RQA_MASKED = torch.ops.gauge.rotated_query_attention_masked.default
+CHECK_ROPE = torch.ops.gauge.check_rope_basis.default
 
 
 def _visible(mask_val: torch.Tensor) -> torch.Tensor:
@@ -236,6 +239,7 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
         _assert_square(b, graph, site, plan)
     if site.check_mask:
         kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
+        inv_freq = _checked_inv_freq(b, site, inv_freq)
         new_out = b(RQA_MASKED, q, kp, vp, table, delta, lens, inv_freq, rot, inter, length, site.scale,
                     site.masks[0])
         site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
@@ -254,7 +258,8 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
     outs = []
     for piece, causal in zip(plan.pieces, flags, strict=True):
         if piece.materialize is not None:
-            args = piece.materialize.args[:8]  # pools, table, deltas, counts, rope: the op reads the pool in place
+            args = list(piece.materialize.args[:8])  # pools, table, deltas, counts, rope: read in place
+            args[5] = _checked_inv_freq(b, site, args[5])
         else:
             kp = b(aten.permute.default, piece.k, [0, 2, 1, 3])
             vp = b(aten.permute.default, piece.v, [0, 2, 1, 3])
@@ -296,6 +301,26 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
             acc = term if acc is None else b(aten.add.Tensor, acc, term)
         new_out = b(torch.ops.prims.convert_element_type.default, acc, val(q).dtype)
     return new_out
+
+
+def _checked_inv_freq(b: Builder, site: AttentionMatch, cache_inv_freq: fx.Node) -> fx.Node:
+    """The cache's inv_freq for a rewritten attention over its `materialize_kv`, checked at run time against the
+    inv_freq the site's queries are rotated with (`gauge::check_rope_basis`, once per graph and pair) where the
+    graph reads that from a tensor; as it is where the queries' angles come from elsewhere (a table)."""
+    match = match_rope(layout_root(site.q)) or match_rope(site.q)
+    angle = match.angle() if match is not None else None
+    if angle is None or angle.kind != "inv_freq" or not isinstance(val(angle.inv_freq), torch.Tensor):
+        return cache_inv_freq
+    got, want = val(angle.inv_freq).numel(), val(cache_inv_freq).numel()
+    if got != want:
+        raise AnalysisError(f"the queries are rotated at {got} frequencies, the cache's keys at {want} (its config's "
+                            "rotary dim differs from the model's)")
+    for node in b.graph.nodes:  # an earlier site's check of the same pair serves this one too
+        if node is site.anchor:
+            break
+        if node.target is CHECK_ROPE and node.args == (angle.inv_freq, cache_inv_freq):
+            return node
+    return b(CHECK_ROPE, angle.inv_freq, cache_inv_freq)
 
 
 def _match_layout(b: Builder, new: fx.Node, old: fx.Node) -> fx.Node:

@@ -129,6 +129,8 @@ def _strip_scale(node) -> tuple[fx.Node, float]:
             node = node.args[0]
         elif is_call(node, aten.cat.default) and len({layout_root(a) for a in node.args[0]}) == 1:
             node = node.args[0][0]  # cat((freqs, freqs)) of rotate-half
+        elif is_call(node, *_CONVERTS):  # cos.to(q.dtype): the rotary module computes in float32
+            node = node.args[0]
         else:
             return node, factor
 

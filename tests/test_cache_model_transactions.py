@@ -7,6 +7,8 @@ logical positions, whatever edits made it.  The model computes its RoPE angles i
 does, whatever the dtype), the cache re-rotates with exact ones: logits agree to ~1e-9, hence atol 1e-6.
 """
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -402,4 +404,39 @@ def test_finding_7_prefill_refuses_a_model_with_another_rope_theta():
     before = snapshot(cache)
     with pytest.raises(ValueError, match="RoPE basis"):
         cache.prefill(other, torch.tensor([[1, 2, 3]]))
+    assert snapshot(cache) == before
+
+
+def _other_theta_cache() -> ManifoldCache:
+    """A cache built from a config whose rope theta differs from MODEL's, prefilled and edited (deltas nonzero)."""
+    config = copy.deepcopy(MODEL.config)
+    config.rope_parameters = {**config.rope_parameters, "rope_theta": 10 * config.rope_parameters["rope_theta"]}
+    cache = ManifoldCache(config, max_batch_size=1, max_tokens=64, block_size=4, dtype=torch.float64)
+    with torch.no_grad():
+        MODEL(input_ids=torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1)),
+              past_key_values=cache, use_cache=True)
+    cache.delete(0, 2, 5)
+    return cache
+
+
+def test_finding_7_a_compiled_model_refuses_a_cache_of_another_rope_basis():
+    """Eagerly the cache cannot see the model's rotary module; compiled, the rewritten attention checks the basis
+    the queries are rotated with against the cache's (`gauge::check_rope_basis`) and the failed forward rolls back."""
+    cache = _other_theta_cache()
+    before = snapshot(cache)
+    torch._dynamo.reset()
+    compiled = torch.compile(MODEL, backend="gauge")
+    with pytest.raises(ValueError, match="rope: the model rotates its queries with inv_freq"), torch.no_grad():
+        compiled(input_ids=torch.tensor([[3]]), past_key_values=cache, use_cache=True)
+    assert cache.sequences == (0,)  # the next call finds the forward pending and rolls it back
+    assert snapshot(cache) == before
+
+
+def test_finding_7_an_export_refuses_a_cache_of_another_rope_basis():
+    from gaugecompile.onnx.decode import CacheStep
+
+    cache = _other_theta_cache()
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="rope: differs from the RoPE basis of the model's config"):
+        CacheStep.capture(MODEL, cache, torch.tensor([[3]]))
     assert snapshot(cache) == before

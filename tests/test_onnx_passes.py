@@ -124,3 +124,40 @@ def test_passes_rewrite_the_site_into_one_node(tmp_path, cast):
         with torch.no_grad():
             err = float(np.abs(got - module(*feeds).numpy()).max())
         assert err < TOL32, err
+
+
+class RotatingAttention(torch.nn.Module):
+    """Rotates its own queries (rotate-half, `positions * inv_freq` from a buffer) over a cache whose RoPE may
+    differ: the export must compare the two bases, since the ONNX graph cannot raise at run time."""
+
+    def __init__(self, model_base: float, cache_rope: RopeSpec, block_size: int):
+        super().__init__()
+        self.register_buffer("inv_freq", RopeSpec.from_base(model_base, 16).inv_freq.float())
+        self.rope, self.block_size = cache_rope, block_size
+
+    def forward(self, q, k_pool, v_pool, block_table, block_delta):
+        length = block_table.shape[1] * self.block_size
+        pos = torch.arange(length - q.shape[2], length, device=q.device)
+        freqs = pos[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), -1)
+        q1, q2 = q.chunk(2, dim=-1)
+        q = q * emb.cos() + torch.cat((-q2, q1), -1) * emb.sin()
+        k, v = gaugecompile.materialize_kv(k_pool, v_pool, block_table, block_delta, self.rope, length)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+@pytest.mark.parametrize("cache_base", [10000.0, 500000.0])
+def test_export_compares_the_model_and_cache_rope_bases(tmp_path, cache_base):
+    """Issue 14, finding 7: a cache whose rope theta differs from the model's is refused at export, naming rope."""
+    module = RotatingAttention(10000.0, RopeSpec.from_base(cache_base, 16), block_size=4)
+    example = inputs(torch.Generator().manual_seed(3), 2, 1, 6, 3)
+    if cache_base != 10000.0:
+        with pytest.raises(ValueError, match="rope: the model rotates its queries with inv_freq"):
+            export_onnx(module, example, tmp_path / "m.onnx")
+        return
+    proto = export_onnx(module, example, tmp_path / "m.onnx")
+    assert [n.op_type for n in proto.graph.node if n.domain == DOMAIN] == ["RotatedQueryAttention"]
+    (got,) = run(tmp_path / "m.onnx", example)
+    with torch.no_grad():
+        want = module(*example)
+    assert float(np.abs(got - want.numpy()).max()) < TOL32

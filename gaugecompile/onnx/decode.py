@@ -91,6 +91,13 @@ class CacheStep(torch.nn.Module):
         super().__init__()
         if not isinstance(rope, RopeSpec):
             raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
+        config = getattr(model, "config", None)
+        if config is not None:  # an exported graph cannot raise at run time: the bases are compared now
+            from ..cache.rope_config import rope_from_config
+
+            if rope_from_config(config) != rope:
+                raise ValueError("rope: differs from the RoPE basis of the model's config (rope theta, scaling, "
+                                 "rotary dim or pair layout): build the cache from the model's config")
         self.model, self.rope = model, rope
 
     def forward(self, input_ids, position_ids, block_table, block_delta, block_lens, slots, view_sizes, k_pools,
@@ -124,6 +131,7 @@ class CacheStep(torch.nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected a [batch, q_len] tensor, got {shape}")
+        step = cls(model, cache.rope)  # checks the bases before the cache advances
         frame = cache.get_seq_length()
         k_pools = tuple(p.clone() for p in cache.k_pools)
         v_pools = tuple(p.clone() for p in cache.v_pools)
@@ -135,4 +143,4 @@ class CacheStep(torch.nn.Module):
         view_sizes = torch.empty(0, length, dtype=torch.int64, device=input_ids.device)
         args = (input_ids, position_ids, block_table, block_delta, block_lens, slots.view(batch, q_len), view_sizes,
                 k_pools, v_pools)
-        return cls(model, cache.rope), args, logits
+        return step, args, logits

@@ -23,6 +23,7 @@ import torch
 
 from .decompositions import DECOMPOSITIONS
 from .function import DOMAIN, MIN_OPSET, function_proto
+from .rope_checks import settle_rope_checks
 
 __all__ = ["export_onnx", "DEFAULT_OPSET"]
 
@@ -70,6 +71,7 @@ def _run_gauge_passes(ep: torch.export.ExportedProgram, strict: bool) -> None:
 
     _drop_export_noise(ep.graph_module)
     report = run_passes(ep.graph_module, strict=strict, run_time_masks=False)  # ONNX has no fallback path
+    settle_rope_checks(ep)  # ONNX cannot raise at run time: the RoPE bases are compared now
     for site in report.refused:
         warnings.warn(f"gaugecompile.export_onnx: site left in standard ops: {site.describe()}", stacklevel=3)
 

@@ -7,12 +7,16 @@ reference.
 - `materialize`: `gauge::materialize_kv` (the cache's gather + re-rotate, the node the passes remove);
 - `attention_backward`: the explicit adjoint;
 - `reference`: gather + re-rotate + plain attention, the definition of correct;
+- `rope_check`: `gauge::check_rope_basis` (the model's query basis against a cache's, at run time);
 - `checks`: input validation with errors that name the argument.
 
 Importing this package registers every op.
 """
 
-from . import masked_attention  # noqa: F401  (registers gauge::rotated_query_attention_masked)
+from . import (
+    masked_attention,  # noqa: F401  (registers gauge::rotated_query_attention_masked)
+    rope_check,  # noqa: F401  (registers gauge::check_rope_basis)
+)
 from .attention import IMPLS, rotated_query_attention
 from .materialize import materialize_kv
 from .reference import reference_attention
