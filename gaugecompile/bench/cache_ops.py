@@ -5,7 +5,9 @@
 The reference holds K/V as [batch, kv_heads, tokens, head_dim] per layer (DynamicCache's layout)
 and does what a cache without block deltas must do: cut/concatenate the tensors and re-rotate every
 key whose position changed (delete, splice), or index_select the batch (reorder).  ManifoldCache
-edits its block table only.  Both run side by side in this process; the table prints medians.
+edits its block table only, plus a copy of the one block an edit off block boundaries splits (the
+"unaligned" rows: cuts and a chunk that start and end inside blocks).  Both run side by side in this
+process; the table prints medians.
 """
 
 from __future__ import annotations
@@ -65,28 +67,32 @@ def main(argv: list[str] | None = None) -> int:
         return seq
 
     rows = []
-    # delete [cut, 2*cut): later keys move down by `cut`
-    ours = _median_ms(lambda s: cache.delete(s, cut, 2 * cut), fresh_fork)
-    _cleanup(cache)
+    for name, off in (("delete", 0), ("delete, unaligned", 5)):
+        # delete [a, b): later keys move down by b - a
+        a, b = cut + off, 2 * cut + 2 * off
+        ours = _median_ms(lambda s, a=a, b=b: cache.delete(s, a, b), fresh_fork)
+        _cleanup(cache)
 
-    def ref_delete(_):
-        for k, v in zip(keys, vals, strict=True):
-            torch.cat([k[:, :, :cut], _rerotate(k[:, :, 2 * cut:], rope, -cut)], 2)
-            torch.cat([v[:, :, :cut], v[:, :, 2 * cut:]], 2)
-    rows.append(("delete", ours, _median_ms(ref_delete)))
+        def ref_delete(_, a=a, b=b):
+            for k, v in zip(keys, vals, strict=True):
+                torch.cat([k[:, :, :a], _rerotate(k[:, :, b:], rope, a - b)], 2)
+                torch.cat([v[:, :, :a], v[:, :, b:]], 2)
+        rows.append((name, ours, _median_ms(ref_delete)))
 
-    # splice a chunk of `span` tokens at `cut`: the chunk moves, later keys move up by `span`
-    chunk = cache.chunk(0, 0, span)
-    ours = _median_ms(lambda s: cache.splice(s, chunk, cut), fresh_fork)
-    _cleanup(cache)
-    chunk.free()
+    for name, off in (("splice", 0), ("splice, unaligned", 3)):
+        # splice the chunk [off, off + span + off) at `at`: the chunk moves, later keys move up by its length
+        at, lo, hi = cut + 2 * off, off, span + 2 * off
+        chunk = cache.chunk(0, lo, hi)
+        ours = _median_ms(lambda s, chunk=chunk, at=at: cache.splice(s, chunk, at), fresh_fork)
+        _cleanup(cache)
+        chunk.free()
 
-    def ref_splice(_):
-        for k, v in zip(keys, vals, strict=True):
-            moved = _rerotate(k[:, :, :span], rope, cut)
-            torch.cat([k[:, :, :cut], moved, _rerotate(k[:, :, cut:], rope, span)], 2)
-            torch.cat([v[:, :, :cut], v[:, :, :span], v[:, :, cut:]], 2)
-    rows.append(("splice", ours, _median_ms(ref_splice)))
+        def ref_splice(_, at=at, lo=lo, hi=hi):
+            for k, v in zip(keys, vals, strict=True):
+                moved = _rerotate(k[:, :, lo:hi], rope, at - lo)
+                torch.cat([k[:, :, :at], moved, _rerotate(k[:, :, at:], rope, hi - lo)], 2)
+                torch.cat([v[:, :, :at], v[:, :, lo:hi], v[:, :, at:]], 2)
+        rows.append((name, ours, _median_ms(ref_splice)))
 
     # reorder `beams` rows of `n` tokens
     cache.set_batch([0])

@@ -1,8 +1,9 @@
 """The physical KV pools of every layer, the stored position of every slot, and block copies.
 
 Pools are written once per token (`write`) and never moved; the only other writes are
-copy-on-write block copies (`copy_blocks`), which re-rotate the copied keys so that a block keeps a
-single sigma.  Stored positions live on the host (int64 per slot): the planner reads them to find
+copy-on-write block copies (`copy_blocks`): the tokens of a block an edit splits, copied as they are
+(they keep their sigma), and a row's partial last block taking new tokens at another sigma, re-rotated
+so that a block keeps a single sigma.  Stored positions live on the host (int64 per slot): the planner reads them to find
 where an edit cuts a block, and a copy records the new stored positions of its slots.
 """
 
@@ -55,12 +56,15 @@ class BlockStorage:
                 off += n
         src_t = torch.tensor(src, device=self.device)
         dst_t = torch.tensor(dst, device=self.device)
-        rot_t = torch.tensor(rot, device=self.device)
+        rotated = any(rot)  # the copies of split blocks keep their sigma: a plain copy
+        if rotated:
+            rot_t = torch.tensor(rot, device=self.device)
+            cdt = accumulation_dtype(self.k_pools[0].dtype)
+            cos, sin = delta_cos_sin(rot_t, self.rope.inv_freq, cdt)
         for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
             k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
             k = k_flat[src_t]
-            cdt = accumulation_dtype(k.dtype)
-            cos, sin = delta_cos_sin(rot_t, self.rope.inv_freq, cdt)
-            k = rotate(k.to(cdt), cos[:, None], sin[:, None], self.rope.rotary_dim, self.rope.interleaved)
+            if rotated:
+                k = rotate(k.to(cdt), cos[:, None], sin[:, None], self.rope.rotary_dim, self.rope.interleaved)
             k_flat[dst_t] = k.to(k_flat.dtype)
             v_flat[dst_t] = v_flat[src_t]
