@@ -147,3 +147,24 @@ def test_odd_rotary_dim_is_rejected():
 def test_unknown_impl_is_rejected():
     with pytest.raises(ValueError, match="impl"):
         gc.rotated_query_attention(*small_inputs(), ROPE, impl="cuda")
+
+
+def test_mapping_checks_read_each_forward_once_and_recheck_edits():
+    """The layers of a forward pass the same mapping tensors: they are read once (on a GPU a host sync per
+    forward, not per layer); a tensor edited in place (its version moves) is read again."""
+    from gaugecompile.ops import checks
+
+    q, k, v, table, delta, lens = small_inputs()
+    reads = []
+    real = checks._mapping_summary
+    checks._mapping_summary = lambda *a: reads.append(1) or real(*a)
+    try:
+        for _ in range(3):
+            gc.rotated_query_attention(q, k, v, table, delta, lens, ROPE, impl="loop")
+        assert len(reads) == 1
+        table[0, 0] = 6  # out of the pool
+        with pytest.raises(ValueError, match="block_table: block ids must lie in"):
+            gc.rotated_query_attention(q, k, v, table, delta, lens, ROPE, impl="loop")
+        assert len(reads) == 2
+    finally:
+        checks._mapping_summary = real

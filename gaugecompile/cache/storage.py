@@ -1,10 +1,11 @@
 """The physical KV pools of every layer, the stored position of every slot, and block copies.
 
 Pools are written once per token (`write`) and never moved; the only other writes are
-copy-on-write block copies (`copy_blocks`): the tokens of a block an edit splits, copied as they are
-(they keep their sigma), and a row's partial last block taking new tokens at another sigma, re-rotated
-so that a block keeps a single sigma.  Stored positions live on the host (int64 per slot): the planner reads them to find
-where an edit cuts a block, and a copy records the new stored positions of its slots.
+copy-on-write block copies (`copy_blocks`): the tokens of a block an edit splits, copied as they
+are (they keep their sigma), and a row's partial last block taking new tokens at another sigma,
+re-rotated so that a block keeps a single sigma.  Stored positions live on the host (int64 per
+slot): the planner reads them to find where an edit cuts a block, and a copy records the new stored
+positions of its slots.
 """
 
 from __future__ import annotations
