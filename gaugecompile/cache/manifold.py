@@ -34,6 +34,7 @@ row there; a forward with more rows redoes the bookkeeping in update(), inside t
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -43,7 +44,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..ops.materialize import materialize_kv
-from ..rope import MAX_ABS_DELTA
+from ..rope import MAX_ABS_DELTA, accumulation_dtype, delta_cos_sin, rotate
 from .chunk import KVChunk
 from .mapping import NewBlock, Piece, Pieces, SeqMap, consecutive_runs, copy_source, repack, seq_pieces, split_at
 from .pool import BlockAllocator
@@ -83,6 +84,30 @@ class _Forward(NamedTuple):
     rows: int
     q: int
     saved: _Saved
+
+
+class _Recompute(NamedTuple):
+    """A recompute forward in progress (`ManifoldCache.recompute`): the row's tables and view length, the pool
+    slots of the chosen tokens, the cos/sin taking their new keys from the query frame to their blocks' frame,
+    and the layer at which a probe stops (None: every layer is written)."""
+
+    table: torch.Tensor
+    delta: torch.Tensor
+    lens: torch.Tensor
+    length: int
+    slots: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    probe: int | None
+
+
+class ProbeDone(Exception):  # noqa: N818 -- a signal, not an error: the probe forward stops here
+    """Raised by a probing recompute forward at its probe layer, with each chosen token's KV deviation there
+    (the squared change of its key and value, summed over heads and dims); its transaction undoes the rest."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__("probe layer reached")
+        self.scores = scores
 
 
 class StepMapping(NamedTuple):
@@ -167,6 +192,7 @@ class ManifoldCache(Cache):
         self.peak_blocks_in_use = 0
         self._fwd: _Forward | None = None
         self._layers_written = 0  # layers of the forward whose update() ran (all: it has committed)
+        self._recomputing: _Recompute | None = None
         #: The mapping the most recent forward used (block table, deltas, pool slots written, view length).
         self.last_step: StepMapping | None = None
 
@@ -322,6 +348,8 @@ class ManifoldCache(Cache):
                 self._restore(self._fwd.saved)  # the model has more layers than the config: undo its forward too
             self._settle()
             raise error
+        if self._recomputing is not None:
+            return self._recompute_update(key_states, value_states, layer_idx)
         fwd = self._fwd
         if layer_idx == 0 and (fwd is None or self._layers_written or key_states.shape[0] != fwd.rows
                                or key_states.shape[2] != fwd.q):
@@ -352,6 +380,125 @@ class ManifoldCache(Cache):
                 self._end_forward()
             else:
                 self._view_sizes = sizes
+        return k.to(key_states.dtype), v.to(value_states.dtype)
+
+    def recompute(self, model: torch.nn.Module, seq: int, spans: Sequence[tuple[int, torch.Tensor]],
+                  fraction: float = 1.0, policy: str = "first", probe_layer: int = 1) -> list[int]:
+        """Recompute in their current context the KV of a part of the tokens of `seq` and write it in place of the
+        cached KV; return the logical positions recomputed.
+
+        `spans`: (start, input_ids [1, n]) pairs, the tokens at logical [start, start + n) and their ids (e.g.
+        the chunks just spliced there).  `fraction` of each span's tokens are chosen by `policy`: "first", its
+        first tokens (EPIC), or "deviation", the tokens whose KV changes most when layer `probe_layer` is
+        recomputed for every token of the spans (CacheBlend's selection; the probe costs probe_layer + 1 layers).
+        All chosen tokens run in one forward; each attends, layer by layer, to every token before it in the view
+        (recomputed ones with their new KV), as in a prefill of the whole view, and the others keep their KV.  So
+        `fraction=1.0` over the tokens from some position to the end of the view is a prefill of them in their
+        context, and `fraction=0` changes nothing.  Blocks holding chosen tokens are copied first (shared
+        blocks and chunks' stay as they were): the cost is one forward of the chosen tokens plus O(their
+        blocks) copies.  Like every operation it is a transaction.
+        """
+        from .recompute import choose_tokens
+
+        self._settle()
+        if isinstance(spans, tuple) or not isinstance(spans, Sequence) or not spans:
+            raise ValueError(f"spans: expected a non-empty list of (start, input_ids) pairs, got "
+                             f"{type(spans).__name__}")
+        for k, span in enumerate(spans):
+            ids = span[1] if isinstance(span, tuple) and len(span) == 2 else None
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.is_floating_point():
+                raise ValueError(f"spans[{k}]: expected a (start, input_ids [1, n] integer tensor) pair")
+        if getattr(model, "config", None) is not None:
+            self._check_model_config(model.config)
+        chosen = choose_tokens(self, model, seq, spans, fraction, policy, probe_layer)
+        if any(chosen):
+            self._recompute_tokens(model, seq, spans, chosen)
+        return [start + i for (start, _), picks in zip(spans, chosen, strict=True) for i in picks]
+
+    def _recompute_tokens(self, model: torch.nn.Module, seq: int, spans: Sequence[tuple[int, torch.Tensor]],
+                          chosen: list[list[int]], probe: int | None = None) -> None:
+        """Run `model` on the chosen tokens of the spans of `seq` at their positions, each seeing the view up to
+        itself, writing their new KV into copies of their blocks (`probe`: stop at that layer)."""
+        bs = self.block_size
+        with self._transaction():
+            m = self._get(seq)
+            view, sq = m.length, m.next_logical - m.length
+            idx, logical, ids = [], [], []
+            for k, ((start, span_ids), picks) in enumerate(zip(spans, chosen, strict=True)):
+                _check_int(f"spans[{k}] start", start, 0, self.max_position)
+                n = span_ids.shape[1]
+                before, rest = split_at(seq_pieces(m), start, self.storage.stored)
+                inside, _ = split_at(rest, start + n, self.storage.stored)
+                if inside.tokens != n:
+                    raise ValueError(f"spans[{k}]: sequence {seq} holds {inside.tokens} of the {n} logical positions "
+                                     f"[{start}, {start + n}); expected all of them")
+                picks = np.asarray(picks, dtype=np.int64)
+                idx.append(before.tokens + picks)  # view index of each chosen token
+                logical.append(start + picks)
+                ids.append(span_ids[0, picks])
+            idx, logical, ids = np.concatenate(idx), np.concatenate(logical), torch.cat(ids)
+            if np.unique(idx).size != idx.size:
+                raise ValueError("spans: expected spans that do not overlap")
+            entry_start = np.cumsum(m.counts) - m.counts
+            entry = np.searchsorted(entry_start, idx, side="right") - 1
+            affected = np.unique(entry)
+            self.allocator.require(len(affected), f"recompute(seq={seq})")
+            fresh = self.allocator.allocate(len(affected))
+            self.storage.copy_blocks([
+                (int(f), NewBlock(None, int(m.sigma[e]), int(m.counts[e]),
+                                  (Piece(int(m.blocks[e]), 0, int(m.counts[e]), int(m.sigma[e])),)))
+                for f, e in zip(fresh, affected, strict=True)])
+            blocks = m.blocks.copy()
+            blocks[affected] = fresh
+            self.allocator.decref(m.blocks[affected])
+            self._seqs[seq] = SeqMap(blocks, m.sigma, m.counts, m.length, m.next_logical)
+            device = self.storage.device
+            slots = torch.from_numpy(blocks[entry] * bs + idx - entry_start[entry]).to(device)
+            cdt = accumulation_dtype(self.storage.k_pools[0].dtype)
+            # the model rotates a chosen token at logical L by L - sq; its block stores it at L - sigma
+            cos, sin = delta_cos_sin(torch.from_numpy(sq - m.sigma[entry]).to(device), self.rope.inv_freq, cdt)
+            table, delta, lens = (torch.from_numpy(t[None]).to(device) for t in (blocks, m.sigma - sq, m.counts))
+            self._recomputing = _Recompute(table, delta, lens, view, slots, cos, sin, probe)
+            self._layers_written = 0
+            dtype = model.dtype if isinstance(getattr(model, "dtype", None), torch.dtype) else torch.float32
+            visible = torch.arange(view, device=device)[None, :] <= torch.from_numpy(idx).to(device)[:, None]
+            mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+            # only the KV is wanted: skip the head's logits over the chosen tokens where the model allows it
+            keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+            try:
+                with torch.no_grad():
+                    model(input_ids=ids[None].to(device), position_ids=torch.from_numpy(logical - sq)[None].to(device),
+                          attention_mask=mask[None, None], past_key_values=self, use_cache=True, **keep)
+                if self._layers_written != self.shape.num_layers:
+                    raise RuntimeError(f"model: its forward did not reach layer {self.shape.num_layers - 1} "
+                                       "(the config's last layer)")
+            finally:
+                self._recomputing, self._layers_written = None, 0
+
+    def _recompute_update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                          layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """update() during a recompute: the chosen tokens' new K/V, rotated to their blocks' frame, replace
+        the cached ones; the row's whole view comes back (a probe stops at its layer with the deviations)."""
+        r = self._recomputing
+        if layer_idx != self._layers_written:
+            raise RuntimeError(f"layer_idx: update() of layer {layer_idx} during a recompute that expects layer "
+                               f"{self._layers_written}")
+        if key_states.shape[0] != 1 or key_states.shape[2] != r.slots.numel():
+            raise ValueError(f"key_states: a recompute of {r.slots.numel()} tokens of one row got "
+                             f"{key_states.shape[0]} rows x {key_states.shape[2]} tokens")
+        k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
+        k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
+        keys = key_states[0].transpose(0, 1).to(r.cos.dtype)  # [k, Hkv, D]
+        keys = rotate(keys, r.cos[:, None], r.sin[:, None], self.rope.rotary_dim, self.rope.interleaved)
+        keys = keys.to(k_pool.dtype)
+        values = value_states[0].transpose(0, 1).to(v_pool.dtype)
+        if layer_idx == r.probe:
+            old_k, old_v = k_flat[r.slots], v_flat[r.slots]
+            raise ProbeDone(((keys - old_k).double() ** 2).sum((1, 2)) + ((values - old_v).double() ** 2).sum((1, 2)))
+        k_flat.index_copy_(0, r.slots, keys)
+        v_flat.index_copy_(0, r.slots, values)
+        self._layers_written = layer_idx + 1
+        k, v = materialize_kv(k_pool, v_pool, r.table, r.delta, self.rope, r.length, r.lens)
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     def _kv_error(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> Exception | None:
