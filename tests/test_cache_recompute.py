@@ -155,3 +155,22 @@ def test_budgets_are_per_span_and_all_spans_run_in_one_forward():
     finally:
         hook.remove()
     assert got == [9, 10, 11, 16, 17] and len(forwards) == 1  # round(0.4 * 7) and round(0.4 * 5) first tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt_neox", "gptj", "phi"])
+def test_every_family_recomputes_to_the_reprefill(arch):
+    """Rotate-half, interleaved and partial rotary: the chosen tokens' keys land in their blocks' frame."""
+    model = random_model(arch, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    prefix, doc, new = (torch.randint(0, model.config.vocab_size, (1, n), generator=gen) for n in (9, 7, 3))
+    cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=128, block_size=4, dtype=torch.float64)
+    with torch.no_grad():
+        model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    chunk = cache.prefill(model, doc)
+    cache.splice(0, chunk, 9)
+    chunk.free()
+    cache.recompute(model, 0, [(9, doc)], fraction=1.0)
+    with torch.no_grad():
+        got = model(input_ids=new, past_key_values=cache, use_cache=True).logits
+        want = model(input_ids=torch.cat([prefix, doc, new], 1)).logits[:, -3:]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-8)
