@@ -18,18 +18,11 @@ from transformers import DynamicCache
 
 from gaugecompile.bench.baselines import append_rerotated, rope_of_model
 from gaugecompile.cli.demo import decode, gauge_forward, greedy, manifold_cache, prefilled
-from gaugecompile.models import add_model_arguments, model_from_args
+from gaugecompile.models import add_model_arguments, encode, model_from_args
 
 BLOCK, DOC_TOKENS, DOCS = 16, 96, ("pass", "break", "lambda")  # documents: whole blocks, so splices stay aligned
 PREFIX = "You are a careful assistant. Answer from the reference text below.\n\n"
 PROMPTS = (("What does the pass statement do?", ("pass",)), ("Where may break occur?", ("lambda", "break")))
-
-
-def encode(tokenizer, vocab: int, text: str, length: int, seed: int) -> torch.Tensor:
-    """[1, <= length] ids of `text`; random ids without a tokenizer (a random model)."""
-    if tokenizer is None:
-        return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
 
 
 def main(argv: list[str] | None = None) -> int:

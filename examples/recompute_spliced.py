@@ -18,16 +18,9 @@ from pydoc_data.topics import topics
 import torch
 
 from gaugecompile.cache import ManifoldCache
-from gaugecompile.models import add_model_arguments, model_from_args
+from gaugecompile.models import add_model_arguments, encode, model_from_args
 
 DOCS, DOC_TOKENS = ("if", "while", "for"), 96
-
-
-def ids_of(tokenizer, vocab: int, text: str, length: int, seed: int) -> torch.Tensor:
-    """[1, length] ids of `text`; random ids without a tokenizer (a random model)."""
-    if tokenizer is None:
-        return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model, tok = model_from_args(args)
     vocab = model.config.vocab_size
-    prefix = ids_of(tok, vocab, "Three statements of Python, from its reference manual.\n\n", 16, seed=1)
-    docs = [ids_of(tok, vocab, topics[name], DOC_TOKENS, seed=2 + i) for i, name in enumerate(DOCS)]
-    question = ids_of(tok, vocab, "\n\nWhich of them repeats its body?", 12, seed=9)
+    prefix = encode(tok, vocab, "Three statements of Python, from its reference manual.\n\n", 16, seed=1)
+    docs = [encode(tok, vocab, topics[name], DOC_TOKENS, seed=2 + i) for i, name in enumerate(DOCS)]
+    question = encode(tok, vocab, "\n\nWhich of them repeats its body?", 12, seed=9)
     cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=2048, block_size=16)
     store = [cache.prefill(model, doc) for doc in docs]  # each document once, alone
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from .random_configs import ARCHITECTURES, random_model
 from .smollm import default_checkpoint, gguf_to_plain
 
-__all__ = ["add_model_arguments", "load", "model_from_args"]
+__all__ = ["add_model_arguments", "encode", "load", "model_from_args"]
 
 
 def load(name_or_path: str | Path | None = None, *, dtype: torch.dtype = torch.float32):
@@ -31,6 +31,14 @@ def load(name_or_path: str | Path | None = None, *, dtype: torch.dtype = torch.f
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def encode(tokenizer, vocab_size: int, text: str, length: int, seed: int = 0) -> torch.Tensor:
+    """[1, <= length] ids of `text` (no special tokens); `length` random ids without a tokenizer (a random
+    model has none), reproducible by `seed`."""
+    if tokenizer is None:
+        return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
