@@ -46,7 +46,18 @@ from transformers.cache_utils import Cache
 from ..ops.materialize import materialize_kv
 from ..rope import MAX_ABS_DELTA, accumulation_dtype, delta_cos_sin, rotate
 from .chunk import KVChunk
-from .mapping import NewBlock, Piece, Pieces, SeqMap, consecutive_runs, copy_source, repack, seq_pieces, split_at
+from .mapping import (
+    NewBlock,
+    Piece,
+    Pieces,
+    SeqMap,
+    consecutive_runs,
+    copy_source,
+    plain_copy,
+    repack,
+    seq_pieces,
+    split_at,
+)
 from .pool import BlockAllocator
 from .rope_config import kv_shape_from_config, rope_from_config
 from .storage import BlockStorage
@@ -444,10 +455,8 @@ class ManifoldCache(Cache):
             affected = np.unique(entry)
             self.allocator.require(len(affected), f"recompute(seq={seq})")
             fresh = self.allocator.allocate(len(affected))
-            self.storage.copy_blocks([
-                (int(f), NewBlock(None, int(m.sigma[e]), int(m.counts[e]),
-                                  (Piece(int(m.blocks[e]), 0, int(m.counts[e]), int(m.sigma[e])),)))
-                for f, e in zip(fresh, affected, strict=True)])
+            entries = list(seq_pieces(m))  # one piece per entry
+            self.storage.copy_blocks([(int(f), plain_copy(entries[e])) for f, e in zip(fresh, affected, strict=True)])
             blocks = m.blocks.copy()
             blocks[affected] = fresh
             self.allocator.decref(m.blocks[affected])

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["Piece", "Pieces", "SeqMap", "NewBlock", "Plan", "seq_pieces", "split_at", "repack", "copy_source",
-           "consecutive_runs"]
+           "plain_copy", "consecutive_runs"]
 
 _I64 = np.int64
 
@@ -171,8 +171,12 @@ def repack(pieces: Pieces) -> Plan:
     return Plan(phys, keep.shift.copy(), counts, keep, int(counts.sum()))
 
 
-def copy_source(plan: Plan, entry: int) -> NewBlock:
-    """Entry `entry` of `plan` as a copy: its piece's slots, to slot 0 of a new block, at the piece's sigma."""
-    p = plan.pieces.take(slice(entry, entry + 1))
-    piece = Piece(int(p.phys[0]), int(p.a[0]), int(p.b[0]), int(p.shift[0]))
+def plain_copy(piece: Piece) -> NewBlock:
+    """A new block holding `piece`'s slots from slot 0, at the piece's own sigma (nothing is re-rotated)."""
     return NewBlock(None, piece.shift, piece.b - piece.a, (piece,))
+
+
+def copy_source(plan: Plan, entry: int) -> NewBlock:
+    """Entry `entry` of `plan` as a copy of its piece."""
+    (piece,) = plan.pieces.take(slice(entry, entry + 1))
+    return plain_copy(piece)
