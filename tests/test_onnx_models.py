@@ -102,3 +102,25 @@ def test_one_export_serves_other_lengths_widths_batches_and_queries(tmp_path):
     shapes.append(shape)
     widths, lengths = {w for w, _ in shapes}, {n for _, n in shapes}
     assert len(widths) >= 2 and len(lengths) == len(shapes), shapes  # one file, many sizes
+
+
+def test_export_onnx_takes_a_model_called_over_a_manifold_cache(tmp_path):
+    """Issue 21, first item: `export_onnx(model, (ids,), path, kwargs={"past_key_values": cache})` exports the
+    step the model would run (CacheStep's form), leaves the cache as it was, and the file runs later steps."""
+    from test_cache_transactions import snapshot
+
+    model = random_model("llama")
+    cache = edited_cache(model, seed=3)
+    cache.set_batch([0, *cache.fork(0, 1)])  # two rows and two new tokens: nothing is specialised to 1
+    gen = torch.Generator().manual_seed(4)
+    before = snapshot(cache)
+    proto = export_onnx(model, (torch.randint(0, 128, (2, 2), generator=gen),), tmp_path / "step.onnx",
+                        kwargs={"past_key_values": cache})
+    assert snapshot(cache) == before
+    assert len([n for n in proto.graph.node if n.domain == DOMAIN]) == model.config.num_hidden_layers
+    for q_len in (2, 1, 3):
+        error, _ = step_error(tmp_path / "step.onnx", model, cache, torch.randint(0, 128, (2, q_len), generator=gen))
+        assert error < TOL32, (q_len, error)
+    with pytest.raises(ValueError, match="args/kwargs: a model over a ManifoldCache exports from"):
+        export_onnx(model, (torch.ones(2, 1, dtype=torch.long),), tmp_path / "x.onnx",
+                    kwargs={"past_key_values": cache, "attention_mask": torch.ones(2, 1)})

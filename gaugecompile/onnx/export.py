@@ -76,6 +76,32 @@ def _run_gauge_passes(ep: torch.export.ExportedProgram, strict: bool) -> None:
         warnings.warn(f"gaugecompile.export_onnx: site left in standard ops: {site.describe()}", stacklevel=3)
 
 
+class _RollBack(Exception):  # noqa: N818 -- a signal: undo the step just captured
+    pass
+
+
+def _cache_step(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any] | None):
+    """(CacheStep, its inputs) for a model called over a ManifoldCache, the cache left as it was; else None."""
+    from ..cache import ManifoldCache
+    from .decode import CacheStep
+
+    cache = (kwargs or {}).get("past_key_values")
+    if not isinstance(cache, ManifoldCache):
+        return None
+    extra = sorted(set(kwargs) - {"past_key_values", "use_cache"})
+    if len(args) != 1 or extra:
+        raise ValueError(f"args/kwargs: a model over a ManifoldCache exports from (input_ids,) and "
+                         f"past_key_values only, got {len(args)} args and kwargs {extra}")
+    captured = []
+    try:
+        with cache._transaction():
+            captured.extend(CacheStep.capture(model, cache, args[0])[:2])
+            raise _RollBack
+    except _RollBack:  # the transaction has restored the cache; the step's pools were cloned before it ran
+        pass
+    return captured[0], captured[1]
+
+
 def _resolve_opset(opset: int | None) -> int:
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or isinstance(opset, bool):
@@ -117,6 +143,13 @@ def export_onnx(
 ) -> onnx.ModelProto:
     """Export `model(*args, **kwargs)` to `path` with every gauge attention as an `ai.gauge` node.
 
+    A model called with `past_key_values=` a `ManifoldCache` (args: `(input_ids,)`) is exported as the step
+    it would run, `CacheStep`'s form: the step is run once eagerly to learn its mapping, then the cache is
+    rolled back to exactly what it was, and the file takes input ids, positions, block table, deltas, token
+    counts, write slots, the view size and every layer's pools as inputs (`CacheStep.dynamic_shapes` unless
+    `dynamic_shapes` is given: a dimension whose example is 1 is specialised, so export with two rows and two
+    new tokens for a file that serves every step).
+
     Pipeline: `torch.export` -> gauge passes -> custom node per `rotated_query_attention` ->
     `torch.onnx.export(optimize=False)` -> model-local function defining the node in standard
     ops (opset `opset`, default 20, at least 18).  `inline=True` writes the standard-op body in
@@ -132,6 +165,11 @@ def export_onnx(
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs: expected a mapping or None, got {type(kwargs).__name__}")
     opset = _resolve_opset(opset)
+    cache_step = _cache_step(model, args, kwargs)
+    if cache_step is not None:
+        step, step_args = cache_step
+        shapes = dynamic_shapes if dynamic_shapes is not None else step.dynamic_shapes(len(step_args[-1]))
+        return export_onnx(step, step_args, path, dynamic_shapes=shapes, opset=opset, inline=inline, strict=strict)
 
     ep = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), dynamic_shapes=dynamic_shapes)
     _run_gauge_passes(ep, strict)
