@@ -28,6 +28,7 @@ CASES = [
                  id="streaming"),
     pytest.param("document_reuse.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="document_reuse"),
     pytest.param("onnx_export.py", RANDOM, 300, id="onnx_export"),
+    pytest.param("onnx_generate.py", [*RANDOM, "--new-tokens", "6"], 300, id="onnx_generate"),
     pytest.param("edit_and_generate.py", [*RANDOM, "--new-tokens", "8"], 300, id="edit_and_generate"),
     pytest.param("recompute_spliced.py", RANDOM, 300, id="recompute_spliced"),
     pytest.param("custom_model.py", [*RANDOM, *EAGER], 300, id="custom_model"),  # its own layer: --random ignored

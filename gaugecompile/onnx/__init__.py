@@ -1,11 +1,13 @@
 """ONNX export: each gauge attention becomes one `ai.gauge::RotatedQueryAttention` node, defined
 for stock runtimes by a model-local function in standard ops.  `run` executes a file with
 onnxruntime after checking the inputs; `CacheStep` turns a transformers step over a ManifoldCache
-into a module whose pools, block table, deltas and write slots are inputs, ready for export."""
+into a module whose pools, block table, deltas and write slots are inputs, ready for export;
+`OrtCausalLM` generates with such a file (transformers' generate() over a ManifoldCache)."""
 
+from .causal_lm import OrtCausalLM
 from .decode import CacheStep, PoolView
 from .export import export_onnx
 from .function import DOMAIN, OP_TYPE
 from .runtime import run
 
-__all__ = ["CacheStep", "DOMAIN", "OP_TYPE", "PoolView", "export_onnx", "run"]
+__all__ = ["CacheStep", "DOMAIN", "OP_TYPE", "OrtCausalLM", "PoolView", "export_onnx", "run"]

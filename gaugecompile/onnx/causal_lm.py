@@ -1,0 +1,117 @@
+"""`OrtCausalLM`: an exported decode step that generates, with transformers' `generate()` over a ManifoldCache.
+
+The host bookkeeping stays the cache's: each forward asks it to place the new tokens (blocks, copy-on-write,
+tables, write slots), feeds the file the mapping and the pools (`CacheStep`'s inputs), and writes the pools
+the file returns back into the cache's before committing the forward; a forward that fails rolls back like
+any other.  So greedy search, sampling, beam search (through `reorder_cache`) and the cache's edits between
+calls (delete, splice of a prefilled chunk, set_window streaming) work as with the torch model.  Chunks to
+splice are prefilled with the torch model (`cache.prefill`), since the file has no entry for a detached
+forward.  The CPU provider by default; pools travel as numpy arrays each step (no IO binding yet).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..cache import ManifoldCache
+from .runtime import _check_mapping, _feeds
+
+__all__ = ["OrtCausalLM"]
+
+
+class OrtCausalLM(GenerationMixin):
+    """A causal LM whose forward is an exported `CacheStep` run by onnxruntime over a `ManifoldCache`.
+
+    `OrtCausalLM(path, config)` loads a file written by `export_onnx(model, (ids,), path,
+    kwargs={"past_key_values": cache})` (or `from_model`); `generate(input_ids, past_key_values=cache, ...)`
+    then works as transformers' own.  `config` is the model's config (the cache and generation read it).
+    """
+
+    main_input_name = "input_ids"
+    _is_stateful = False
+
+    def __init__(self, path: str | os.PathLike[str], config, providers: Sequence[str] | None = None) -> None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"path: no ONNX file at {path!r}")
+        self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)
+        self.session = ort.InferenceSession(path, providers=list(providers or ["CPUExecutionProvider"]))
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, path: str | os.PathLike[str], *, block_size: int = 16,
+                   providers: Sequence[str] | None = None) -> OrtCausalLM:
+        """Export `model`'s decode step over a ManifoldCache to `path` (two rows and two new tokens, so the file
+        serves every batch and query length) and load it."""
+        from .export import export_onnx
+
+        example = ManifoldCache(model.config, max_batch_size=2, max_tokens=8 * block_size, block_size=block_size)
+        example.new_sequences(2)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, model.config.vocab_size, (2, 3), generator=gen),
+                  past_key_values=example, use_cache=True)
+        export_onnx(model, (torch.randint(0, model.config.vocab_size, (2, 2), generator=gen),), path,
+                    kwargs={"past_key_values": example})
+        return cls(path, model.config, providers)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def is_remote_code(self) -> bool:  # generate() asks: the step is ours, not hub code
+        return False
+
+    def get_experts_implementation(self) -> dict:  # generate() asks: no mixture-of-experts kernels to switch
+        return {}
+
+    def __call__(self, *args, **kwargs) -> CausalLMOutputWithPast:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: ManifoldCache | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                use_cache: bool = True, **kwargs) -> CausalLMOutputWithPast:
+        """One step: the cache places `input_ids` ([rows, q]) after its views, the file runs, the pools it
+        returns replace the cache's, the forward commits.  `attention_mask` and `position_ids` are named so that
+        generate() builds and slices them as for any causal LM (it feeds only the tokens the cache lacks); the
+        step takes its positions and causal mask from the cache (unpadded rows)."""
+        cache = past_key_values
+        if not isinstance(cache, ManifoldCache):
+            raise TypeError(f"past_key_values: expected a gaugecompile ManifoldCache, got {type(cache).__name__}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected [rows, q_len], got {got}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("attention_mask: the exported step runs unpadded rows (each row is a sequence of the "
+                             "cache, its causal mask implied); got a mask with padding")
+        rows, q = input_ids.shape
+        cache._begin_forward(rows, q)
+        fwd = cache._fwd
+        try:
+            length = fwd.sizes.shape[1]
+            positions = torch.arange(length - q, length).expand(rows, q)
+            inputs = [input_ids, positions, fwd.table, fwd.delta, fwd.lens, fwd.slots.view(rows, q),
+                      torch.empty(0, length, dtype=torch.int64), *cache.k_pools, *cache.v_pools]
+            feeds = _feeds(self.session, [t.detach().cpu() for t in inputs])
+            _check_mapping(feeds)
+            logits, *pools = self.session.run(None, feeds)
+            for pool, new in zip([*cache.k_pools, *cache.v_pools], pools, strict=True):
+                pool.copy_(torch.from_numpy(np.asarray(new)))
+        except BaseException:
+            cache._settle()  # the forward never committed: roll it back
+            raise
+        cache._layers_written = cache.shape.num_layers  # every layer's pools are written: commit
+        if cache._window is not None:
+            cache._end_forward()
+        else:
+            cache._view_sizes = fwd.sizes
+        return CausalLMOutputWithPast(logits=torch.from_numpy(logits), past_key_values=cache)

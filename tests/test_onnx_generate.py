@@ -1,0 +1,88 @@
+"""`OrtCausalLM`: transformers' generate() over a ManifoldCache with the step run by onnxruntime (issue 21).
+
+Every decoding mode, and generation after the cache's edits, gives the tokens the torch model gives over a
+twin cache; a step that fails inside onnxruntime leaves the cache as it was."""
+
+import pytest
+import torch
+from test_cache_transactions import snapshot
+
+from gaugecompile.cache import ManifoldCache
+from gaugecompile.models.random_configs import random_model
+from gaugecompile.onnx import OrtCausalLM
+
+MODEL = random_model("llama")
+PROMPT = torch.randint(0, MODEL.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def ort_lm(tmp_path_factory):
+    return OrtCausalLM.from_model(MODEL, tmp_path_factory.mktemp("ort") / "step.onnx", block_size=4)
+
+
+def _cache() -> ManifoldCache:
+    return ManifoldCache(MODEL.config, max_batch_size=4, max_tokens=256, block_size=4)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=3, do_sample=False),
+                                  dict(do_sample=True, top_k=5), dict(do_sample=True, num_return_sequences=2)])
+def test_generate_equals_the_torch_model(ort_lm, mode):
+    torch.manual_seed(0)
+    got = ort_lm.generate(input_ids=PROMPT, past_key_values=_cache(), max_new_tokens=8, **mode)
+    torch.manual_seed(0)
+    want = MODEL.generate(input_ids=PROMPT, past_key_values=_cache(), max_new_tokens=8, **mode)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("edit", ["delete", "splice", "window"])
+def test_generation_goes_on_after_edits(ort_lm, edit):
+    """The edit is the same on both caches; the chunk is prefilled with the torch model."""
+    caches, outs = [_cache(), _cache()], []
+    for lm, cache in zip((ort_lm, MODEL), caches, strict=True):
+        first = lm.generate(input_ids=PROMPT, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        view, last = first[0, :-1].tolist(), first[0, -1:].tolist()  # the last token is not cached yet
+        if edit == "delete":
+            cache.delete(0, 3, 9)
+            view = view[:3] + view[9:]
+        elif edit == "splice":
+            doc = torch.arange(5, 12)[None]
+            chunk = cache.prefill(MODEL, doc)
+            cache.splice(0, chunk, 4)
+            chunk.free()
+            view = view[:4] + doc[0].tolist() + view[4:]
+        else:  # the window keeps whole entries: the view is the tokens of the entries it kept
+            blocks, _, counts = cache.mapping(0)
+            starts = [sum(counts[:j]) for j in range(len(counts))]
+            cache.set_window(2, 5)
+            kept = cache.mapping(0)[0]
+            view = [t for j, b in enumerate(blocks) if b in kept for t in view[starts[j]:starts[j] + counts[j]]]
+        assert cache.get_seq_length() == len(view)
+        ids = torch.tensor([view + last])
+        outs.append(lm.generate(input_ids=ids, past_key_values=cache, max_new_tokens=6, do_sample=False))
+        cache.set_window(0, None)
+    assert outs[0].tolist() == outs[1].tolist()
+    assert caches[0].mapping(0) == caches[1].mapping(0)
+
+
+def test_a_step_failing_in_onnxruntime_changes_nothing(ort_lm, monkeypatch):
+    cache = _cache()
+    ort_lm.generate(input_ids=PROMPT, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    before, pools = snapshot(cache), [p.clone() for p in cache.k_pools]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ort_lm.session, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ort_lm(input_ids=torch.tensor([[3]]), past_key_values=cache)
+    assert snapshot(cache) == before
+    assert all(torch.equal(a, b) for a, b in zip(pools, cache.k_pools, strict=True))
+
+
+def test_bad_arguments_name_the_argument(ort_lm, tmp_path):
+    with pytest.raises(TypeError, match="past_key_values: expected a gaugecompile ManifoldCache"):
+        ort_lm(input_ids=PROMPT, past_key_values=None)
+    with pytest.raises(ValueError, match="attention_mask: the exported step runs unpadded rows"):
+        ort_lm(input_ids=PROMPT, past_key_values=_cache(), attention_mask=torch.tensor([[0] + [1] * 9]))
+    with pytest.raises(ValueError, match="path: no ONNX file"):
+        OrtCausalLM(tmp_path / "missing.onnx", MODEL.config)
