@@ -656,6 +656,23 @@ class ManifoldCache(Cache):
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.allocator.blocks_in_use)
         return torch.from_numpy(np.concatenate(slots)).to(self.storage.device)
 
+    @contextmanager
+    def external_step(self, rows: int, q: int) -> Iterator[StepMapping]:
+        """A forward run outside this process's layers (an exported step in onnxruntime): place `q` new tokens
+        per row and yield the mapping they use; the caller writes every layer's pools, and the forward commits
+        when the block exits, or rolls back if it raises."""
+        self._begin_forward(rows, q)
+        try:
+            yield self.last_step
+        except BaseException:
+            self._settle()  # its layers never reported: the pending forward is rolled back
+            raise
+        self._layers_written = self.shape.num_layers
+        if self._window is not None:
+            self._end_forward()
+        else:
+            self._view_sizes = self._fwd.sizes
+
     @torch.compiler.disable
     def _end_forward(self) -> None:
         """The last layer's commit with a window: apply it as part of the forward (a failure undoes both)."""

@@ -94,24 +94,14 @@ class OrtCausalLM(GenerationMixin):
             raise ValueError("attention_mask: the exported step runs unpadded rows (each row is a sequence of the "
                              "cache, its causal mask implied); got a mask with padding")
         rows, q = input_ids.shape
-        cache._begin_forward(rows, q)
-        fwd = cache._fwd
-        try:
-            length = fwd.sizes.shape[1]
-            positions = torch.arange(length - q, length).expand(rows, q)
-            inputs = [input_ids, positions, fwd.table, fwd.delta, fwd.lens, fwd.slots.view(rows, q),
-                      torch.empty(0, length, dtype=torch.int64), *cache.k_pools, *cache.v_pools]
+        with cache.external_step(rows, q) as step:  # commits when every pool is written, else rolls back
+            positions = torch.arange(step.length - q, step.length).expand(rows, q)
+            inputs = [input_ids, positions, step.block_table, step.block_delta, step.block_lens,
+                      step.slots.view(rows, q), torch.empty(0, step.length, dtype=torch.int64), *cache.k_pools,
+                      *cache.v_pools]
             feeds = _feeds(self.session, [t.detach().cpu() for t in inputs])
             _check_mapping(feeds)
             logits, *pools = self.session.run(None, feeds)
             for pool, new in zip([*cache.k_pools, *cache.v_pools], pools, strict=True):
                 pool.copy_(torch.from_numpy(np.asarray(new)))
-        except BaseException:
-            cache._settle()  # the forward never committed: roll it back
-            raise
-        cache._layers_written = cache.shape.num_layers  # every layer's pools are written: commit
-        if cache._window is not None:
-            cache._end_forward()
-        else:
-            cache._view_sizes = fwd.sizes
         return CausalLMOutputWithPast(logits=torch.from_numpy(logits), past_key_values=cache)
