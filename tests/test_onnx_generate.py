@@ -3,6 +3,7 @@
 Every decoding mode, and generation after the cache's edits, gives the tokens the torch model gives over a
 twin cache; a step that fails inside onnxruntime leaves the cache as it was."""
 
+import onnx
 import pytest
 import torch
 from test_cache_transactions import snapshot
@@ -86,3 +87,28 @@ def test_bad_arguments_name_the_argument(ort_lm, tmp_path):
         ort_lm(input_ids=PROMPT, past_key_values=_cache(), attention_mask=torch.tensor([[0] + [1] * 9]))
     with pytest.raises(ValueError, match="path: no ONNX file"):
         OrtCausalLM(tmp_path / "missing.onnx", MODEL.config)
+
+
+@pytest.fixture(scope="module")
+def fused_lm(ort_lm, tmp_path_factory):
+    """The same file with its ai.gauge nodes bound to the native kernel (onnxruntime-extensions)."""
+    path = tmp_path_factory.mktemp("fused") / "step.onnx"
+    return OrtCausalLM.from_model(MODEL, path, block_size=4, fused=True)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=3, do_sample=False)])
+def test_the_fused_node_generates_what_the_function_generates(ort_lm, fused_lm, mode):
+    outs = []
+    for lm in (ort_lm, fused_lm):
+        cache = _cache()
+        first = lm.generate(input_ids=PROMPT, past_key_values=cache, max_new_tokens=6, **mode)
+        outs.append(first.tolist())
+        if "num_beams" not in mode:  # then an edit: nonzero deltas, which the kernel rotates the queries by
+            cache.delete(0, 2, 7)
+            view = first[0, :-1].tolist()
+            ids = torch.tensor([view[:2] + view[7:] + first[0, -1:].tolist()])
+            outs.append(lm.generate(input_ids=ids, past_key_values=cache, max_new_tokens=6, do_sample=False).tolist())
+    half = len(outs) // 2
+    assert outs[:half] == outs[half:]
+    assert [n.domain for n in onnx.load(fused_lm.path).graph.node if n.op_type == "RotatedQueryAttention"] == \
+        ["ai.onnx.contrib"] * MODEL.config.num_hidden_layers

@@ -7,7 +7,8 @@ On SmolLM2-135M-Instruct (float32, CPU), after a prompt of `context` tokens of p
 median time of a greedy decode step (after 3 warm-up steps), all in one process:
 - torch eager with transformers' DynamicCache, and with ManifoldCache;
 - `OrtCausalLM` (the exported gauge step in stock onnxruntime: its `ai.gauge` node runs the model-local
-  function, which gathers and re-rotates the view every step, and the pools go through numpy);
+  function, which gathers and re-rotates the view every step, and the pools go through numpy), and the same
+  file with the node bound to the native kernel through onnxruntime-extensions (`fused=True`);
 - onnxruntime-genai 0.18 (its builder's fp32 CPU model and its generator), the ecosystem's decode loop.
 The builder's output is cached next to the checkpoint (`~/.cache/gaugecompile/ortgenai`).
 """
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ort_lm = OrtCausalLM.from_model(model, Path(tmp) / "step.onnx")
+        fused_lm = OrtCausalLM(Path(tmp) / "step.onnx", model.config, fused=True)
         for context in args.contexts:
             ids, steps = text_ids(tok, model.config.vocab_size, context), warm + args.steps
             runs = [
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                  (model, ManifoldCache(model.config, max_batch_size=1, max_tokens=context + 64), ids, steps)),
                 ("OrtCausalLM (stock onnxruntime)", _steps_torch,
                  (ort_lm, ManifoldCache(model.config, max_batch_size=1, max_tokens=context + 64), ids, steps)),
+                ("OrtCausalLM, fused node", _steps_torch,
+                 (fused_lm, ManifoldCache(model.config, max_batch_size=1, max_tokens=context + 64), ids, steps)),
                 ("onnxruntime-genai", _steps_genai, (genai, ids, steps)),
             ]
             results = {}

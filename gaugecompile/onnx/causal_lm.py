@@ -6,7 +6,8 @@ the file returns back into the cache's before committing the forward; a forward 
 any other.  So greedy search, sampling, beam search (through `reorder_cache`) and the cache's edits between
 calls (delete, splice of a prefilled chunk, set_window streaming) work as with the torch model.  Chunks to
 splice are prefilled with the torch model (`cache.prefill`), since the file has no entry for a detached
-forward.  The CPU provider by default; pools travel as numpy arrays each step (no IO binding yet).
+forward.  The CPU provider by default; pools travel as numpy arrays each step (no IO binding yet).  With
+`fused=True` the gauge nodes run the native kernel (`fused.py`) instead of their standard-op function.
 """
 
 from __future__ import annotations
@@ -32,24 +33,34 @@ class OrtCausalLM(GenerationMixin):
     `OrtCausalLM(path, config)` loads a file written by `export_onnx(model, (ids,), path,
     kwargs={"past_key_values": cache})` (or `from_model`); `generate(input_ids, past_key_values=cache, ...)`
     then works as transformers' own.  `config` is the model's config (the cache and generation read it).
+    `fused=True` binds the `ai.gauge` nodes to the project's native kernel through onnxruntime-extensions
+    (`gaugecompile.onnx.fused`) instead of running their portable function.
     """
 
     main_input_name = "input_ids"
     _is_stateful = False
 
-    def __init__(self, path: str | os.PathLike[str], config, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], config, providers: Sequence[str] | None = None, *,
+                 fused: bool = False) -> None:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"path: no ONNX file at {path!r}")
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)
-        self.session = ort.InferenceSession(path, providers=list(providers or ["CPUExecutionProvider"]))
+        if fused:  # the gauge nodes run the project's kernel (onnxruntime-extensions), not their function
+            from .fused import fused_copy, fused_session
+
+            path = os.fspath(fused_copy(path))
+            self.session = fused_session(path, providers)
+        else:
+            self.session = ort.InferenceSession(path, providers=list(providers or ["CPUExecutionProvider"]))
+        self.path = path  # the file the session runs
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, path: str | os.PathLike[str], *, block_size: int = 16,
-                   providers: Sequence[str] | None = None) -> OrtCausalLM:
+                   providers: Sequence[str] | None = None, fused: bool = False) -> OrtCausalLM:
         """Export `model`'s decode step over a ManifoldCache to `path` (two rows and two new tokens, so the file
         serves every batch and query length) and load it."""
         from .export import export_onnx
@@ -62,7 +73,7 @@ class OrtCausalLM(GenerationMixin):
                   past_key_values=example, use_cache=True)
         export_onnx(model, (torch.randint(0, model.config.vocab_size, (2, 2), generator=gen),), path,
                     kwargs={"past_key_values": example})
-        return cls(path, model.config, providers)
+        return cls(path, model.config, providers, fused=fused)
 
     @classmethod
     def can_generate(cls) -> bool:
