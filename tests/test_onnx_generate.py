@@ -73,7 +73,7 @@ def test_a_step_failing_in_onnxruntime_changes_nothing(ort_lm, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ort_lm.session, "run", interrupted)
+    monkeypatch.setattr(ort_lm.session, "run_with_iobinding", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ort_lm(input_ids=torch.tensor([[3]]), past_key_values=cache)
     assert snapshot(cache) == before

@@ -6,13 +6,15 @@ the file returns back into the cache's before committing the forward; a forward 
 any other.  So greedy search, sampling, beam search (through `reorder_cache`) and the cache's edits between
 calls (delete, splice of a prefilled chunk, set_window streaming) work as with the torch model.  Chunks to
 splice are prefilled with the torch model (`cache.prefill`), since the file has no entry for a detached
-forward.  The CPU provider by default; pools travel as numpy arrays each step (no IO binding yet).  With
+forward.  The CPU provider by default, with IO binding: the inputs are read in place and the updated pools
+are written into spare buffers that then become the cache's pools (no pool copied outside onnxruntime).  With
 `fused=True` the gauge nodes run the native kernel (`fused.py`) instead of their standard-op function.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +27,8 @@ from ..cache import ManifoldCache
 from .runtime import _check_mapping, _feeds
 
 __all__ = ["OrtCausalLM"]
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
 class OrtCausalLM(GenerationMixin):
@@ -55,6 +59,8 @@ class OrtCausalLM(GenerationMixin):
         else:
             self.session = ort.InferenceSession(path, providers=list(providers or ["CPUExecutionProvider"]))
         self.path = path  # the file the session runs
+        #: per cache, the buffers its next step writes its pools to (dropped with the cache)
+        self._spares: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -110,9 +116,29 @@ class OrtCausalLM(GenerationMixin):
             inputs = [input_ids, positions, step.block_table, step.block_delta, step.block_lens,
                       step.slots.view(rows, q), torch.empty(0, step.length, dtype=torch.int64), *cache.k_pools,
                       *cache.v_pools]
-            feeds = _feeds(self.session, [t.detach().cpu() for t in inputs])
+            feeds = _feeds(self.session, [t.detach().cpu() for t in inputs])  # numpy views of the tensors
             _check_mapping(feeds)
-            logits, *pools = self.session.run(None, feeds)
-            for pool, new in zip([*cache.k_pools, *cache.v_pools], pools, strict=True):
-                pool.copy_(torch.from_numpy(np.asarray(new)))
-        return CausalLMOutputWithPast(logits=torch.from_numpy(logits), past_key_values=cache)
+            logits = self._run(feeds, cache)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _run(self, feeds: dict[str, np.ndarray], cache: ManifoldCache) -> torch.Tensor:
+        """Run the step with IO binding: inputs read in place, each layer's updated pool written into a spare
+        buffer of the same shape, which then becomes the cache's pool (the old one is the next spare), so no
+        pool is copied outside onnxruntime; returns the logits."""
+        pools = [*cache.storage.k_pools, *cache.storage.v_pools]
+        spares = self._spares.get(cache)
+        if spares is None or [s.shape for s in spares] != [p.shape for p in pools]:
+            spares = self._spares[cache] = [torch.empty_like(p) for p in pools]
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        outputs = [o.name for o in self.session.get_outputs()]
+        binding.bind_output(outputs[0])
+        for name, spare in zip(outputs[1:], spares, strict=True):
+            binding.bind_output(name, "cpu", 0, _NUMPY[spare.dtype], list(spare.shape), spare.data_ptr())
+        self.session.run_with_iobinding(binding)
+        logits = torch.from_numpy(binding.get_outputs()[0].numpy())
+        layers = len(cache.storage.k_pools)
+        cache.storage.k_pools[:], cache.storage.v_pools[:] = spares[:layers], spares[layers:]
+        self._spares[cache] = pools
+        return logits
