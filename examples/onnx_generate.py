@@ -3,8 +3,8 @@
 Shows: `OrtCausalLM.from_model(model, path)` exports the step (`export_onnx` of the model called over a
 ManifoldCache: pools, tables, deltas, token counts and write slots as inputs) and loads it; its `generate()`
 is transformers' own (greedy, beam search here), the cache's bookkeeping stays on the host, and the cache's
-edits between calls work as with the torch model. Every output is compared with the torch model over a twin
-cache.
+edits between calls (a delete, a streaming window) work as with the torch model. Every output is compared with
+the torch model over a twin cache.
 Run: `python examples/onnx_generate.py` (SmolLM2-135M-Instruct) or `--random llama`.
 """
 
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--new-tokens", type=int, default=12, help="tokens per generate() call (default 12)")
+    parser.add_argument("--window", type=int, default=32, help="streaming window in tokens (default 32)")
     parser.add_argument("--out", type=Path, help="keep the exported file here (default: a temporary directory)")
     args = parser.parse_args(argv)
     model, tok = model_from_args(args)
@@ -56,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         same = outs[0].tolist() == outs[1].tolist()
         ok &= same
         print(f"after delete(0, 2, 10), generation goes on: torch model {'same' if same else 'DIFFERENT'}")
+        streams = []
+        for lm, cache in zip((ort_lm, model), caches(), strict=True):  # a sink window over 2.5 windows of steps
+            cache.set_window(4, args.window)
+            tokens, ids = [], prompt
+            with torch.no_grad():
+                for _ in range(5 * args.window // 2):
+                    ids = lm(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    tokens.append(int(ids))
+            streams.append(tokens)
+        same = streams[0] == streams[1]
+        ok &= same
+        print(f"streaming, 4 sinks + {args.window}-token window, {len(streams[0])} steps: torch model "
+              f"{'same' if same else 'DIFFERENT'}")
     if not ok:
         print("FAIL: onnxruntime and the torch model generated different tokens", file=sys.stderr)
         return 1

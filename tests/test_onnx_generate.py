@@ -21,8 +21,35 @@ def ort_lm(tmp_path_factory):
     return OrtCausalLM.from_model(MODEL, tmp_path_factory.mktemp("ort") / "step.onnx", block_size=4)
 
 
-def _cache() -> ManifoldCache:
-    return ManifoldCache(MODEL.config, max_batch_size=4, max_tokens=256, block_size=4)
+def _cache(model=MODEL) -> ManifoldCache:
+    return ManifoldCache(model.config, max_batch_size=4, max_tokens=256, block_size=4)
+
+
+@pytest.mark.parametrize("arch", ["gptj", "gpt_neox"])  # interleaved pairs; partial rotary
+def test_other_families_generate_what_the_torch_model_generates(arch, tmp_path):
+    model = random_model(arch)
+    lm = OrtCausalLM.from_model(model, tmp_path / "step.onnx", block_size=4)
+    for mode in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+        got = lm.generate(input_ids=PROMPT, past_key_values=_cache(model), max_new_tokens=6, **mode)
+        want = model.generate(input_ids=PROMPT, past_key_values=_cache(model), max_new_tokens=6, **mode)
+        assert got.tolist() == want.tolist(), mode
+
+
+def test_streaming_over_twice_the_window(ort_lm):
+    """A sink window applied after every step, over 2.5 windows of decoding: the same tokens as the torch model."""
+    tokens = []
+    for lm in (ort_lm, MODEL):
+        cache, out = _cache(), []
+        cache.set_window(4, 8)
+        with torch.no_grad():
+            logits = lm(input_ids=PROMPT, past_key_values=cache, use_cache=True).logits
+            for _ in range(30):
+                nxt = logits[:, -1:].argmax(-1)
+                out.append(int(nxt))
+                logits = lm(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        assert cache.get_seq_length() <= 4 + 8 + 2 * cache.block_size
+        tokens.append(out)
+    assert tokens[0] == tokens[1]
 
 
 @pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=3, do_sample=False),

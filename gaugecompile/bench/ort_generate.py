@@ -1,7 +1,7 @@
 """Decode with onnxruntime: OrtCausalLM over a ManifoldCache against onnxruntime-genai and the torch model.
 
     pip install -e ".[bench]"        # onnxruntime-genai, for its model builder and generator
-    python benchmarks/ort_generate.py [--contexts 512 2048] [--steps 16]
+    python benchmarks/ort_generate.py [--contexts 512 4096] [--steps 16]
 
 On SmolLM2-135M-Instruct (float32, CPU), after a prompt of `context` tokens of pydoc_data.topics, the
 median time of a greedy decode step (after 3 warm-up steps), all in one process:
@@ -71,7 +71,7 @@ def _steps_genai(path: Path, ids: torch.Tensor, steps: int) -> tuple[list[float]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args(argv)
     from transformers import DynamicCache
