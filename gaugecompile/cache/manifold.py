@@ -386,11 +386,8 @@ class ManifoldCache(Cache):
         v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
         k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, sizes.shape[1], lens)
         self._layers_written = layer_idx + 1
-        if layer_idx == self.shape.num_layers - 1:  # the forward commits
-            if self._window is not None:
-                self._end_forward()
-            else:
-                self._view_sizes = sizes
+        if layer_idx == self.shape.num_layers - 1:
+            self._commit_forward()
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     def recompute(self, model: torch.nn.Module, seq: int, spans: Sequence[tuple[int, torch.Tensor]],
@@ -668,6 +665,11 @@ class ManifoldCache(Cache):
             self._settle()  # its layers never reported: the pending forward is rolled back
             raise
         self._layers_written = self.shape.num_layers
+        self._commit_forward()
+
+    def _commit_forward(self) -> None:
+        """The forward commits once its last layer is written: the view takes its length (traced inline under
+        torch.compile), or with a window on, `_end_forward` applies it."""
         if self._window is not None:
             self._end_forward()
         else:
