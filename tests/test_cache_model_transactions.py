@@ -331,7 +331,40 @@ def test_finding_4_a_splice_below_the_bound_stays_exact():
     assert max(abs(d) for d in deltas) < 2**31
 
 
-@pytest.mark.parametrize("override", [dict(num_key_value_heads=4), dict(head_dim=8), dict(num_hidden_layers=2)])
+def test_pools_are_sized_by_the_first_update_not_the_config():
+    """A tensor-parallel rank (or a model ignoring a config attribute) hands the cache fewer KV heads than the
+    config says: the pools take the model's, the logits are DynamicCache's, other head counts are refused."""
+    model = random_model("llama", dtype=torch.float64, num_attention_heads=4, num_key_value_heads=2)
+    cache = ManifoldCache(random_config("llama", num_attention_heads=4, num_key_value_heads=4), max_batch_size=2,
+                          max_tokens=64, block_size=4, dtype=torch.float64)
+    assert cache.k_pools == [None] * model.config.num_hidden_layers and cache.bytes_per_block == 0
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits,
+               model(input_ids=ids[:, :2], past_key_values=cache, use_cache=True).logits]
+        dyn = DynamicCache(config=model.config)
+        want = [model(input_ids=ids, past_key_values=dyn, use_cache=True).logits,
+                model(input_ids=ids[:, :2], past_key_values=dyn, use_cache=True).logits]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert [tuple(k.shape[2:]) for k in cache.k_pools] == [(2, model.config.head_dim)] * model.config.num_hidden_layers
+    other = random_model("llama", dtype=torch.float64, num_attention_heads=4, num_key_value_heads=4)
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=r"key_states: expected \[batch, 2, q_len, .*layer 0's pools"), torch.no_grad():
+        other(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    assert snapshot(cache) == before
+
+
+def test_a_failed_first_forward_drops_the_pools_it_sized():
+    model = random_model("llama", dtype=torch.float64)
+    cache = _cache(model)
+    before = snapshot(cache)
+    with _Raise(model.model.layers[1], RuntimeError("layer 1")), pytest.raises(RuntimeError), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6]]), past_key_values=cache, use_cache=True)
+    assert cache.sequences == ()  # an accessor: the failed forward is rolled back, the pools it sized too
+    assert cache.k_pools == [None] * model.config.num_hidden_layers and snapshot(cache) == before
+
+
+@pytest.mark.parametrize("override", [dict(head_dim=8), dict(num_hidden_layers=2)])
 def test_finding_5_kv_that_do_not_fit_the_pools_are_refused_before_any_change(override):
     model = random_model("llama", dtype=torch.float64, **override)
     cache = ManifoldCache(random_config("llama", num_hidden_layers=1), max_batch_size=2, max_tokens=64,

@@ -37,7 +37,8 @@ def snapshot(cache: ManifoldCache):
         {s: (m.blocks.tolist(), m.sigma.tolist(), m.counts.tolist(), m.length, m.next_logical)
          for s, m in cache._seqs.items()},
         cache.allocator.refcount.tolist(), cache.allocator.free_list, tuple(cache._batch), cache.get_seq_length(),
-        cache._window, cache._next_id, cache.peak_blocks_in_use,
+        cache._window, cache._next_id, cache.peak_blocks_in_use, cache._next_chunk,
+        tuple(None if k is None else tuple(k.shape) for k in (*cache.k_pools, *cache.v_pools)),  # sized pools
     )
 
 
@@ -100,7 +101,7 @@ class CacheMachine(RuleBasedStateMachine):
         super().__init__()
         self.cache = ManifoldCache(CONFIG, max_batch_size=6, max_tokens=120, block_size=BS, dtype=torch.float64)
         self.spy = WindowSpy(self.cache)
-        self.heads, self.dim = self.cache.shape.num_kv_heads, self.cache.shape.head_dim
+        self.heads, self.dim = CONFIG.num_key_value_heads, self.cache.shape.head_dim
         self.toks: dict[int, list[tuple[int, int]]] = {}
         self.next: dict[int, int] = {}
         self.window: tuple[int, int] | None = None

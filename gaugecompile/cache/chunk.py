@@ -16,7 +16,8 @@ class KVChunk:
     """Tokens of a `ManifoldCache` at relative logical positions [0, span), holding references on their blocks.
 
     The blocks stay alive (and are never overwritten in place) until `free()`; splicing the chunk into
-    sequences shares them again.  Made by `ManifoldCache.chunk` or `ManifoldCache.prefill`.
+    sequences shares them again.  Made by `ManifoldCache.chunk` or `ManifoldCache.prefill`, which number their
+    chunks in order (`id`): under tensor parallelism the same id names the same chunk on every rank.
     """
 
     def __init__(self, cache: ManifoldCache, pieces: Pieces, span: int) -> None:
@@ -25,17 +26,17 @@ class KVChunk:
         self.span = span
         self.freed = False
         cache.allocator.incref(self.pieces.phys)
+        self.id = cache._next_chunk
+        cache._next_chunk += 1
+        cache._chunks[self.id] = self
 
     @property
     def num_tokens(self) -> int:
         return self.pieces.tokens
 
     def free(self) -> None:
-        """Release the chunk's block references (idempotent)."""
-        if not self.freed:
-            self.cache._settle()  # a failed forward's journal must stay the newest change to the pool
-            self.cache.allocator.decref(self.pieces.phys)
-            self.freed = True
+        """Release the chunk's block references (idempotent; under tensor parallelism, src's chunk on every rank)."""
+        self.cache.free_chunk(self)
 
     def __repr__(self) -> str:
         return f"KVChunk(tokens={self.num_tokens}, span={self.span}, pieces={len(self.pieces)}, freed={self.freed})"

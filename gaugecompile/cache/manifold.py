@@ -35,12 +35,14 @@ row there; a forward with more rows redoes the bookkeeping in update(), inside t
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from transformers.cache_utils import Cache
 
 from ..ops.materialize import materialize_kv
@@ -61,6 +63,7 @@ from .mapping import (
 from .pool import BlockAllocator
 from .rope_config import kv_shape_from_config, rope_from_config
 from .storage import BlockStorage
+from .tensor_parallel import TensorParallelSync, agreed, local_edit
 
 __all__ = ["ManifoldCache", "StepMapping"]
 
@@ -80,6 +83,8 @@ class _Saved(NamedTuple):
     peak: int
     journal: list[tuple]
     mark: int
+    pools: tuple[int, ...]  # the layers whose pools existed (a failed first forward drops the ones it made)
+    next_chunk: int
 
 
 class _Forward(NamedTuple):
@@ -164,13 +169,19 @@ class ManifoldCache(Cache):
 
     Logical positions stay below `max_position` (2^31 minus the pool's capacity in tokens), so that every
     block delta stays below the op's bound `gaugecompile.rope.MAX_ABS_DELTA` = 2^31, where angles are exact.
+
+    Each layer's pools are sized by its first `update()`: the KV heads are the model's (a tensor-parallel
+    rank's share), the head dim the config's.  Under tensor parallelism pass the group (or the model's
+    `DeviceMesh`) as `group`: edits the user calls then take rank `src`'s arguments on every rank, so the
+    mapping stays identical while each rank's pools keep its own heads (`tensor_parallel.py`); `check_sync()`
+    verifies it.
     """
 
     is_compileable = False  # generate() must not auto-compile this cache with the default backend
 
     def __init__(
         self, config, *, max_batch_size: int, max_tokens: int, block_size: int = 16,
-        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None, group=None, src: int = 0,
     ) -> None:
         super().__init__(layers=[])
         for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
@@ -192,8 +203,7 @@ class ManifoldCache(Cache):
             raise ValueError(f"max_tokens: the pool's {num_blocks * block_size} slots exceed 2^31, got {max_tokens}")
         self.allocator = BlockAllocator(num_blocks)
         self.storage = BlockStorage(
-            self.shape.num_layers, num_blocks, block_size, self.shape.num_kv_heads, self.shape.head_dim,
-            self.rope, dtype, torch.device(device or "cpu"),
+            self.shape.num_layers, num_blocks, block_size, self.rope, dtype, torch.device(device or "cpu"),
         )
         self._seqs: dict[int, SeqMap] = {}
         self._batch: list[int] = []
@@ -204,6 +214,12 @@ class ManifoldCache(Cache):
         self._fwd: _Forward | None = None
         self._layers_written = 0  # layers of the forward whose update() ran (all: it has committed)
         self._recomputing: _Recompute | None = None
+        self._chunks: weakref.WeakValueDictionary[int, KVChunk] = weakref.WeakValueDictionary()
+        self._next_chunk = 0
+        if isinstance(group, DeviceMesh):
+            group = group.get_group()
+        #: The tensor-parallel group this cache's edits are agreed in (None: a single process).
+        self.tensor_parallel = TensorParallelSync(group, src) if group is not None else None
         #: The mapping the most recent forward used (block table, deltas, pool slots written, view length).
         self.last_step: StepMapping | None = None
 
@@ -246,12 +262,27 @@ class ManifoldCache(Cache):
         return self._window
 
     @property
-    def k_pools(self) -> list[torch.Tensor]:
+    def k_pools(self) -> list[torch.Tensor | None]:
+        """Per-layer key pools [num_blocks, block_size, kv_heads, head_dim], sized by each layer's first update()
+        (None before it): the heads are the model's, e.g. a tensor-parallel rank's share."""
         return self.storage.k_pools
 
     @property
-    def v_pools(self) -> list[torch.Tensor]:
+    def v_pools(self) -> list[torch.Tensor | None]:
+        """Per-layer value pools, shaped like `k_pools`."""
         return self.storage.v_pools
+
+    def check_sync(self) -> None:
+        """Under tensor parallelism: raise RuntimeError if any rank's mapping differs from this one's, naming the
+        first sequence (or chunk, or the batch, or the refcounts) that differs; a collective (every rank calls
+        it).  One all-reduce of 16 bytes when they agree.  A no-op in a single process."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.check(self)
+
+    def live_chunk(self, chunk_id: int) -> KVChunk | None:
+        """The live chunk numbered `chunk_id` (chunks are numbered in creation order, alike on every rank)."""
+        chunk = self._chunks.get(chunk_id)
+        return chunk if chunk is not None and not chunk.freed else None
 
     def seq_len(self, seq: int) -> int:
         """Tokens in the view of `seq`."""
@@ -311,13 +342,16 @@ class ManifoldCache(Cache):
     def batch_size(self) -> int:
         return len(self._batch) if self._batch else -1
 
+    @local_edit
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.reorder(beam_idx)
 
+    @local_edit
     def batch_repeat_interleave(self, repeats: int) -> None:
         with self._transaction():
             self._repeat_interleave(repeats)
 
+    @local_edit
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
         with self._transaction():
@@ -328,6 +362,7 @@ class ManifoldCache(Cache):
             for seq in old:
                 self.free(seq)
 
+    @local_edit
     def crop(self, tokens_to_remove: int) -> None:
         """Roll back the last `-tokens_to_remove` tokens of every row (transformers' convention: <= 0)."""
         if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
@@ -343,6 +378,7 @@ class ManifoldCache(Cache):
                 m = self._seqs[seq]
                 self.delete(seq, self.positions(seq)[m.length - n], m.next_logical)
 
+    @agreed
     def reset(self) -> None:
         """Free every sequence (chunks keep their blocks); a pending forward is dropped first."""
         with self._transaction():
@@ -380,6 +416,8 @@ class ManifoldCache(Cache):
                 f"the forward was planned for {fwd.rows} x {fwd.q} (layer 0's input)"
             )
         table, delta, lens, slots, sizes = fwd.table, fwd.delta, fwd.lens, fwd.slots, fwd.sizes
+        if self.storage.k_pools[layer_idx] is None:
+            self._allocate(layer_idx, key_states)
         k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
@@ -390,6 +428,7 @@ class ManifoldCache(Cache):
             self._commit_forward()
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
+    @agreed
     def recompute(self, model: torch.nn.Module, seq: int, spans: Sequence[tuple[int, torch.Tensor]],
                   fraction: float = 1.0, policy: str = "first", probe_layer: int = 1) -> list[int]:
         """Recompute in their current context the KV of a part of the tokens of `seq` and write it in place of the
@@ -460,7 +499,7 @@ class ManifoldCache(Cache):
             self._seqs[seq] = SeqMap(blocks, m.sigma, m.counts, m.length, m.next_logical)
             device = self.storage.device
             slots = torch.from_numpy(blocks[entry] * bs + idx - entry_start[entry]).to(device)
-            cdt = accumulation_dtype(self.storage.k_pools[0].dtype)
+            cdt = accumulation_dtype(self.storage.dtype)
             # the model rotates a chosen token at logical L by L - sq; its block stores it at L - sigma
             cos, sin = delta_cos_sin(torch.from_numpy(sq - m.sigma[entry]).to(device), self.rope.inv_freq, cdt)
             table, delta, lens = (torch.from_numpy(t[None]).to(device) for t in (blocks, m.sigma - sq, m.counts))
@@ -509,20 +548,23 @@ class ManifoldCache(Cache):
 
     def _kv_error(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> Exception | None:
         """Why K/V do not fit the pools, or None (static checks: guards, not run-time work, under torch.compile)."""
-        layers, heads, dim = self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim
+        layers, dim = self.shape.num_layers, self.shape.head_dim
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
             return ValueError(f"layer_idx: expected an int in [0, {layers}) (the config's layers), got {layer_idx!r}")
+        pool = self.storage.k_pools[layer_idx]
+        if pool is None:  # its first update sizes the pools: any number of heads, the head dim the basis has
+            heads, where = "kv_heads", "the head dim the cache's RoPE basis was read with"
+        else:
+            heads, where = pool.shape[2], f"layer {layer_idx}'s pools, sized by its first update"
         for name, t in (("key_states", key_states), ("value_states", value_states)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != heads or t.shape[3] != dim:
+            if (not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[3] != dim or t.shape[1] < 1
+                    or (pool is not None and t.shape[1] != heads)):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                return ValueError(
-                    f"{name}: expected [batch, num_kv_heads={heads}, q_len, head_dim={dim}] (the cache's config), "
-                    f"got {got}"
-                )
+                return ValueError(f"{name}: expected [batch, {heads}, q_len, head_dim={dim}] ({where}), got {got}")
             if t.dtype not in _FLOATS:
                 return TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-            if t.device != (pools := self.storage.k_pools[0].device):
-                return ValueError(f"{name}: expected device {pools} (the pools'), got {t.device}")
+            if t.device != self.storage.device:
+                return ValueError(f"{name}: expected device {self.storage.device} (the pools'), got {t.device}")
         if value_states.shape != key_states.shape:
             return ValueError(
                 f"value_states: expected key_states' shape {tuple(key_states.shape)}, got {tuple(value_states.shape)}"
@@ -535,7 +577,7 @@ class ManifoldCache(Cache):
         return _Saved(
             {s: SeqMap(m.blocks, m.sigma, m.counts, m.length, m.next_logical) for s, m in self._seqs.items()},
             list(self._batch), self._next_id, self._view_sizes, self._window, self.last_step,
-            self.peak_blocks_in_use, journal, len(journal),
+            self.peak_blocks_in_use, journal, len(journal), self.storage.allocated, self._next_chunk,
         )
 
     def _restore(self, saved: _Saved) -> None:
@@ -543,7 +585,8 @@ class ManifoldCache(Cache):
         del saved.journal[saved.mark:]
         self._seqs, self._batch, self._next_id = saved.seqs, saved.batch, saved.next_id
         self._view_sizes, self._window, self.last_step = saved.view, saved.window, saved.last_step
-        self.peak_blocks_in_use = saved.peak
+        self.peak_blocks_in_use, self._next_chunk = saved.peak, saved.next_chunk
+        self.storage.release(tuple(i for i in self.storage.allocated if i not in saved.pools))
         self._fwd, self._layers_written = None, 0
 
     @contextmanager
@@ -653,13 +696,23 @@ class ManifoldCache(Cache):
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.allocator.blocks_in_use)
         return torch.from_numpy(np.concatenate(slots)).to(self.storage.device)
 
+    def _allocate(self, layer_idx: int, key_states: torch.Tensor) -> None:
+        """A layer's first update: its pools take the heads of the keys the model hands it.  Traced inline under
+        torch.compile (Dynamo replays the store after the graph): a graph break here would split the layer's
+        rotated query from its attention, and the site could not be rewritten."""
+        self.storage.allocate(layer_idx, key_states.shape[1], key_states.shape[3])
+
     @contextmanager
-    def external_step(self, rows: int, q: int) -> Iterator[StepMapping]:
+    def external_step(self, rows: int, q: int, kv_heads: int, head_dim: int) -> Iterator[StepMapping]:
         """A forward run outside this process's layers (an exported step in onnxruntime): place `q` new tokens
         per row and yield the mapping they use; the caller writes every layer's pools, and the forward commits
-        when the block exits, or rolls back if it raises."""
+        when the block exits, or rolls back if it raises.  Layers not sized yet get pools of `kv_heads` x
+        `head_dim` (the step's, as the file declares them)."""
         self._begin_forward(rows, q)
         try:
+            for layer in range(self.shape.num_layers):
+                if self.storage.k_pools[layer] is None:
+                    self.storage.allocate(layer, kv_heads, head_dim)
             yield self.last_step
         except BaseException:
             self._settle()  # its layers never reported: the pending forward is rolled back
@@ -716,6 +769,7 @@ class ManifoldCache(Cache):
         return lengths[0] if lengths else 0
 
     # ----------------------------------------------------------------- sequence operations
+    @agreed
     def fork(self, seq: int, n: int) -> list[int]:
         """`n` new sequences sharing every block of `seq` (appended to the batch)."""
         with self._transaction():
@@ -729,6 +783,7 @@ class ManifoldCache(Cache):
             self._touch()
             return ids
 
+    @agreed
     def new_sequences(self, n: int) -> list[int]:
         """`n` new empty sequences, appended to the batch.
 
@@ -745,6 +800,7 @@ class ManifoldCache(Cache):
         self._touch()
         return ids
 
+    @agreed
     def set_batch(self, seqs: Sequence[int]) -> None:
         """Choose which live sequences (in row order) the next forward runs; they must have equal view lengths."""
         self._settle()
@@ -758,6 +814,7 @@ class ManifoldCache(Cache):
         self._batch = seqs
         self._touch()
 
+    @agreed
     def reorder(self, beam_idx: torch.Tensor | Sequence[int]) -> None:
         """Row i of the batch takes the content of row `beam_idx[i]` (beam search); blocks are shared, not copied."""
         self._settle()
@@ -766,6 +823,7 @@ class ManifoldCache(Cache):
             raise ValueError(f"beam_idx: expected {len(self._batch)} row indices in [0, {len(self._batch)}), got {idx}")
         self.reorder_ids([self._batch[i] for i in idx], rows=list(self._batch))
 
+    @agreed
     def reorder_ids(self, sources: list[int], rows: list[int] | None = None) -> None:
         """Set sequence `rows[i]` (default: new sequences) to a shared copy of `sources[i]`; make `rows` the batch."""
         with self._transaction():
@@ -788,6 +846,7 @@ class ManifoldCache(Cache):
             self._batch = list(rows)
             self._touch()
 
+    @agreed
     def free(self, seq: int) -> None:
         """Drop `seq` and release its blocks."""
         with self._transaction():
@@ -798,6 +857,7 @@ class ManifoldCache(Cache):
                 self._batch.remove(seq)
             self._touch()
 
+    @agreed
     def delete(self, seq: int, start: int, end: int) -> None:
         """Remove logical tokens [start, end); later tokens move down by end - start (their data does not move)."""
         with self._transaction():
@@ -808,6 +868,7 @@ class ManifoldCache(Cache):
             nxt = m.next_logical - (end - start) if m.next_logical >= end else min(m.next_logical, start)
             self._commit(seq, before + after.shifted(start - end), nxt, f"delete({seq}, {start}, {end})")
 
+    @agreed
     def chunk(self, seq: int, start: int, end: int) -> KVChunk:
         """A shareable, reference-counted handle on the tokens of `seq` at logical [start, end)."""
         with self._transaction():
@@ -817,6 +878,17 @@ class ManifoldCache(Cache):
             inside, _ = split_at(rest, end, self.storage.stored)
             return KVChunk(self, inside.shifted(-start), end - start)
 
+    @agreed
+    def free_chunk(self, chunk: KVChunk) -> None:
+        """Release `chunk`'s block references (`KVChunk.free`; idempotent)."""
+        self._settle()  # a failed forward's journal must stay the newest change to the pool
+        if not isinstance(chunk, KVChunk) or chunk.cache is not self:
+            raise ValueError("chunk: expected a KVChunk of this cache")
+        if not chunk.freed:
+            self.allocator.decref(chunk.pieces.phys)
+            chunk.freed = True
+
+    @agreed
     def splice(self, seq: int, chunk: KVChunk, at: int) -> None:
         """Place `chunk` at logical `at`; tokens at or after `at` move up by its span.
 
@@ -832,6 +904,7 @@ class ManifoldCache(Cache):
             nxt = at + chunk.span if at >= m.next_logical else m.next_logical + chunk.span
             self._commit(seq, pieces, nxt, f"splice({seq}, chunk, at={at})")
 
+    @agreed
     def set_window(self, sink: int, window: int | None) -> None:
         """StreamingLLM: keep the blocks holding the first `sink` tokens and the fewest recent blocks holding at
         least `window` tokens; kept tokens take consecutive positions (sink from 0, window right after).
@@ -849,6 +922,7 @@ class ManifoldCache(Cache):
                 self._apply_window(seq)
             self._touch()
 
+    @agreed
     def prefill(self, model: torch.nn.Module, input_ids: torch.Tensor) -> KVChunk:
         """Run `model` on `input_ids` ([1, n]) alone, at positions 0..n-1, and return its KV as a chunk.
 

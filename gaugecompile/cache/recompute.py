@@ -41,6 +41,9 @@ def choose_tokens(cache: ManifoldCache, model: torch.nn.Module, seq: int, spans,
     try:
         cache._recompute_tokens(model, seq, spans, [list(range(n)) for n in sizes], probe=probe_layer)
     except ProbeDone as probe:  # the probe's transaction has undone its writes
-        scores = torch.split(probe.scores, sizes)
+        total = probe.scores  # this rank's heads; under tensor parallelism the sum over every rank's heads
+        if cache.tensor_parallel is not None:
+            total = cache.tensor_parallel.sum(total)
+        scores = torch.split(total, sizes)
         return [sorted(torch.topk(s, k).indices.tolist()) for s, k in zip(scores, budgets, strict=True)]
     raise RuntimeError(f"model: its forward did not reach the probe layer {probe_layer}")

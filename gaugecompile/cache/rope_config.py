@@ -28,15 +28,15 @@ _PROBE_POSITION = 7
 
 @dataclass(frozen=True)
 class KVShape:
-    """Per-layer KV geometry of a decoder: layers, KV heads and head dim."""
+    """What a decoder config fixes of its KV: the layer count and the head dim the RoPE basis is read with (the KV
+    heads are the model's, read from its first update: a tensor-parallel rank holds a share of the config's)."""
 
     num_layers: int
-    num_kv_heads: int
     head_dim: int
 
 
 def kv_shape_from_config(config) -> KVShape:
-    """Layer count, KV heads and head dim of a transformers decoder config (refuses non-full attention)."""
+    """Layer count and head dim of a transformers decoder config (refuses non-full attention)."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     layer_types, _ = get_layer_types_and_kwargs(config)
@@ -46,10 +46,8 @@ def kv_shape_from_config(config) -> KVShape:
             f"config: ManifoldCache supports full-attention layers only, got layer types {odd} "
             "(for a sliding window use ManifoldCache.set_window)"
         )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return KVShape(int(config.num_hidden_layers), int(kv_heads), int(head_dim))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return KVShape(int(config.num_hidden_layers), int(head_dim))
 
 
 def _modeling_module(config):

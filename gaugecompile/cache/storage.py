@@ -6,6 +6,10 @@ are (they keep their sigma), and a row's partial last block taking new tokens at
 re-rotated so that a block keeps a single sigma.  Stored positions live on the host (int64 per
 slot): the planner reads them to find where an edit cuts a block, and a copy records the new stored
 positions of its slots.
+
+A layer's pools are allocated by its first write, shaped by the keys and values the model hands it,
+not by its config: a tensor-parallel rank holds only its share of the KV heads, and a model may
+ignore a config attribute.  Until then the layer holds no tokens, so nothing is lost by waiting.
 """
 
 from __future__ import annotations
@@ -20,25 +24,42 @@ __all__ = ["BlockStorage"]
 
 
 class BlockStorage:
-    """Per-layer `k_pool`/`v_pool` of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per-layer `k_pool`/`v_pool` of shape [num_blocks, block_size, kv_heads, head_dim]; None until the layer's
+    first write (`allocate`) sizes them."""
 
     def __init__(
-        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        rope: RopeSpec, dtype: torch.dtype, device: torch.device,
+        self, num_layers: int, num_blocks: int, block_size: int, rope: RopeSpec, dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_pools: list[torch.Tensor | None] = [None] * num_layers
+        self.v_pools: list[torch.Tensor | None] = [None] * num_layers
         self.stored = np.zeros((num_blocks, block_size), dtype=np.int64)
+        self.num_blocks = num_blocks
         self.block_size = block_size
         self.rope = rope
+        self.dtype = dtype
         self.device = torch.device(device)
 
     @property
+    def allocated(self) -> tuple[int, ...]:
+        """The layers whose pools exist."""
+        return tuple(i for i, k in enumerate(self.k_pools) if k is not None)
+
+    def allocate(self, layer: int, kv_heads: int, head_dim: int) -> None:
+        """Create layer `layer`'s zeroed pools for `kv_heads` heads of width `head_dim`."""
+        shape = (self.num_blocks, self.block_size, kv_heads, head_dim)
+        self.k_pools[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pools[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def release(self, layers: tuple[int, ...]) -> None:
+        """Drop the pools of `layers` (a failed first forward undoes the allocations it made)."""
+        for i in layers:
+            self.k_pools[i] = self.v_pools[i] = None
+
+    @property
     def bytes_per_block(self) -> int:
-        """KV bytes of one block over all layers (keys and values)."""
-        k = self.k_pools[0]
-        return 2 * len(self.k_pools) * k[0].numel() * k.element_size()
+        """KV bytes of one block over the allocated layers (keys and values); 0 before the first forward."""
+        return sum(2 * k[0].numel() * k.element_size() for k in self.k_pools if k is not None)
 
     def copy_blocks(self, targets: list[tuple[int, NewBlock]]) -> None:
         """Fill each target block `dst` with its sources' slots, keys re-rotated by (source shift - block sigma)."""
@@ -55,14 +76,18 @@ class BlockStorage:
                 rot.extend([p.shift - blk.sigma] * n)
                 self.stored[phys, off:off + n] = self.stored[p.phys, p.a:p.b] + p.shift - blk.sigma
                 off += n
+        layers = self.allocated
+        if not layers:
+            return
         src_t = torch.tensor(src, device=self.device)
         dst_t = torch.tensor(dst, device=self.device)
         rotated = any(rot)  # the copies of split blocks keep their sigma: a plain copy
         if rotated:
             rot_t = torch.tensor(rot, device=self.device)
-            cdt = accumulation_dtype(self.k_pools[0].dtype)
+            cdt = accumulation_dtype(self.dtype)
             cos, sin = delta_cos_sin(rot_t, self.rope.inv_freq, cdt)
-        for k_pool, v_pool in zip(self.k_pools, self.v_pools, strict=True):
+        for i in layers:
+            k_pool, v_pool = self.k_pools[i], self.v_pools[i]
             k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
             k = k_flat[src_t]
             if rotated:

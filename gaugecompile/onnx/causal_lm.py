@@ -63,6 +63,11 @@ class OrtCausalLM(GenerationMixin):
         self._spares: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        pool = next((i for i in self.session.get_inputs() if i.name.startswith("k_pool")), None)
+        if pool is None or len(pool.shape) != 4 or not all(isinstance(d, int) for d in pool.shape[2:]):
+            raise ValueError(f"path: expected an exported CacheStep with k_pools inputs [blocks, block_size, kv_heads, "
+                             f"head_dim], got {pool.shape if pool is not None else 'none'}")
+        self._pool_shape = tuple(pool.shape[2:])  # (kv_heads, head_dim): sizes a fresh cache's pools
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, path: str | os.PathLike[str], *, block_size: int = 16,
@@ -111,7 +116,8 @@ class OrtCausalLM(GenerationMixin):
             raise ValueError("attention_mask: the exported step runs unpadded rows (each row is a sequence of the "
                              "cache, its causal mask implied); got a mask with padding")
         rows, q = input_ids.shape
-        with cache.external_step(rows, q) as step:  # commits when every pool is written, else rolls back
+        # commits when every pool is written, else rolls back; a fresh cache's pools take the file's shape
+        with cache.external_step(rows, q, *self._pool_shape) as step:
             positions = torch.arange(step.length - q, step.length).expand(rows, q)
             inputs = [input_ids, positions, step.block_table, step.block_delta, step.block_lens,
                       step.slots.view(rows, q), torch.empty(0, step.length, dtype=torch.int64), *cache.k_pools,

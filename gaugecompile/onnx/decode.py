@@ -133,10 +133,13 @@ class CacheStep(torch.nn.Module):
             raise ValueError(f"input_ids: expected a [batch, q_len] tensor, got {shape}")
         step = cls(model, cache.rope)  # checks the bases before the cache advances
         frame = cache.get_seq_length()
-        k_pools = tuple(p.clone() for p in cache.k_pools)
-        v_pools = tuple(p.clone() for p in cache.v_pools)
+        before = [p if p is None else p.clone() for p in (*cache.k_pools, *cache.v_pools)]
         with torch.no_grad():
             logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+        # a layer the step sized held nothing before it: its pools were zeros of the shape it gave them
+        before = [b if b is not None else torch.zeros_like(p) for b, p in zip(before, (*cache.k_pools, *cache.v_pools),
+                                                                                strict=True)]
+        k_pools, v_pools = tuple(before[:len(before) // 2]), tuple(before[len(before) // 2:])
         block_table, block_delta, block_lens, slots, length = cache.last_step  # the mapping this step used
         batch, q_len = input_ids.shape
         position_ids = (frame + torch.arange(q_len, device=input_ids.device)).expand(batch, q_len)
