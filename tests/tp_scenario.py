@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from gaugecompile.backend import gauge_backend
+from gaugecompile.bench.distributed import ByteCounter
 from gaugecompile.cache import ManifoldCache
 
 PROMPT = [[3, 17, 42, 8, 99, 23, 5, 61, 77, 12, 30, 4]]
@@ -33,30 +34,6 @@ class SyncEveryStep(StoppingCriteria):
         self.check()
         self.steps += 1
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-class ByteCounter:
-    """Counts the payload bytes of the collectives `torch.distributed` runs (broadcast_object_list and
-    all_gather_object go through these too), by wrapping them."""
-
-    NAMES = ("broadcast", "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
-
-    def __init__(self) -> None:
-        import torch.distributed.distributed_c10d as c10d
-
-        self.bytes = 0
-        for name in self.NAMES:
-            original = getattr(c10d, name)
-            setattr(c10d, name, self._counting(original))
-
-    def _counting(self, original):
-        @functools.wraps(original)
-        def run(tensor, *args, **kwargs):
-            tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
-            self.bytes += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-            return original(tensor, *args, **kwargs)
-
-        return run
 
 
 def scenario(model, group=None, counter: ByteCounter | None = None) -> dict:
