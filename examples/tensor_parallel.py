@@ -16,6 +16,7 @@ GPUs (one per rank; untested here: this project's machines have none).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -36,16 +37,16 @@ SPAN = (8, 20)  # the delete rank 0 decides on (a span of the prompt, off block 
 
 
 def generate_and_edit(model, tokenizer, cache: ManifoldCache, new_tokens: int, span: tuple[int, int],
-                      share=lambda ids: ids, counter: ByteCounter | None = None) -> tuple[list[int], int, int]:
+                      share=lambda ids: ids, count: bool = False) -> tuple[list[int], int, int]:
     """Greedy tokens, a delete of `span` from the prompt, more greedy tokens; returns them, the tokens after the
     cut and the bytes the delete sent.  Under tensor parallelism `span` is what this rank passes (rank 0's is
     applied) and `share` gives every rank rank 0's model input, as any tensor-parallel program must."""
     prompt = chat_ids(tokenizer, model.config.vocab_size, MESSAGE)
     first = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
     held = cache.seq_len(0)
-    before = counter.bytes if counter else 0
-    cache.delete(0, *span)
-    sent = (counter.bytes - before) if counter else 0
+    with ByteCounter() if count else contextlib.nullcontext() as counter:
+        cache.delete(0, *span)
+    sent = counter.bytes if count else 0
     moved = held - span[1]  # the later tokens a re-rotating cache would rewrite (rank 0's span on rank 0)
     cache.check_sync()
     view = share(torch.cat([first[:, :span[0]], first[:, span[1]:]], 1))  # the ids the cache now holds, + 1 new
@@ -80,7 +81,7 @@ def rank_main(args: argparse.Namespace) -> int:
     with torch.no_grad():
         # only rank 0 knows the span; the others pass anything (here an empty span): rank 0's is applied
         got, moved, sent = generate_and_edit(model, tokenizer, cache, args.new_tokens,
-                                             SPAN if rank == 0 else (0, 0), share=_from_rank0, counter=ByteCounter())
+                                             SPAN if rank == 0 else (0, 0), share=_from_rank0, count=True)
     heads = cache.k_pools[0].shape[2]
     per_token = 2 * len(cache.k_pools) * heads * cache.k_pools[0].shape[3] * cache.k_pools[0].element_size()
     if rank == 0:

@@ -36,7 +36,7 @@ class SyncEveryStep(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def scenario(model, group=None, counter: ByteCounter | None = None) -> dict:
+def scenario(model, group=None) -> dict:
     """Greedy and beam generate, delete, splice at 2^30, a streaming window, each checked in sync; returns the
     tokens and logits, and the bytes each edit sent."""
     out: dict = {"bytes": {}}
@@ -45,9 +45,12 @@ def scenario(model, group=None, counter: ByteCounter | None = None) -> dict:
         return ManifoldCache(model.config, max_batch_size=4, max_tokens=512, block_size=4, group=group, **kw)
 
     def sent(name: str, edit) -> None:  # run one edit, record the bytes it sent (the check after it excluded)
-        before = counter.bytes if counter else 0
-        edit()
-        out["bytes"][name] = (counter.bytes - before) if counter else 0
+        if group is None:
+            edit()
+        else:
+            with ByteCounter() as counter:
+                edit()
+            out["bytes"][name] = counter.bytes
         cache.check_sync()
 
     prompt = torch.tensor(PROMPT)
@@ -62,9 +65,7 @@ def scenario(model, group=None, counter: ByteCounter | None = None) -> dict:
         out["after_delete"] = model(input_ids=greedy[:, -1:], past_key_values=cache).logits[0, -1]
         cache.check_sync()
 
-        before = counter.bytes if counter else 0
         chunk = cache.prefill(model, torch.tensor(DOC))
-        out["bytes"]["prefill (ids)"] = (counter.bytes - before) if counter else 0
         sent("splice at 2^30", lambda: cache.splice(0, chunk, SPLICE_AT))
         out["after_splice"] = model(input_ids=torch.tensor([[7]]), past_key_values=cache).logits[0, -1]
         sent("free chunk", chunk.free)
@@ -138,9 +139,8 @@ def main(checkpoint: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    counter = ByteCounter()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, tp_plan="auto")
-    result = scenario(model, group=dist.group.WORLD, counter=counter)
+    result = scenario(model, group=dist.group.WORLD)
     torch.save(result, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()
 

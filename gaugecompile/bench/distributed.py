@@ -30,22 +30,38 @@ def relaunch(nproc: int, argv: list[str]) -> int:
 
 
 class ByteCounter:
-    """Counts the payload bytes of the torch.distributed collectives this process calls, by wrapping them
-    (`broadcast_object_list` and `all_gather_object` go through them too).  DTensor's own collectives (the
-    model's tensor-parallel all-reduces) run as functional ops and are not counted: what is counted is what the
-    caller sends itself, e.g. a ManifoldCache's edit records."""
+    """`with ByteCounter() as counter: ...` counts in `counter.bytes` the payload bytes of the torch.distributed
+    collectives called inside the block, by wrapping them for its duration (`broadcast_object_list` and
+    `all_gather_object` go through them too).  DTensor's own collectives (the model's tensor-parallel
+    all-reduces) run as functional ops and are not counted: what is counted is what the caller sends itself,
+    e.g. a ManifoldCache's edit records.  Wrap edits, not compiled forwards (Dynamo would trace the wrappers)."""
 
     NAMES = ("broadcast", "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
 
     def __init__(self) -> None:
+        self.bytes = 0
+        self._saved: list[tuple] = []
+
+    def __enter__(self) -> ByteCounter:
         import torch.distributed as dist
         import torch.distributed.distributed_c10d as c10d
 
-        self.bytes = 0
         for name in self.NAMES:  # both spellings: `dist.all_reduce` and c10d's own calls (broadcast_object_list)
-            wrapped = self._counting(getattr(c10d, name))
+            original = getattr(c10d, name)
+            self._saved.append((name, original, getattr(dist, name)))
+            wrapped = self._counting(original)
             setattr(c10d, name, wrapped)
             setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        for name, original, public in self._saved:
+            setattr(c10d, name, original)
+            setattr(dist, name, public)
+        self._saved.clear()
 
     def _counting(self, original):
         @functools.wraps(original)

@@ -47,15 +47,14 @@ def _rows(args: argparse.Namespace) -> tuple[list[tuple[str, int, int]], int, in
     cache = ManifoldCache(config, max_batch_size=4, max_tokens=n + 2048, block_size=16, dtype=torch.float16,
                           group=dist.group.WORLD)
     per_token = layers * 2 * heads * dim * 2  # K and V, float16, this rank's heads
-    counter = ByteCounter()
     cache.new_sequences(1)
     _fill(cache, 1, n, heads, dim, layers)
     rows = []
 
     def measure(name: str, edit, moved_tokens: int) -> None:
-        before = counter.bytes
-        edit()
-        rows.append((name, counter.bytes - before, moved_tokens * per_token))
+        with ByteCounter() as counter:
+            edit()
+        rows.append((name, counter.bytes, moved_tokens * per_token))
 
     mid = n // 2
     measure("delete 16 tokens (one block) at n/2", lambda: cache.delete(0, mid, mid + 16), n - mid - 16)
