@@ -147,6 +147,17 @@ class RopeSpec:
         exps = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
         return cls(1.0 / (float(base) ** exps), rotary_dim, interleaved)
 
+    @classmethod
+    def none(cls, rotary_dim: int) -> RopeSpec:
+        """No rotation (a NoPE layer): zero frequencies, so every rotation is the identity, exactly (cos 0 = 1,
+        sin 0 = 0), and an edit that re-rotates other layers' keys leaves this layer's as they are."""
+        return cls(torch.zeros(rotary_dim // 2, dtype=torch.float64), rotary_dim)
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether every rotation in this basis is the identity (a NoPE layer)."""
+        return not bool(self.inv_freq.any())
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin at integer positions (exact angles), shape `positions.shape + (rotary_dim // 2,)`."""
         return delta_cos_sin(positions, self.inv_freq, dtype)

@@ -46,7 +46,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from transformers.cache_utils import Cache
 
 from ..ops.materialize import materialize_kv
-from ..rope import MAX_ABS_DELTA, accumulation_dtype, delta_cos_sin, rotate
+from ..rope import MAX_ABS_DELTA, RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .chunk import KVChunk
 from .mapping import (
     NewBlock,
@@ -61,7 +61,7 @@ from .mapping import (
     split_at,
 )
 from .pool import BlockAllocator
-from .rope_config import kv_shape_from_config, rope_from_config
+from .rope_config import kv_shape_from_config, layer_ropes_from_config, shared_rope
 from .storage import BlockStorage
 from .tensor_parallel import TensorParallelSync, agreed, local_edit
 
@@ -104,16 +104,15 @@ class _Forward(NamedTuple):
 
 class _Recompute(NamedTuple):
     """A recompute forward in progress (`ManifoldCache.recompute`): the row's tables and view length, the pool
-    slots of the chosen tokens, the cos/sin taking their new keys from the query frame to their blocks' frame,
-    and the layer at which a probe stops (None: every layer is written)."""
+    slots of the chosen tokens, the rotation (in positions) taking their new keys from the query frame to their
+    blocks' frame, and the layer at which a probe stops (None: every layer is written)."""
 
     table: torch.Tensor
     delta: torch.Tensor
     lens: torch.Tensor
     length: int
     slots: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    shift: torch.Tensor
     probe: int | None
 
 
@@ -187,7 +186,9 @@ class ManifoldCache(Cache):
         for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
                             ("block_size", block_size)):
             _check_int(name, value, 1)
-        self.rope = rope_from_config(config)
+        #: Each layer's RoPE basis, read from the model's rotary code: its layer type's, or no rotation for a NoPE
+        #: layer (whose keys an edit never re-rotates).
+        self.layer_ropes = layer_ropes_from_config(config)
         self.shape = kv_shape_from_config(config)
         if dtype is None:
             dtype = getattr(config, "dtype", None)
@@ -203,7 +204,7 @@ class ManifoldCache(Cache):
             raise ValueError(f"max_tokens: the pool's {num_blocks * block_size} slots exceed 2^31, got {max_tokens}")
         self.allocator = BlockAllocator(num_blocks)
         self.storage = BlockStorage(
-            self.shape.num_layers, num_blocks, block_size, self.rope, dtype, torch.device(device or "cpu"),
+            self.layer_ropes, num_blocks, block_size, dtype, torch.device(device or "cpu"),
         )
         self._seqs: dict[int, SeqMap] = {}
         self._batch: list[int] = []
@@ -271,6 +272,12 @@ class ManifoldCache(Cache):
     def v_pools(self) -> list[torch.Tensor | None]:
         """Per-layer value pools, shaped like `k_pools`."""
         return self.storage.v_pools
+
+    @property
+    def rope(self) -> RopeSpec:
+        """The RoPE basis every rotating layer shares (what an exported step takes); ValueError for a model whose
+        layer types have their own bases (see `layer_ropes`)."""
+        return shared_rope(self.layer_ropes)
 
     def check_sync(self) -> None:
         """Under tensor parallelism: raise RuntimeError if any rank's mapping differs from this one's, naming the
@@ -422,7 +429,7 @@ class ManifoldCache(Cache):
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
         v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
-        k, v = materialize_kv(k_pool, v_pool, table, delta, self.rope, sizes.shape[1], lens)
+        k, v = materialize_kv(k_pool, v_pool, table, delta, self.layer_ropes[layer_idx], sizes.shape[1], lens)
         self._layers_written = layer_idx + 1
         if layer_idx == self.shape.num_layers - 1:
             self._commit_forward()
@@ -499,11 +506,10 @@ class ManifoldCache(Cache):
             self._seqs[seq] = SeqMap(blocks, m.sigma, m.counts, m.length, m.next_logical)
             device = self.storage.device
             slots = torch.from_numpy(blocks[entry] * bs + idx - entry_start[entry]).to(device)
-            cdt = accumulation_dtype(self.storage.dtype)
             # the model rotates a chosen token at logical L by L - sq; its block stores it at L - sigma
-            cos, sin = delta_cos_sin(torch.from_numpy(sq - m.sigma[entry]).to(device), self.rope.inv_freq, cdt)
+            shift = torch.from_numpy(sq - m.sigma[entry]).to(device)
             table, delta, lens = (torch.from_numpy(t[None]).to(device) for t in (blocks, m.sigma - sq, m.counts))
-            self._recomputing = _Recompute(table, delta, lens, view, slots, cos, sin, probe)
+            self._recomputing = _Recompute(table, delta, lens, view, slots, shift, probe)
             self._layers_written = 0
             dtype = model.dtype if isinstance(getattr(model, "dtype", None), torch.dtype) else torch.float32
             visible = torch.arange(view, device=device)[None, :] <= torch.from_numpy(idx).to(device)[:, None]
@@ -533,8 +539,11 @@ class ManifoldCache(Cache):
                              f"{key_states.shape[0]} rows x {key_states.shape[2]} tokens")
         k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
-        keys = key_states[0].transpose(0, 1).to(r.cos.dtype)  # [k, Hkv, D]
-        keys = rotate(keys, r.cos[:, None], r.sin[:, None], self.rope.rotary_dim, self.rope.interleaved)
+        rope = self.layer_ropes[layer_idx]
+        keys = key_states[0].transpose(0, 1)  # [k, Hkv, D]
+        if not rope.is_identity:  # a NoPE layer's keys are stored as the model wrote them
+            cos, sin = delta_cos_sin(r.shift, rope.inv_freq, accumulation_dtype(k_pool.dtype))
+            keys = rotate(keys.to(cos.dtype), cos[:, None], sin[:, None], rope.rotary_dim, rope.interleaved)
         keys = keys.to(k_pool.dtype)
         values = value_states[0].transpose(0, 1).to(v_pool.dtype)
         if layer_idx == r.probe:
@@ -543,7 +552,7 @@ class ManifoldCache(Cache):
         k_flat.index_copy_(0, r.slots, keys)
         v_flat.index_copy_(0, r.slots, values)
         self._layers_written = layer_idx + 1
-        k, v = materialize_kv(k_pool, v_pool, r.table, r.delta, self.rope, r.length, r.lens)
+        k, v = materialize_kv(k_pool, v_pool, r.table, r.delta, rope, r.length, r.lens)
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     def _kv_error(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> Exception | None:
@@ -952,11 +961,14 @@ class ManifoldCache(Cache):
         """Refuse a model whose RoPE basis or KV geometry differs from the cache's config."""
         if (shape := kv_shape_from_config(config)) != self.shape:
             raise ValueError(f"model: its KV shape {shape} differs from the cache's {self.shape}")
-        rope = rope_from_config(config)
-        if rope != self.rope:
+        ropes = layer_ropes_from_config(config)
+        differ = [i for i, (a, b) in enumerate(zip(ropes, self.layer_ropes, strict=True)) if a != b]
+        if differ:
+            i = differ[0]
             raise ValueError(
-                "model: its RoPE basis (rope theta/scaling, rotary dim or pair layout) differs from the cache's "
-                f"config: inv_freq[:3] {rope.inv_freq[:3].tolist()} vs {self.rope.inv_freq[:3].tolist()}"
+                f"model: its RoPE basis (rope theta/scaling, rotary dim or pair layout) differs from the cache's "
+                f"config at layers {differ}: layer {i} inv_freq[:3] {ropes[i].inv_freq[:3].tolist()} vs "
+                f"{self.layer_ropes[i].inv_freq[:3].tolist()}"
             )
 
     # ----------------------------------------------------------------- internals

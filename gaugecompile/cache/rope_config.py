@@ -5,6 +5,10 @@ part is, so the basis is taken from the model's own code: its rotary module give
 the float32 values the model multiplies positions by), and a probe of its `apply_rotary_pos_emb`
 decides between rotate-half and interleaved pairs.  Anything that does not match one of the two
 layouts exactly is refused rather than guessed.
+
+Bases are per layer: a model whose layer types have their own RoPE parameters (Gemma 3's local and global
+thetas) gives each type's basis from the same rotary module, and a NoPE layer (`no_rope_layers`) gets no
+rotation.  Sliding-window layers are cached like full ones: the model's own mask limits what they attend to.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..rope import RopeSpec
+from .rope_probe import probe_layer_rotations
 
-__all__ = ["KVShape", "kv_shape_from_config", "rope_from_config"]
+__all__ = ["KVShape", "kv_shape_from_config", "layer_ropes_from_config", "rope_from_config", "shared_rope"]
 
 # inv_freq of these schemes changes with the sequence length, so no static basis exists.
 _DYNAMIC_ROPE = {
@@ -35,16 +40,28 @@ class KVShape:
     head_dim: int
 
 
-def kv_shape_from_config(config) -> KVShape:
-    """Layer count and head dim of a transformers decoder config (refuses non-full attention)."""
+_ATTENTION = ("full_attention", "sliding_attention")
+
+
+def _layer_types(config) -> list[str]:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    layer_types, _ = get_layer_types_and_kwargs(config)
-    odd = sorted({t for t in layer_types if t != "full_attention"})
+    return list(get_layer_types_and_kwargs(config)[0])
+
+
+def kv_shape_from_config(config) -> KVShape:
+    """Layer count and head dim of a transformers decoder config (refuses layers that are not attention over
+    every earlier token, possibly through a sliding window the model masks itself)."""
+    odd = sorted({t for t in _layer_types(config) if t not in _ATTENTION})
     if odd:
         raise ValueError(
-            f"config: ManifoldCache supports full-attention layers only, got layer types {odd} "
-            "(for a sliding window use ManifoldCache.set_window)"
+            f"config: ManifoldCache caches full and sliding-window attention layers, got layer types {odd}"
+        )
+    if getattr(config, "kv_lora_rank", None) is not None:
+        raise ValueError(
+            f"config: {config.model_type!r} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): "
+            "its keys join a latent part and a decoupled RoPE part and its values have another width; ManifoldCache "
+            "does not cache that form yet"
         )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return KVShape(int(config.num_hidden_layers), int(head_dim))
@@ -58,12 +75,14 @@ def _modeling_module(config):
         raise ValueError(f"config: cannot import the modeling code of {config.model_type!r} ({name})") from exc
 
 
-def _rope_type(config) -> str:
+def _rope_params(config) -> dict[str | None, dict]:
+    """RoPE parameters per layer type (key None: one set for every layer)."""
     params = getattr(config, "rope_parameters", None) or {}
-    per_layer = params and all(isinstance(v, dict) for v in params.values())
-    if isinstance(params, dict) and "rope_type" not in params and per_layer:
-        raise ValueError("config.rope_parameters: per-layer-type RoPE is not supported by ManifoldCache")
-    return params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    if not isinstance(params, dict):
+        return {None: {}}
+    if params and "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
+        return dict(params)
+    return {None: params}
 
 
 def _match_layout(rotated: torch.Tensor, x: torch.Tensor, inv_freq: torch.Tensor, scaling: float, arch: str) -> bool:
@@ -115,36 +134,93 @@ def _gptj_rope(config, module, head_dim: int) -> RopeSpec:
     return RopeSpec(inv_freq, rotary_dim, _match_layout(rotated, x, inv_freq, 1.0, "gptj"))
 
 
-def rope_from_config(config) -> RopeSpec:
-    """The static RoPE basis of a transformers decoder config, learnt from the model's own rotary code.
-
-    Raises ValueError for schemes with no static basis (dynamic NTK, LongRoPE) and for architectures
-    whose rotary layout cannot be identified.
-    """
-    rope_type = _rope_type(config)
-    if rope_type in _DYNAMIC_ROPE:
-        raise ValueError(
-            f"config.rope_parameters: rope_type {rope_type!r} cannot be cached by block deltas: "
-            f"{_DYNAMIC_ROPE[rope_type]}"
-        )
-    shape = kv_shape_from_config(config)
-    module = _modeling_module(config)
+def _basis(config, module, rotary, layer_type: str | None, head_dim: int) -> RopeSpec:
+    """The basis `rotary` (the model's rotary module) gives for `layer_type` (None: its only one)."""
     arch = config.model_type
-    if arch == "gptj":
-        return _gptj_rope(config, module, shape.head_dim)
-    rotary = _rotary_class(module, arch)(config=config)
-    inv_freq = rotary.inv_freq.detach().to("cpu")
-    scaling = float(getattr(rotary, "attention_scaling", 1.0))
-    x = torch.randn(1, 1, 1, shape.head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cos, sin = rotary(x, torch.tensor([[_PROBE_POSITION]]))
-    rotary_dim = cos.shape[-1]
-    if rotary_dim != 2 * inv_freq.numel() or rotary_dim > shape.head_dim:
+    name = "inv_freq" if layer_type is None else f"{layer_type}_inv_freq"
+    if not isinstance(getattr(rotary, name, None), torch.Tensor):
+        raise ValueError(f"config: the rotary module of {arch!r} ({type(rotary).__name__}) has no {name} buffer; "
+                         "ManifoldCache does not know its frequencies")
+    inv_freq = getattr(rotary, name).detach().to("cpu")
+    scaling = float(getattr(rotary, "attention_scaling" if layer_type is None else f"{layer_type}_attention_scaling",
+                            1.0))
+    x = torch.randn(1, 1, 1, head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    position = torch.tensor([[_PROBE_POSITION]])
+    cos, sin = rotary(x, position) if layer_type is None else rotary(x, position, layer_type)
+    rotary_dim = 2 * inv_freq.numel()
+    # cos per rotated dim, or per pair (GPT-OSS: its apply_rotary_pos_emb splits the head in halves itself)
+    if cos.shape[-1] not in (rotary_dim, rotary_dim // 2) or rotary_dim > head_dim:
         raise ValueError(
-            f"config: {arch!r} rotary module gives cos of width {rotary_dim} for {inv_freq.numel()} frequencies "
-            f"and head_dim {shape.head_dim}; unsupported layout"
+            f"config: {arch!r} rotary module gives cos of width {cos.shape[-1]} for {inv_freq.numel()} frequencies "
+            f"and head_dim {head_dim}; unsupported layout"
         )
     # Partial-rotary models (NeoX, Phi, ...) rotate the leading rotary_dim dims and pass the rest through.
     rot, _ = module.apply_rotary_pos_emb(x[..., :rotary_dim], x[..., :rotary_dim], cos.double(), sin.double())
     rotated = torch.cat((rot, x[..., rotary_dim:]), dim=-1)
     interleaved = _match_layout(rotated, x, inv_freq, scaling, arch)
     return RopeSpec(inv_freq, rotary_dim, interleaved, attention_factor=scaling)
+
+
+def layer_ropes_from_config(config) -> tuple[RopeSpec, ...]:
+    """Each layer's static RoPE basis, learnt from the model's own code: its layer type's basis from the rotary
+    module (models whose layer types have their own RoPE parameters), or no rotation for a NoPE layer.
+
+    NoPE layers are those the config's `no_rope_layers` marks 0 (SmolLM3, Llama 4: "1 uses RoPE, 0 is a NoPE
+    layer") and those a probe of a small copy of the model finds do not rotate (`rope_probe.py`: Cohere 2's
+    full-attention layers); their keys are cached as the model wrote them and never re-rotated by an edit.
+    Raises ValueError for schemes with no static basis (dynamic NTK, LongRoPE), for architectures whose rotary
+    layout cannot be identified and for layers the probe cannot place.  Memoised per config.
+    """
+    key = (type(config).__qualname__, config.to_json_string(use_diff=False))
+    if key not in _LAYER_ROPES:
+        _LAYER_ROPES[key] = _compute_layer_ropes(config)
+    return _LAYER_ROPES[key]
+
+
+_LAYER_ROPES: dict[tuple[str, str], tuple[RopeSpec, ...]] = {}  # the probe builds a model: once per config
+
+
+def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
+    params = _rope_params(config)
+    for layer_type, p in params.items():
+        rope_type = p.get("rope_type", "default")
+        if rope_type in _DYNAMIC_ROPE:
+            where = "" if layer_type is None else f"[{layer_type!r}]"
+            raise ValueError(f"config.rope_parameters{where}: rope_type {rope_type!r} cannot be cached by block "
+                             f"deltas: {_DYNAMIC_ROPE[rope_type]}")
+    shape = kv_shape_from_config(config)
+    module = _modeling_module(config)
+    types = _layer_types(config)
+    if config.model_type == "gptj":
+        bases = {None: _gptj_rope(config, module, shape.head_dim)}
+    else:
+        rotary = _rotary_class(module, config.model_type)(config=config)
+        # the layer types the model has (a rotary module holds only those bases)
+        bases = {t: _basis(config, module, rotary, t, shape.head_dim) for t in params if t is None or t in types}
+    if None not in bases and any(t not in bases for t in types):
+        raise ValueError(f"config.rope_parameters: no RoPE parameters for layer types "
+                         f"{sorted(set(types) - set(bases))}")
+    ropes = [bases[None] if None in bases else bases[t] for t in types]
+    flags = getattr(config, "no_rope_layers", None)
+    if flags is not None:
+        flags = list(flags)
+        if len(flags) < len(ropes) or any(f not in (0, 1) for f in flags[:len(ropes)]):
+            raise ValueError(f"config.no_rope_layers: expected a 0/1 flag (1: RoPE) for each of the {len(ropes)} "
+                             f"layers, got {flags}")
+        ropes = [r if flags[i] else RopeSpec.none(r.rotary_dim) for i, r in enumerate(ropes)]
+    return probe_layer_rotations(config, tuple(ropes), shape.head_dim)
+
+
+def shared_rope(ropes: tuple[RopeSpec, ...]) -> RopeSpec:
+    """The one basis all rotating layers of `ropes` use (ValueError when layer types have their own)."""
+    bases = list(dict.fromkeys(r for r in ropes if not r.is_identity)) or [ropes[0]]
+    if len(bases) > 1:
+        raise ValueError(f"config: its layers use {len(bases)} RoPE bases (per layer type); this needs one basis "
+                         "for every layer: use the per-layer bases (ManifoldCache.layer_ropes)")
+    return bases[0]
+
+
+def rope_from_config(config) -> RopeSpec:
+    """The static RoPE basis every rotating layer of a transformers decoder config shares (see
+    `layer_ropes_from_config`; ValueError when layer types have their own bases)."""
+    return shared_rope(layer_ropes_from_config(config))

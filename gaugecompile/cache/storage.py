@@ -28,15 +28,14 @@ class BlockStorage:
     first write (`allocate`) sizes them."""
 
     def __init__(
-        self, num_layers: int, num_blocks: int, block_size: int, rope: RopeSpec, dtype: torch.dtype,
-        device: torch.device,
+        self, ropes: tuple[RopeSpec, ...], num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
     ) -> None:
-        self.k_pools: list[torch.Tensor | None] = [None] * num_layers
-        self.v_pools: list[torch.Tensor | None] = [None] * num_layers
+        self.k_pools: list[torch.Tensor | None] = [None] * len(ropes)
+        self.v_pools: list[torch.Tensor | None] = [None] * len(ropes)
         self.stored = np.zeros((num_blocks, block_size), dtype=np.int64)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.rope = rope
+        self.ropes = ropes  # per layer: a copy re-rotates keys in its layer's basis (NoPE layers: never)
         self.dtype = dtype
         self.device = torch.device(device)
 
@@ -81,16 +80,17 @@ class BlockStorage:
             return
         src_t = torch.tensor(src, device=self.device)
         dst_t = torch.tensor(dst, device=self.device)
-        rotated = any(rot)  # the copies of split blocks keep their sigma: a plain copy
-        if rotated:
-            rot_t = torch.tensor(rot, device=self.device)
-            cdt = accumulation_dtype(self.dtype)
-            cos, sin = delta_cos_sin(rot_t, self.rope.inv_freq, cdt)
+        rot_t = torch.tensor(rot, device=self.device) if any(rot) else None  # split blocks keep their sigma
+        cdt = accumulation_dtype(self.dtype)
+        bases: dict[RopeSpec, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin once per distinct basis
         for i in layers:
-            k_pool, v_pool = self.k_pools[i], self.v_pools[i]
+            k_pool, v_pool, rope = self.k_pools[i], self.v_pools[i], self.ropes[i]
             k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
             k = k_flat[src_t]
-            if rotated:
-                k = rotate(k.to(cdt), cos[:, None], sin[:, None], self.rope.rotary_dim, self.rope.interleaved)
+            if rot_t is not None and not rope.is_identity:
+                if rope not in bases:
+                    bases[rope] = delta_cos_sin(rot_t, rope.inv_freq, cdt)
+                cos, sin = bases[rope]
+                k = rotate(k.to(cdt), cos[:, None], sin[:, None], rope.rotary_dim, rope.interleaved)
             k_flat[dst_t] = k.to(k_flat.dtype)
             v_flat[dst_t] = v_flat[src_t]

@@ -1,0 +1,132 @@
+"""Model families whose layers differ: sliding windows, per-layer-type RoPE bases, NoPE layers no flag marks,
+soft-capped scores, attention sinks, half-width cos tables.
+
+Each tiny model (4 layers) generates what DynamicCache does, and after an unaligned delete its next steps
+equal an independent reference: a DynamicCache of the prompt with the span cut out of every layer and the
+later keys re-rotated back by the span with the model's own `apply_rotary_pos_emb` and rotary module, in the
+layers that apply RoPE according to a table written from reading each modeling file (not from the cache's
+probe).  The gauge backend gives the same logits as eager (sites it cannot prove stay as they were).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+from gaugecompile.backend import gauge_backend
+from gaugecompile.cache import ManifoldCache
+
+SW = ["sliding_attention", "full_attention"] * 2
+# model_type -> (attention implementation, dtype, config overrides, which layers apply RoPE, per the modeling code)
+FAMILIES = {
+    # local layers rotate with rope_local_base_freq, global ones with rope_theta (two bases)
+    "gemma3_text": ("sdpa", torch.float64, dict(sliding_window=6, layer_types=SW), [True] * 4),
+    # `if self.sliding_window is not None: apply_rotary_pos_emb(...)`: the full layer has no RoPE
+    "cohere2": ("sdpa", torch.float64, dict(sliding_window=6), [True, True, True, False]),
+    # tanh soft-capping of the scores, alternating windows
+    "gemma2": ("eager", torch.float64, dict(sliding_window=6), [True] * 4),
+    # learned sink logits, a cos table of one entry per pair, experts (float32 only)
+    "gpt_oss": ("eager", torch.float32, dict(sliding_window=6, num_local_experts=4, num_experts_per_tok=2), [True] * 4),
+    # every layer sliding
+    "mistral": ("sdpa", torch.float64, dict(sliding_window=6), [True] * 4),
+}
+START, END = 2, 5
+
+
+def _model(family: str):
+    attn, dtype, overrides, _ = FAMILIES[family]
+    config = transformers.AutoConfig.for_model(
+        family, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **overrides)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _cache(model) -> ManifoldCache:
+    return ManifoldCache(model.config, max_batch_size=2, max_tokens=128, block_size=4, dtype=model.dtype)
+
+
+PROMPT = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _cut_reference(model, family: str) -> DynamicCache:
+    """The prompt's DynamicCache with [START, END) cut and the later keys of RoPE layers rotated by START - END
+    through the model's own rotary module and apply_rotary_pos_emb."""
+    module = importlib.import_module(type(model).__module__)
+    full = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=PROMPT, past_key_values=full, use_cache=True)
+    rotary = model.model.rotary_emb
+    x = torch.zeros(1, 1, 1, model.config.head_dim, dtype=model.dtype)
+    shift = torch.tensor([[START - END]])
+    edited = DynamicCache()
+    for i, layer in enumerate(full.layers):
+        k, v = layer.keys, layer.values
+        later = k[:, :, END:]
+        if FAMILIES[family][3][i]:
+            types = getattr(model.config, "layer_types", None)
+            cos, sin = rotary(x, shift, types[i]) if family == "gemma3_text" else rotary(x, shift)
+            # a rotation only: the tables carry YaRN's attention factor (GPT-OSS), which a stored key already has
+            scale = getattr(rotary, f"{types[i]}_attention_scaling" if family == "gemma3_text" else
+                            "attention_scaling", 1.0)
+            cos, sin = (t.to(k.dtype) / scale for t in (cos, sin))
+            later, _ = module.apply_rotary_pos_emb(later, later, cos, sin)
+        edited.update(torch.cat([k[:, :, :START], later], 2), torch.cat([v[:, :, :START], v[:, :, END:]], 2), i)
+    return edited
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_layer_gets_the_basis_its_code_applies(family):
+    model = _model(family)
+    cache = _cache(model)
+    assert [not r.is_identity for r in cache.layer_ropes] == FAMILIES[family][3]
+    kwargs = dict(input_ids=PROMPT, max_new_tokens=8, do_sample=False)
+    assert (model.generate(past_key_values=cache, **kwargs).tolist()
+            == model.generate(past_key_values=DynamicCache(config=model.config), **kwargs).tolist())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_after_a_delete_every_layer_matches_the_cut_and_re_rotated_reference(family):
+    model = _model(family)
+    sink: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=functools.partial(gauge_backend, inner="eager", report_sink=sink,
+                                                              keep_graphs=True))
+    ref = _cut_reference(model, family)
+    runs = []
+    for m in (model, compiled):
+        cache = _cache(model)
+        steps = []
+        with torch.no_grad():
+            m(input_ids=PROMPT, past_key_values=cache, use_cache=True)
+            cache.delete(0, START, END)
+            for token in (7, 9, 11):  # past the window of 6 and into a copied block
+                steps.append(m(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits)
+        runs.append(torch.cat(steps, 1))
+    with torch.no_grad():
+        want = torch.cat([model(input_ids=torch.tensor([[t]]), past_key_values=ref, use_cache=True).logits
+                          for t in (7, 9, 11)], 1)
+    torch.testing.assert_close(runs[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-6)
+    assert any("materialize_kv" in before for _, before, _ in sink)
+
+
+def test_forms_not_covered_are_refused_at_construction_with_a_reason():
+    from gaugecompile.onnx.decode import CacheStep
+
+    gemma3 = _model("gemma3_text")
+    with pytest.raises(ValueError, match="2 RoPE bases"):  # an exported step takes one basis for every layer
+        CacheStep(gemma3, _cache(gemma3).layer_ropes[0])
+    with pytest.raises(ValueError, match="2 RoPE bases"):
+        assert _cache(gemma3).rope is None  # the property raises: the layers have no single basis
+    mla = transformers.AutoConfig.for_model("deepseek_v3", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4)
+    with pytest.raises(ValueError, match="multi-head latent attention"):
+        ManifoldCache(mla, max_batch_size=1, max_tokens=16)
