@@ -61,7 +61,7 @@ from .mapping import (
     split_at,
 )
 from .pool import BlockAllocator
-from .rope_config import kv_shape_from_config, layer_ropes_from_config, shared_rope
+from .rope_config import KVShape, kv_shape_from_config, layer_ropes_from_config, shared_rope
 from .storage import BlockStorage
 from .tensor_parallel import TensorParallelSync, agreed, local_edit
 
@@ -157,6 +157,19 @@ def _largest_rotation(plan, next_logical: int) -> int:
     return int(np.abs(plan.sigma - (next_logical - plan.length)).max())
 
 
+def _layout(config) -> tuple[tuple[RopeSpec, ...], KVShape]:
+    """Per-layer RoPE bases and KV shape of `config`; a config whose structure this code does not understand
+    (an attribute it lacks, a per-layer attribute it has) is refused with a ValueError naming it."""
+    try:
+        return layer_ropes_from_config(config), kv_shape_from_config(config)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any other failure to read the layout is a refusal with its reason
+        kind = getattr(config, "model_type", type(config).__name__)
+        raise ValueError(f"config: cannot read the KV layout and RoPE of {kind!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
 class ManifoldCache(Cache):
     """Block-pool KV cache with fork/reorder/delete/chunk/splice/set_window as block-table edits.
 
@@ -188,8 +201,7 @@ class ManifoldCache(Cache):
             _check_int(name, value, 1)
         #: Each layer's RoPE basis, read from the model's rotary code: its layer type's, or no rotation for a NoPE
         #: layer (whose keys an edit never re-rotates).
-        self.layer_ropes = layer_ropes_from_config(config)
-        self.shape = kv_shape_from_config(config)
+        self.layer_ropes, self.shape = _layout(config)
         if dtype is None:
             dtype = getattr(config, "dtype", None)
             dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -326,7 +338,8 @@ class ManifoldCache(Cache):
         return -1
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        """(kv_length, kv_offset): the view after the forward, starting at its first key (offset 0).
+        """(kv_length, kv_offset): the view after the forward, starting at its first key (offset 0); for a
+        sliding-window layer, its last W - 1 tokens before the new ones and those (`_window_offset`).
 
         transformers asks this once per mask before any layer runs, so this is where a forward does its
         host bookkeeping (`_begin_forward`, assuming one row per sequence of the batch): the graph break of
@@ -339,11 +352,33 @@ class ManifoldCache(Cache):
             # more rows redoes the bookkeeping in update(), inside the layer loop (compiled: per-layer graphs
             # from then on), so batches should open their rows with new_sequences(n) first.
             self._begin_forward(len(self._batch) or 1, query_length)
-        return self._fwd.sizes.shape[1], 0
+        length = self._fwd.sizes.shape[1]
+        offset = self._window_offset(layer_idx, length, query_length)
+        return length - offset, offset
+
+    def _window_offset(self, layer_idx: int, length, q) -> int:
+        """How many of the first view tokens a sliding layer does not see in a forward of `q` new tokens that ends
+        at `length`: it keeps the W - 1 tokens before the new ones, as transformers' sliding-window cache does
+        (which also fixes what a model whose mask has no window attends to).  0 for a full-attention layer."""
+        window = self.shape.windows[layer_idx] if self.shape.windows else None
+        return 0 if window is None else max(length - q - window + 1, 0)
 
     @property
     def is_initialized(self) -> bool:
         return True
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        """Per layer, whether it has a sliding window (transformers picks each mask's layer from these)."""
+        return [w is not None for w in self.shape.windows]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.shape.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.shape.num_layers
 
     @property
     def batch_size(self) -> int:
@@ -430,6 +465,8 @@ class ManifoldCache(Cache):
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
         v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
         k, v = materialize_kv(k_pool, v_pool, table, delta, self.layer_ropes[layer_idx], sizes.shape[1], lens)
+        if offset := self._window_offset(layer_idx, sizes.shape[1], key_states.shape[2]):
+            k, v = k[:, :, offset:], v[:, :, offset:]
         self._layers_written = layer_idx + 1
         if layer_idx == self.shape.num_layers - 1:
             self._commit_forward()
@@ -455,6 +492,9 @@ class ManifoldCache(Cache):
         from .recompute import choose_tokens
 
         self._settle()
+        if sliding := [i for i, w in enumerate(self.shape.windows) if w is not None]:
+            raise ValueError(f"model: layers {sliding} have sliding windows; recompute runs its tokens under one "
+                             "explicit mask, which would not bound them (not supported yet)")
         if isinstance(spans, tuple) or not isinstance(spans, Sequence) or not spans:
             raise ValueError(f"spans: expected a non-empty list of (start, input_ids) pairs, got "
                              f"{type(spans).__name__}")

@@ -38,6 +38,8 @@ class KVShape:
 
     num_layers: int
     head_dim: int
+    #: per layer, the sliding window a query sees (itself and the W - 1 tokens before it), or None
+    windows: tuple[int | None, ...] = ()
 
 
 _ATTENTION = ("full_attention", "sliding_attention")
@@ -49,9 +51,25 @@ def _layer_types(config) -> list[str]:
     return list(get_layer_types_and_kwargs(config)[0])
 
 
+def _layer_windows(config) -> tuple[int | None, ...]:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(config)
+    return tuple(k.get("sliding_window") if t == "sliding_attention" else None for t, k in zip(types, kwargs,
+                                                                                               strict=True))
+
+
+def decoder_config(config):
+    """The config of the decoder that a cache serves: a multimodal model's text config (as transformers' own
+    caches read it), else `config` itself."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
 def kv_shape_from_config(config) -> KVShape:
     """Layer count and head dim of a transformers decoder config (refuses layers that are not attention over
     every earlier token, possibly through a sliding window the model masks itself)."""
+    config = decoder_config(config)
     odd = sorted({t for t in _layer_types(config) if t not in _ATTENTION})
     if odd:
         raise ValueError(
@@ -63,8 +81,14 @@ def kv_shape_from_config(config) -> KVShape:
             "its keys join a latent part and a decoupled RoPE part and its values have another width; ManifoldCache "
             "does not cache that form yet"
         )
+    if (v_dim := getattr(config, "v_head_dim", None)) is not None and v_dim != getattr(config, "head_dim", v_dim):
+        raise ValueError(f"config: {config.model_type!r} has values of width v_head_dim={v_dim} and keys of "
+                         f"head_dim={config.head_dim}; ManifoldCache pools keys and values of one width")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return KVShape(int(config.num_hidden_layers), int(head_dim))
+    windows = _layer_windows(config)
+    if any(w is not None and (not isinstance(w, int) or w < 1) for w in windows):
+        raise ValueError(f"config.sliding_window: expected a positive int per sliding layer, got {windows}")
+    return KVShape(int(config.num_hidden_layers), int(head_dim), windows)
 
 
 def _modeling_module(config):
@@ -171,6 +195,7 @@ def layer_ropes_from_config(config) -> tuple[RopeSpec, ...]:
     Raises ValueError for schemes with no static basis (dynamic NTK, LongRoPE), for architectures whose rotary
     layout cannot be identified and for layers the probe cannot place.  Memoised per config.
     """
+    config = decoder_config(config)
     key = (type(config).__qualname__, config.to_json_string(use_diff=False))
     if key not in _LAYER_ROPES:
         _LAYER_ROPES[key] = _compute_layer_ropes(config)

@@ -2,8 +2,8 @@
 
 A config does not always say which layers apply RoPE: Cohere 2's full-attention layers skip it because of a
 test in the attention code (`if self.sliding_window is not None`), not because of a flag.  So each layer's
-basis is checked by a probe: a small copy of the model (its config with the vocabulary, widths, heads and
-experts shrunk to one head of the same head dim; layer types, windows, RoPE parameters and flags kept) runs one
+basis is checked by a probe: a small copy of the model (its config with the vocabulary, feed-forward widths,
+heads and experts shrunk, the head dim, layers, layer types, windows, RoPE parameters and flags kept) runs one
 token at position P and again at P + S.  One token attends only to itself, so no hidden state depends on its
 position and a layer's keys differ between the two runs by that layer's own rotation alone: R(S) applied to
 the first keys in the layer's basis (a RoPE layer) or nothing (a NoPE layer).  A layer matching neither, or
@@ -12,39 +12,63 @@ both, is refused.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..rope import RopeSpec, delta_cos_sin, rotate
 
-__all__ = ["probe_layer_rotations"]
+__all__ = ["probe_layer_rotations", "small_model"]
 
 _POSITION, _SHIFT = 3, 5
 _TOL = 1e-4  # the probe runs in float32; a rotation by S moves the fast pairs by O(1)
-# config attributes shrunk in the probe copy, to what keeps a model buildable and cheap
-_SMALL = {"vocab_size": 16, "intermediate_size": 8, "moe_intermediate_size": 8, "shared_expert_intermediate_size": 8,
-          "num_local_experts": 2, "num_experts": 2, "n_routed_experts": 2, "num_experts_per_tok": 1, "n_inner": 8}
-_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_MAX_PARAMS = 50_000_000  # a probe copy larger than this missed a size to shrink: refuse rather than fill memory
+
+
+def _small(name: str, value: int) -> int:
+    """What a size attribute of the probe copy becomes (widths and expert counts shrink; the rest stays)."""
+    if name == "vocab_size":
+        return min(value, 16)
+    if name.endswith(("intermediate_size", "ffn_hidden_size")) or name == "n_inner":
+        return min(value, 8)
+    if "experts" in name and "per_tok" not in name:
+        return min(value, 2)
+    if name.endswith(("experts_per_tok", "top_k")):
+        return 1
+    if name.endswith("token_id"):
+        return 0
+    return value
+
+
+def _shrink(config) -> None:
+    from transformers import PretrainedConfig
+
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            _shrink(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, name, _small(name, value))
 
 
 def _probe_config(config, head_dim: int):
-    values = config.to_dict()
-    for name, small in _SMALL.items():
-        if isinstance(values.get(name), int):
-            values[name] = min(values[name], small)
-    for name in ("num_attention_heads", "num_key_value_heads", "n_head"):
-        if isinstance(values.get(name), int):
-            values[name] = 1
-    for name in ("hidden_size", "n_embd"):
-        if isinstance(values.get(name), int):
-            values[name] = head_dim
-    if "head_dim" in values:
-        values["head_dim"] = head_dim
-    for name in _TOKEN_IDS:
-        if isinstance(values.get(name), int):
-            values[name] = 0
-    values.pop("torch_dtype", None)
-    values.pop("dtype", None)
-    probe = type(config)(**values)
+    """A copy of `config` with the same layers, layer types, windows, RoPE parameters and head dim, and at most
+    2 KV heads (GQA kept), a vocabulary of 16, small feed-forwards and 2 experts."""
+    probe = copy.deepcopy(config)
+    _shrink(probe)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv == 0:
+        new_kv = min(kv, 2)
+        new_heads = new_kv * min(heads // kv, 2)
+        for name, value in (("num_attention_heads", new_heads), ("n_head", new_heads),
+                            ("num_key_value_heads", new_kv)):
+            if isinstance(getattr(probe, name, None), int):
+                setattr(probe, name, value)
+        for name in ("hidden_size", "n_embd"):
+            if isinstance(getattr(probe, name, None), int):
+                setattr(probe, name, new_heads * head_dim)
+        if isinstance(getattr(probe, "head_dim", None), int):
+            probe.head_dim = head_dim
     probe._attn_implementation = "eager"
     return probe
 
@@ -59,15 +83,34 @@ def _keys_at(model, position: int) -> list[torch.Tensor]:
     return [layer.keys.double() for layer in cache.layers]
 
 
+def small_model(config, max_params: int = _MAX_PARAMS) -> torch.nn.Module:
+    """A float32 model of `config` with seeded random weights (its causal LM, else its base model: a text config
+    of a multimodal model may have only that), built only once a meta-device build shows it has at most
+    `max_params` parameters (ValueError otherwise: a shrink that missed a size must not fill the memory)."""
+    import transformers
+
+    def build():
+        try:
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            return transformers.AutoModel.from_config(config, dtype=torch.float32)
+
+    with torch.device("meta"):
+        size = sum(p.numel() for p in build().parameters())
+    if size > max_params:
+        raise ValueError(f"config: a copy of {config.model_type!r} would have {size} parameters (more than "
+                         f"{max_params})")
+    torch.manual_seed(0)
+    return build().eval()
+
+
 def probe_layer_rotations(config, candidates: tuple[RopeSpec, ...], head_dim: int) -> tuple[RopeSpec, ...]:
     """Each layer's basis: its candidate (from the rotary module) if its keys rotate by it, no rotation if they do
     not move; ValueError naming the layer otherwise, or when the probe copy cannot be built or run."""
-    import transformers
-
     try:
-        probe = _probe_config(config, head_dim)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(probe, dtype=torch.float32).eval()
+        model = small_model(_probe_config(config, head_dim))
         first, second = _keys_at(model, _POSITION), _keys_at(model, _POSITION + _SHIFT)
     except Exception as exc:  # noqa: BLE001 -- any failure means the layers could not be checked
         raise ValueError(f"config: could not run a small copy of {config.model_type!r} to check which layers apply "

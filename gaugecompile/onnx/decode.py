@@ -93,11 +93,15 @@ class CacheStep(torch.nn.Module):
             raise TypeError(f"rope: expected a gaugecompile.RopeSpec, got {type(rope).__name__}")
         config = getattr(model, "config", None)
         if config is not None:  # an exported graph cannot raise at run time: the bases are compared now
-            from ..cache.rope_config import layer_ropes_from_config, rope_from_config
+            from ..cache.rope_config import kv_shape_from_config, layer_ropes_from_config, rope_from_config
 
             if rope_from_config(config) != rope:
                 raise ValueError("rope: differs from the RoPE basis of the model's config (rope theta, scaling, "
                                  "rotary dim or pair layout): build the cache from the model's config")
+            sliding = [i for i, w in enumerate(kv_shape_from_config(config).windows) if w is not None]
+            if sliding:
+                raise ValueError(f"model: layers {sliding} have sliding windows; the exported step returns every "
+                                 "layer the whole view, so it is not exported (the torch cache handles them)")
             nope = [i for i, r in enumerate(layer_ropes_from_config(config)) if r.is_identity]
             if nope:
                 raise ValueError(f"model: layers {nope} use no RoPE (config.no_rope_layers); the exported step takes "

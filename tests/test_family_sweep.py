@@ -1,0 +1,27 @@
+"""The family sweep (`gaugecompile.models.sweep`) on a sample of model types: none is silently wrong.
+
+Each status is pinned, so that a family that changes (better or worse) shows here; the full sweep over every
+rotary causal LM of the installed transformers is `python -m gaugecompile.models.sweep` (README).
+"""
+
+import pytest
+
+from gaugecompile.models.sweep import check_family
+
+EXPECTED = {
+    "llama": "rewritten",
+    "smollm3": "rewritten",  # NoPE layers by config flag, rewritten with a zero basis
+    "phi": "rewritten",  # partial rotary
+    "gpt_neox": "rewritten",
+    "qwen3": "rewritten",
+    "cohere2": "exact",  # NoPE full layers found by the probe; the interleaved sliding sites stay unrewritten
+    "gemma3_text": "exact",  # two bases; sliding windows through the model's masks
+    "gpt_oss": "exact",  # sink logits: eager attention, left as it is
+    "deepseek_v3": "refused",  # multi-head latent attention, refused at construction
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+def test_a_sample_of_families_keeps_its_status(model_type):
+    result = check_family(model_type)
+    assert result.status == EXPECTED[model_type], result
