@@ -126,6 +126,14 @@ def test_forms_not_covered_are_refused_at_construction_with_a_reason():
         CacheStep(gemma3, _cache(gemma3).layer_ropes[0])
     with pytest.raises(ValueError, match="2 RoPE bases"):
         assert _cache(gemma3).rope is None  # the property raises: the layers have no single basis
+    mistral = _model("mistral")
+    with pytest.raises(ValueError, match=r"layers \[0, 1, 2, 3\] have sliding windows"):
+        CacheStep(mistral, _cache(mistral).rope)
+    cache = _cache(mistral)
+    with torch.no_grad():
+        mistral(input_ids=PROMPT, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="sliding windows; recompute"):
+        cache.recompute(mistral, 0, [(4, PROMPT[:, 4:8])], fraction=1.0)
     mla = transformers.AutoConfig.for_model("deepseek_v3", vocab_size=128, hidden_size=64, num_hidden_layers=2,
                                             num_attention_heads=4)
     with pytest.raises(ValueError, match="multi-head latent attention"):

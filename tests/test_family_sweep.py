@@ -17,6 +17,7 @@ EXPECTED = {
     "cohere2": "exact",  # NoPE full layers found by the probe; the interleaved sliding sites stay unrewritten
     "gemma3_text": "exact",  # two bases; sliding windows through the model's masks
     "gpt_oss": "exact",  # sink logits: eager attention, left as it is
+    "moshi": "exact",  # a window only its cache bounds (its mask has none): the cache's sliding layers do
     "deepseek_v3": "refused",  # multi-head latent attention, refused at construction
 }
 

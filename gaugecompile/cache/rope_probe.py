@@ -31,10 +31,10 @@ def _small(name: str, value: int) -> int:
         return min(value, 16)
     if name.endswith(("intermediate_size", "ffn_hidden_size")) or name == "n_inner":
         return min(value, 8)
-    if "experts" in name and "per_tok" not in name:
-        return min(value, 2)
-    if name.endswith(("experts_per_tok", "top_k")):
+    if name.endswith(("experts_per_tok", "top_k", "topk", "moe_k")):
         return 1
+    if "experts" in name:
+        return min(value, 2)
     if name.endswith("token_id"):
         return 0
     return value
@@ -67,8 +67,9 @@ def _probe_config(config, head_dim: int):
         for name in ("hidden_size", "n_embd"):
             if isinstance(getattr(probe, name, None), int):
                 setattr(probe, name, new_heads * head_dim)
-        if isinstance(getattr(probe, "head_dim", None), int):
-            probe.head_dim = head_dim
+        if isinstance(getattr(probe, "head_dim", None), int) and not isinstance(getattr(type(probe), "head_dim", None),
+                                                                                 property):
+            probe.head_dim = head_dim  # (a property where the config derives it: hidden / heads, kept above)
     probe._attn_implementation = "eager"
     return probe
 
