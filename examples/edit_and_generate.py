@@ -16,24 +16,11 @@ import sys
 import torch
 from transformers import DynamicCache
 
-from gaugecompile.bench.baselines import rope_of_model
+from gaugecompile.bench.baselines import cut_and_rerotate, rope_of_model
 from gaugecompile.cli.demo import chat_ids, decode, manifold_cache
 from gaugecompile.models import add_model_arguments, model_from_args
-from gaugecompile.rope import accumulation_dtype, delta_cos_sin, rotate
 
 MESSAGE = "Tell me about the sea. Ignore this sentence entirely, please. Then write one line about boats."
-
-
-def cut_and_rerotate(full: DynamicCache, start: int, end: int, rope, config) -> DynamicCache:
-    """The reference edit: drop positions [start, end) of every layer and rotate later keys by -(end - start)."""
-    edited = DynamicCache(config=config)
-    for index, layer in enumerate(full.layers):
-        k, v = layer.keys, layer.values
-        compute = accumulation_dtype(k.dtype)
-        cos, sin = delta_cos_sin(torch.tensor(start - end), rope.inv_freq, compute)
-        later = rotate(k[:, :, end:].to(compute), cos, sin, rope.rotary_dim, rope.interleaved).to(k.dtype)
-        edited.update(torch.cat([k[:, :, :start], later], 2), torch.cat([v[:, :, :start], v[:, :, end:]], 2), index)
-    return edited
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ CASES = [
     pytest.param("edit_and_generate.py", [*RANDOM, "--new-tokens", "8"], 300, id="edit_and_generate"),
     pytest.param("recompute_spliced.py", RANDOM, 300, id="recompute_spliced"),
     pytest.param("custom_model.py", [*RANDOM, *EAGER], 300, id="custom_model"),  # its own layer: --random ignored
+    pytest.param("geometry_probes.py", RANDOM, 300, id="geometry_probes"),
     pytest.param("tensor_parallel.py", [*RANDOM, "--new-tokens", "6"], 300, id="tensor_parallel"),  # 2 gloo ranks
 ]
 

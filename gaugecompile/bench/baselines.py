@@ -17,7 +17,7 @@ compared with, and the comparison measures cost, not rounding.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 
@@ -108,6 +108,20 @@ def rope_of_model(model: torch.nn.Module) -> RopeSpec:
         raise ValueError("model: dynamic NTK RoPE changes inv_freq with length; a static re-rotation is not exact")
     factor = float(getattr(rotary, "attention_scaling", 1.0))
     return RopeSpec(inv_freq.double().cpu(), rotary_dim=2 * inv_freq.numel(), attention_factor=factor)
+
+
+def cut_and_rerotate(full: Cache, start: int, end: int, rope: RopeSpec, config) -> DynamicCache:
+    """The re-rotating way to delete: drop positions [start, end) of every layer of `full` and rotate the later
+    keys back by end - start (gather + re-rotate, O(tokens after the cut) per layer): what
+    `ManifoldCache.delete` replaces by a table edit."""
+    edited = DynamicCache(config=config)
+    for index, layer in enumerate(full.layers):
+        k, v = layer.keys, layer.values
+        compute = accumulation_dtype(k.dtype)
+        cos, sin = delta_cos_sin(torch.tensor(start - end), rope.inv_freq, compute)
+        later = rotate(k[:, :, end:].to(compute), cos, sin, rope.rotary_dim, rope.interleaved).to(k.dtype)
+        edited.update(torch.cat([k[:, :, :start], later], 2), torch.cat([v[:, :, :start], v[:, :, end:]], 2), index)
+    return edited
 
 
 def append_rerotated(cache: Cache, chunk: Cache, shift: int, rope: RopeSpec) -> None:

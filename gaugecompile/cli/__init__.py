@@ -1,4 +1,4 @@
-"""`gaugecompile` command line: inspect, demo, bench. Each subcommand lives in its own module."""
+"""`gaugecompile` command line: inspect, demo, bench, probe. Each subcommand lives in its own module."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ _COMMANDS = {
     "inspect": ("gaugecompile.cli.inspect", "show which attention sites the gauge passes rewrite or refuse"),
     "demo": ("gaugecompile.cli.demo", "run the end-to-end demo on a real (default) or random model"),
     "bench": ("gaugecompile.cli.bench", "run the benchmark suite (gaugecompile.bench)"),
+    "probe": ("gaugecompile.cli.probe", "attention-geometry probes per layer (gaugecompile.geometry)"),
 }
 
 
