@@ -81,6 +81,7 @@ def test_edits_send_hundreds_of_bytes_and_the_same_on_every_rank(sharded_run):
 def test_agreement_failure_modes(sharded_run):
     _, ranks, _ = sharded_run
     assert ranks[0]["src_args_win"] == ranks[1]["src_args_win"] == list(range(10))  # rank 0's delete(0, 1, 3)
+    assert ranks[0]["spliced_len"] == ranks[1]["spliced_len"] == 13  # rank 1 passed None for the chunk
     for got in ranks:  # rank 0's bad arguments raise on both ranks, which stay in sync
         assert "start/end" in got["bad_edit"] and "5, 2" in got["bad_edit"]
         assert "sequence 0 differs between rank 0 and ranks [1]" in got["diverged"]

@@ -119,6 +119,11 @@ def _agreement(model, cache: ManifoldCache, prompt: torch.Tensor) -> dict:
         cache.delete(0, 5, 9)  # ignored: the arguments are rank 0's
     out["src_args_win"] = cache.positions(0)
     cache.check_sync()
+    chunk = cache.prefill(model, prompt[:, :3])
+    cache.splice(0, chunk if rank == 0 else None, 2)  # only rank 0 names the chunk: the same one is spliced
+    out["spliced_len"] = cache.seq_len(0)
+    cache.check_sync()
+    chunk.free()
     try:
         cache.delete(0, 5, 2) if rank == 0 else cache.delete(0, 0, 1)
     except ValueError as error:

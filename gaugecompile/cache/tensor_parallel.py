@@ -80,8 +80,8 @@ class TensorParallelSync:
         finally:
             self.inside = False
 
-    def agree(self, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Rank src's arguments of edit `name`, on every rank."""
+    def agree(self, cache: ManifoldCache, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Rank src's arguments of edit `name` of `cache`, on every rank (chunks resolved in `cache`)."""
         import torch.distributed as dist
 
         record = [(name, _encode(args), _encode(kwargs))]
@@ -90,7 +90,7 @@ class TensorParallelSync:
         if got != name:
             raise RuntimeError(f"rank {self.rank} called {name}() while rank {self.src} (src) called {got}(): every "
                                "rank must make the same cache edits in the same order")
-        return _decode(sent_args, args), _decode(sent_kwargs, kwargs)
+        return _decode(sent_args, args, cache), _decode(sent_kwargs, kwargs, cache)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """`values` summed over the ranks (per-rank shares of a per-token score over all heads)."""
@@ -139,7 +139,7 @@ def _encode(x: Any) -> Any:
     return x
 
 
-def _decode(x: Any, local: Any) -> Any:
+def _decode(x: Any, local: Any, cache: ManifoldCache) -> Any:
     """Rebuild a record's value; `local` is this rank's own argument at the same place (its model, its device)."""
     if isinstance(x, _LocalArg):
         return local
@@ -147,46 +147,43 @@ def _decode(x: Any, local: Any) -> Any:
         device = local.device if isinstance(local, torch.Tensor) else torch.device("cpu")
         return torch.from_numpy(x.values).to(device)
     if isinstance(x, _ChunkRef):
-        cache = local.cache if isinstance(local, KVChunk) else None
-        chunk = cache.live_chunk(x.id) if cache is not None else None
+        chunk = cache.live_chunk(x.id)
         if chunk is None:
             raise ValueError(f"chunk: this rank holds no live chunk {x.id} (the src rank's argument)")
         return chunk
     if isinstance(x, (list, tuple)):
         same = isinstance(local, (list, tuple)) and len(local) == len(x)
-        return type(x)(_decode(v, local[i] if same else None) for i, v in enumerate(x))
+        return type(x)(_decode(v, local[i] if same else None, cache) for i, v in enumerate(x))
     if isinstance(x, dict):
-        return {k: _decode(v, local.get(k) if isinstance(local, dict) else None) for k, v in x.items()}
+        return {k: _decode(v, local.get(k) if isinstance(local, dict) else None, cache) for k, v in x.items()}
     return x
+
+
+def _top_level_edit(method: Callable, send: bool) -> Callable:
+    """`method` as one edit: under tensor parallelism, with rank src's arguments if `send`; the edits it calls
+    are part of it (they neither send nor open their own)."""
+
+    @functools.wraps(method)
+    def run(cache, *args, **kwargs):
+        sync = cache.tensor_parallel
+        if sync is None or sync.inside:
+            return method(cache, *args, **kwargs)
+        if send:
+            args, kwargs = sync.agree(cache, method.__name__, args, kwargs)
+        with sync.edit():
+            return method(cache, *args, **kwargs)
+
+    return run
 
 
 def agreed(method: Callable) -> Callable:
     """An edit the user calls: under tensor parallelism rank src's arguments are applied on every rank."""
-
-    @functools.wraps(method)
-    def run(cache, *args, **kwargs):
-        sync = cache.tensor_parallel
-        if sync is None or sync.inside:
-            return method(cache, *args, **kwargs)
-        args, kwargs = sync.agree(method.__name__, args, kwargs)
-        with sync.edit():
-            return method(cache, *args, **kwargs)
-
-    return run
+    return _top_level_edit(method, send=True)
 
 
 def local_edit(method: Callable) -> Callable:
     """A cache hook generate() calls with arguments identical on every rank: applied locally, nothing sent."""
-
-    @functools.wraps(method)
-    def run(cache, *args, **kwargs):
-        sync = cache.tensor_parallel
-        if sync is None or sync.inside:
-            return method(cache, *args, **kwargs)
-        with sync.edit():
-            return method(cache, *args, **kwargs)
-
-    return run
+    return _top_level_edit(method, send=False)
 
 
 def _digest(data: bytes) -> int:
