@@ -57,7 +57,7 @@ def _key_cosines(keys: torch.Tensor) -> tuple[float, float]:
 def _entropy_bits(attention: torch.Tensor) -> torch.Tensor:
     """attention [heads, q, n] -> entropy in bits [heads, q]."""
     p = attention.double()
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1) / _LOG2
+    return -torch.special.xlogy(p, p).sum(-1) / _LOG2  # 0 log 0 = 0: the masked keys
 
 
 def _value_manifold(values: torch.Tensor, query_entropy: torch.Tensor) -> tuple[list[float], float]:

@@ -360,7 +360,7 @@ class ManifoldCache(Cache):
         """How many of the first view tokens a sliding layer does not see in a forward of `q` new tokens that ends
         at `length`: it keeps the W - 1 tokens before the new ones, as transformers' sliding-window cache does
         (which also fixes what a model whose mask has no window attends to).  0 for a full-attention layer."""
-        window = self.shape.windows[layer_idx] if self.shape.windows else None
+        window = self.shape.windows[layer_idx]
         return 0 if window is None else max(length - q - window + 1, 0)
 
     @property
@@ -492,7 +492,7 @@ class ManifoldCache(Cache):
         from .recompute import choose_tokens
 
         self._settle()
-        if sliding := [i for i, w in enumerate(self.shape.windows) if w is not None]:
+        if sliding := self.shape.sliding_layers:
             raise ValueError(f"model: layers {sliding} have sliding windows; recompute runs its tokens under one "
                              "explicit mask, which would not bound them (not supported yet)")
         if isinstance(spans, tuple) or not isinstance(spans, Sequence) or not spans:

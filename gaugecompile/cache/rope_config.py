@@ -7,8 +7,9 @@ decides between rotate-half and interleaved pairs.  Anything that does not match
 layouts exactly is refused rather than guessed.
 
 Bases are per layer: a model whose layer types have their own RoPE parameters (Gemma 3's local and global
-thetas) gives each type's basis from the same rotary module, and a NoPE layer (`no_rope_layers`) gets no
-rotation.  Sliding-window layers are cached like full ones: the model's own mask limits what they attend to.
+thetas) gives each type's basis from the same rotary module, and a NoPE layer (marked by `no_rope_layers`, or
+found by the probe of `rope_probe.py`) gets no rotation.  The KV shape carries each layer's sliding window,
+which the cache bounds the layer's view by.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ class KVShape:
     num_layers: int
     head_dim: int
     #: per layer, the sliding window a query sees (itself and the W - 1 tokens before it), or None
-    windows: tuple[int | None, ...] = ()
+    windows: tuple[int | None, ...]
+
+    @property
+    def sliding_layers(self) -> list[int]:
+        """The layers with a sliding window."""
+        return [i for i, w in enumerate(self.windows) if w is not None]
 
 
 _ATTENTION = ("full_attention", "sliding_attention")

@@ -98,14 +98,13 @@ class CacheStep(torch.nn.Module):
             if rope_from_config(config) != rope:
                 raise ValueError("rope: differs from the RoPE basis of the model's config (rope theta, scaling, "
                                  "rotary dim or pair layout): build the cache from the model's config")
-            sliding = [i for i, w in enumerate(kv_shape_from_config(config).windows) if w is not None]
-            if sliding:
+            if sliding := kv_shape_from_config(config).sliding_layers:
                 raise ValueError(f"model: layers {sliding} have sliding windows; the exported step returns every "
                                  "layer the whole view, so it is not exported (the torch cache handles them)")
             nope = [i for i, r in enumerate(layer_ropes_from_config(config)) if r.is_identity]
             if nope:
-                raise ValueError(f"model: layers {nope} use no RoPE (config.no_rope_layers); the exported step takes "
-                                 "one basis for every layer, so it is not exported (the torch cache handles them)")
+                raise ValueError(f"model: layers {nope} use no RoPE (NoPE); the exported step takes one basis for "
+                                 "every layer, so it is not exported (the torch cache handles them)")
         self.model, self.rope = model, rope
 
     def forward(self, input_ids, position_ids, block_table, block_delta, block_lens, slots, view_sizes, k_pools,
