@@ -29,7 +29,11 @@ from .spec import KernelSpec, spec_for
 
 __all__ = ["native_attention", "native_materialize", "native_available", "native_library", "native_source"]
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno"]
+# -fopenmp: ATen's `at::parallel_for` is an inline `#pragma omp parallel` in its header, so a translation unit
+# built without it runs every parallel loop on one thread.  The runtime is torch's own (libgomp.so.1, loaded by
+# libtorch_cpu under the same soname), so no second thread pool appears.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+_LDFLAGS = ["-fopenmp"]
 _LOCK = threading.Lock()
 _LIBS: dict[str, object] = {}
 _STATE: dict[str, str | None] = {}  # "reason": why no native kernel runs here (None: it runs), once looked up
@@ -86,7 +90,7 @@ def native_library(spec: KernelSpec):
             return lib
         namespace = f"gauge_cpu_{key}"
         text = render_cpp(spec, namespace=namespace)
-        digest = hashlib.sha256("\n".join([text, *_FLAGS, torch.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("\n".join([text, *_FLAGS, *_LDFLAGS, torch.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
         name = f"{namespace}_{digest}"
         build = cache_dir() / "native" / name
         build.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def native_library(spec: KernelSpec):
             source.write_text(text)
         from torch.utils.cpp_extension import load
 
-        load(name=name, sources=[str(source)], extra_cflags=_FLAGS, build_directory=str(build),
+        load(name=name, sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS, build_directory=str(build),
              is_python_module=False, verbose=False)
         lib = getattr(torch.ops, namespace)
         _LIBS[key] = lib

@@ -20,6 +20,11 @@ Design of `attention` (one call per layer):
   row by log-sum-exp.  An item walks its blocks token by token over all KV heads, so it reads each pool
   block front to back (the pool is [blocks, tokens, heads, dim]): a fragmented table costs a jump per block,
   not one per row of every head.
+- Where the accumulation is float32 (float32, float16 and bfloat16 pools) and the head dim is whole 16-lane
+  vectors, a tile scores 4 keys against up to 4 query rows (one transposing reduction for 16 dot products) and
+  the weighted values of a head's rows are added together (a value row is loaded once per head, not once per
+  query row); float64 and other head dims take a row at a time.
+- The extension is built with -fopenmp: `at::parallel_for` is an inline `#pragma omp parallel` in ATen's header.
 - Blocks are read in place through the block table (no gather copy).  The query rows are rotated by
   R(-delta) when the delta changes from one block to the next (once per run of equal deltas, not at all
   at delta 0), with the cos/sin of the exact float64 angle reduction computed once per forward in Python.
@@ -170,6 +175,115 @@ inline void add_values(A* a, A alpha, const A* p, const A* const* vrows, int64_t
       for (int64_t d = 0; d < D; ++d) a[d] += pt * vr[d];
     }
   }
+}
+
+// float32 tiles, for head dims that are whole 16-lane vectors: `score_tile` computes R query rows against 4 keys
+// (4R accumulators of 16 lanes over the head dim, then one transposing reduction of all of them), and
+// `value_tile` adds R rows' weighted values in slices of 4 vectors, so a value row is loaded once for the R
+// rows of its head instead of once per row.
+using V16 = Vec<float>::type;
+typedef int32_t I16 __attribute__((vector_size(64)));
+constexpr bool FLOAT_TILES = D % 16 == 0;
+
+inline V16 load16(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(V16));
+  return v;
+}
+
+// Two-source lane shuffles with literal lane lists (GCC and Clang spell them differently).
+#if defined(__clang__)
+#define SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
+#endif
+// One halving step over N vectors: vector i of the result holds, lane by lane, partial sums of the lanes of
+// v[2i] (its first half of lanes) and of v[2i + 1] (its second half).  After 4 steps, lane i of the one vector
+// left is the sum of the lanes of input i.
+#define FOLD(N, LO, HI) \
+  for (int i = 0; i < (N) / 2; ++i) v[i] = SHUFFLE2(v[2 * i], v[2 * i + 1], LO) + SHUFFLE2(v[2 * i], v[2 * i + 1], HI)
+#define L(...) __VA_ARGS__
+
+inline V16 reduce16(V16* v) {
+  FOLD(16, L(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+       L(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+  FOLD(8, L(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+       L(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
+  FOLD(4, L(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+       L(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+  FOLD(2, L(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+       L(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+  return v[0];
+}
+#undef L
+#undef FOLD
+#undef SHUFFLE2
+
+// out[r * out_stride + t] = q_r . k_t for R rows (D apart) and the first `tn` of 4 keys.
+template <int R>
+inline void score_tile(const float* q, const float* const* k, int64_t tn, float* out, int64_t out_stride) {
+  V16 acc[16] = {};
+  for (int64_t d = 0; d < D; d += 16) {
+    const V16 k0 = load16(k[0] + d), k1 = load16(k[1] + d), k2 = load16(k[2] + d), k3 = load16(k[3] + d);
+    for (int r = 0; r < R; ++r) {
+      const V16 qv = load16(q + r * D + d);
+      acc[4 * r] += qv * k0;
+      acc[4 * r + 1] += qv * k1;
+      acc[4 * r + 2] += qv * k2;
+      acc[4 * r + 3] += qv * k3;
+    }
+  }
+  const V16 sums = reduce16(acc);
+  for (int r = 0; r < R; ++r) {
+    for (int64_t t = 0; t < tn; ++t) out[r * out_stride + t] = sums[4 * r + t];
+  }
+}
+
+template <int R>
+inline void score_rows(const float* q, int64_t rows, const float* const* k, int64_t tn, float* out,
+                       int64_t out_stride) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) score_tile<R>(q + r * D, k, tn, out + r * out_stride, out_stride);
+  const int64_t rest = rows - r;
+  if (rest == 3) score_tile<3>(q + r * D, k, tn, out + r * out_stride, out_stride);
+  if (rest == 2) score_tile<2>(q + r * D, k, tn, out + r * out_stride, out_stride);
+  if (rest == 1) score_tile<1>(q + r * D, k, tn, out + r * out_stride, out_stride);
+}
+
+// a_r <- alpha_r * a_r + sum_t p_r[t] * v_t for R rows of one head (accumulators D apart, probabilities
+// p_stride apart), the value rows of the chunk read once per slice of 4 vectors.
+template <int R>
+inline void value_tile(float* a, const float* alpha, const float* p, int64_t p_stride, const float* const* vrows,
+                       int64_t nc, int64_t stride, int64_t h) {
+  for (int64_t s0 = 0; s0 < D; s0 += 64) {
+    const int64_t nv = std::min<int64_t>(4, (D - s0) / 16);
+    V16 acc[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int64_t i = 0; i < nv; ++i) acc[r][i] = load16(a + r * D + s0 + 16 * i) * alpha[r];
+    }
+    for (int64_t t = 0; t < nc; ++t) {
+      const float* vr = vrows[t * stride + h] + s0;
+      V16 v[4];
+      for (int64_t i = 0; i < nv; ++i) v[i] = load16(vr + 16 * i);
+      for (int r = 0; r < R; ++r) {
+        const float pt = p[r * p_stride + t];
+        for (int64_t i = 0; i < nv; ++i) acc[r][i] += pt * v[i];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int64_t i = 0; i < nv; ++i) std::memcpy(a + r * D + s0 + 16 * i, &acc[r][i], sizeof(V16));
+    }
+  }
+}
+
+inline void value_rows(float* a, const float* alpha, const float* p, int64_t p_stride, int64_t rows,
+                       const float* const* vrows, int64_t nc, int64_t stride, int64_t h) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) value_tile<4>(a + r * D, alpha + r, p + r * p_stride, p_stride, vrows, nc, stride, h);
+  const int64_t rest = rows - r;
+  if (rest == 3) value_tile<3>(a + r * D, alpha + r, p + r * p_stride, p_stride, vrows, nc, stride, h);
+  if (rest == 2) value_tile<2>(a + r * D, alpha + r, p + r * p_stride, p_stride, vrows, nc, stride, h);
+  if (rest == 1) value_tile<1>(a + r * D, alpha + r, p + r * p_stride, p_stride, vrows, nc, stride, h);
 }
 
 template <typename A> inline void dots(const A* q, int64_t rows, const A* k, A* out, int64_t out_stride) {
@@ -345,7 +459,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    std::vector<A> qs, qr, sc, scale_by, kb(D), vb;  // kb/vb: rows widened from float16/bfloat16 pools
+    std::vector<A> qs, qr, sc, scale_by, kb(4 * D), vb;  // kb/vb: rows widened from float16/bfloat16 pools
     if constexpr (!std::is_same_v<S, A>) vb.resize(CHUNK * std::min<int64_t>(Hkv, MAX_KV_HEADS_PER_PASS) * D);
     std::vector<char> live;
     for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
@@ -409,10 +523,24 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
             for (int64_t h = 0; h < Hkv; ++h) prefetch_row(vblk + (c0 + t) * vs1 + h * vs2);
           }
           // scores, token-major: each K row (all heads of a token are adjacent in the pool) is read once
-          for (int64_t t = 0; t < nc; ++t) {
-            for (int64_t h = 0; h < Hkv; ++h) {
-              const A* krow = row(kblk + (c0 + t) * ks1 + h * ks2, kb.data());
-              dots(qcur + h * per_head * D, per_head, krow, sc.data() + h * per_head * CHUNK + t, CHUNK);
+          if constexpr (std::is_same_v<A, float> && FLOAT_TILES) {
+            for (int64_t t0 = 0; t0 < nc; t0 += 4) {  // 4 tokens at a time, every head
+              const int64_t tn = std::min<int64_t>(4, nc - t0);
+              for (int64_t h = 0; h < Hkv; ++h) {
+                const float* k4[4];
+                for (int64_t t = 0; t < 4; ++t) {  // a short tile repeats its last key (its scores are not stored)
+                  const S* src = kblk + (c0 + t0 + std::min(t, tn - 1)) * ks1 + h * ks2;
+                  k4[t] = row(src, kb.data() + t * D);
+                }
+                score_rows<4>(qcur + h * per_head * D, per_head, k4, tn, sc.data() + h * per_head * CHUNK + t0, CHUNK);
+              }
+            }
+          } else {
+            for (int64_t t = 0; t < nc; ++t) {
+              for (int64_t h = 0; h < Hkv; ++h) {
+                const A* krow = row(kblk + (c0 + t) * ks1 + h * ks2, kb.data());
+                dots(qcur + h * per_head * D, per_head, krow, sc.data() + h * per_head * CHUNK + t, CHUNK);
+              }
             }
           }
           // online softmax per row: the probabilities overwrite the scores (0 where the causal mask hides a key)
@@ -423,7 +551,11 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
               visible = std::max<int64_t>(0, std::min<int64_t>(nc, q0 + r % Q - (tok0 + c0) + 1));
             }
             live[r] = visible > 0;
-            if (visible == 0) continue;
+            if (visible == 0) {  // nothing to add: weights 0, accumulators kept
+              std::fill(srow, srow + nc, A(0));
+              scale_by[r] = 1;
+              continue;
+            }
             A mx = srow[0];
             for (int64_t t = 1; t < visible; ++t) mx = std::max(mx, srow[t]);
             const A m_new = std::max(m[r], mx);
@@ -450,11 +582,15 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
               }
             }
             for (int64_t h = 0; h < hn; ++h) {
-              for (int64_t r = (h0 + h) * per_head; r < (h0 + h + 1) * per_head; ++r) {
-                if (!live[r]) continue;
-                const A* prow = sc.data() + r * CHUNK;
-                A* a = acc + r * D;
-                add_values(a, scale_by[r], prow, vrows, nc, hn, h);
+              const int64_t r0 = (h0 + h) * per_head;
+              if constexpr (std::is_same_v<A, float> && FLOAT_TILES) {
+                value_rows(acc + r0 * D, scale_by.data() + r0, sc.data() + r0 * CHUNK, CHUNK, per_head, vrows, nc,
+                           hn, h);
+              } else {
+                for (int64_t r = r0; r < r0 + per_head; ++r) {
+                  if (!live[r]) continue;
+                  add_values(acc + r * D, scale_by[r], sc.data() + r * CHUNK, vrows, nc, hn, h);
+                }
               }
             }
           }
@@ -469,7 +605,11 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
     const Segment& s = segs[items[it].seg];
     for (int64_t i = 0; i < s.count; ++i) cover[order[s.first + i]].push_back({it, i});
   }
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // Threads only where the merge has work to share: waking the pool costs more than merging a few rows.
+  size_t widest = 1;
+  for (const auto& c : cover) widest = std::max(widest, c.size());
+  const int64_t merge_grain = std::max<int64_t>(1, (int64_t(1) << 14) / (Q * D * static_cast<int64_t>(widest)));
+  at::parallel_for(0, B * H, merge_grain, [&](int64_t begin, int64_t end) {
     std::vector<A> o(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, head = bh % H, h = head / G, g = head % G;
