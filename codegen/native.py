@@ -90,7 +90,8 @@ def native_library(spec: KernelSpec):
             return lib
         namespace = f"gauge_cpu_{key}"
         text = render_cpp(spec, namespace=namespace)
-        digest = hashlib.sha256("\n".join([text, *_FLAGS, *_LDFLAGS, torch.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
+        stamp = "\n".join([text, *_FLAGS, *_LDFLAGS, torch.__version__, _cpu_flags()])
+        digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
         name = f"{namespace}_{digest}"
         build = cache_dir() / "native" / name
         build.mkdir(parents=True, exist_ok=True)
@@ -99,8 +100,8 @@ def native_library(spec: KernelSpec):
             source.write_text(text)
         from torch.utils.cpp_extension import load
 
-        load(name=name, sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS, build_directory=str(build),
-             is_python_module=False, verbose=False)
+        load(name=name, sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
+             build_directory=str(build), is_python_module=False, verbose=False)
         lib = getattr(torch.ops, namespace)
         _LIBS[key] = lib
         return lib
