@@ -11,7 +11,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from gaugecompile.rope import accumulation_dtype
+from gaugecompile.rope import accumulation_dtype, delta_cos_sin
 
 from .cache import interpreting, load_kernels
 from .spec import KernelSpec, spec_for
@@ -69,7 +69,8 @@ def launch(
     module = load_kernels(spec)
     kernel = getattr(module, f"rqa_{spec.key}")
 
-    # One cos and one sin per (sequence, block, frequency), from exact float64 angles: O(blocks * F).
+    # One cos and one sin per (sequence, block, frequency), from exact float64 angles: O(blocks * F), by a kernel
+    # for integer deltas.
     half = rotary_dim // 2
     cos = torch.empty((batch, max_blocks, half), dtype=acc_dtype, device=q.device)
     sin = torch.empty_like(cos)
@@ -96,8 +97,11 @@ def launch(
     starts = counts.cumsum(1) - counts
     lengths = counts.sum(1)
     rows = batch * max_blocks
-    wrap_triton(getattr(module, f"angles_{spec.key}"))[(-(-rows // 32),)](
-        block_delta.contiguous(), theta_hi, theta_lo, cos, sin, rows, num_warps=4)
+    if block_delta.is_floating_point():  # learnable offsets: whole part reduced exactly plus fraction, in torch
+        cos, sin = (t.contiguous() for t in delta_cos_sin(block_delta, inv_freq, acc_dtype))
+    else:
+        wrap_triton(getattr(module, f"angles_{spec.key}"))[(-(-rows // 32),)](
+            block_delta.contiguous(), theta_hi, theta_lo, cos, sin, rows, num_warps=4)
     grid = (batch * num_kv_heads, row_tiles, splits)
     wrap_triton(kernel)[grid](
         q, k_pool, v_pool, table, cos, sin, lengths, counts, starts, dst, dst_lse,

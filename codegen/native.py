@@ -111,6 +111,26 @@ def _table(t: Tensor) -> Tensor:
     return t.to(torch.int64).contiguous()
 
 
+def _delta_keys(block_delta: Tensor) -> Tensor:
+    """The deltas as the kernel reads them: int64 values it compares (a run of equal deltas rotates the query once,
+    delta 0 not at all) and range-checks.  The angles themselves come in cos/sin, so real-valued (learnable) deltas,
+    checked by the caller, become the rank of their value among the distinct ones, with 0 kept as 0."""
+    if not block_delta.is_floating_point():
+        return _table(block_delta)
+    _, rank = torch.unique(block_delta.detach(), return_inverse=True)
+    return torch.where(block_delta == 0, 0, rank + 1).contiguous()
+
+
+def _check_real_deltas(block_table: Tensor, block_delta: Tensor, block_lens: Tensor, k_pool: Tensor,
+                       min_length: int, length: int | None = None) -> None:
+    """The value checks the kernel makes on integer deltas, made here for real ones (the kernel sees their ranks)."""
+    if block_delta.is_floating_point():
+        from gaugecompile.ops.checks import check_mapping_values
+
+        check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], min_length,
+                             length)
+
+
 def native_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     cos: Tensor | None, sin: Tensor | None, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
@@ -126,9 +146,10 @@ def native_attention(
     lse = torch.empty(q.shape[:3], dtype=acc)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    _check_real_deltas(block_table, block_delta, block_lens, k_pool, q.shape[2])
     empty = q.new_empty((0,), dtype=acc)
     lib = native_library(spec_for(q, k_pool, rotary_dim, interleaved, causal))
-    lib.attention(q.contiguous(), k_pool, v_pool, _table(block_table), _table(block_delta), _table(block_lens),
+    lib.attention(q.contiguous(), k_pool, v_pool, _table(block_table), _delta_keys(block_delta), _table(block_lens),
                   empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
                   float(scale), bool(causal), bool(interleaved), out, lse)
     return out, lse
@@ -145,11 +166,12 @@ def native_materialize(
     k_out, v_out = k_pool.new_empty(shape), v_pool.new_empty(shape)
     if k_out.numel() == 0:
         return k_out, v_out
+    _check_real_deltas(block_table, block_delta, block_lens, k_pool, 0, int(length))
     acc = accumulation_dtype(k_pool.dtype)
     empty = k_pool.new_empty((0,), dtype=acc)
     dtype = str(k_pool.dtype).removeprefix("torch.")
     lib = native_library(KernelSpec(k_pool.shape[3], rotary_dim, interleaved, k_pool.shape[1], 1, dtype))
-    lib.materialize(k_pool, v_pool, _table(block_table), _table(block_delta), _table(block_lens),
+    lib.materialize(k_pool, v_pool, _table(block_table), _delta_keys(block_delta), _table(block_lens),
                     empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
                     bool(interleaved), k_out, v_out)
     return k_out, v_out

@@ -11,8 +11,7 @@ from torch import Tensor
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op
 
-import gaugecompile.ops  # noqa: F401  (registers gauge::rotated_query_attention_backward)
-from gaugecompile.rope import accumulation_dtype
+from gaugecompile.ops.attention import op_gradients
 
 from .cache import interpreting
 from .launcher import launch
@@ -35,14 +34,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(q)
-    if grad_lse is None:
-        grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
-    dq, dk, dv = torch.ops.gauge.rotated_query_attention_backward(
-        grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, *ctx.attrs)
-    return (dq, dk, dv) + (None,) * 9
+    return *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), *(None,) * 5
 
 
 _rqa_triton.register_autograd(_backward, setup_context=_setup_context)

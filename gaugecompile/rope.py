@@ -20,8 +20,8 @@ import mpmath
 import torch
 
 __all__ = [
-    "RopeSpec", "accumulation_dtype", "reduced_angles", "delta_cos_sin", "rotate", "MAX_ABS_DELTA", "TWO_PI_PARTS",
-    "INV_TWO_PI", "VELTKAMP",
+    "RopeSpec", "accumulation_dtype", "reduced_angles", "delta_cos_sin", "rotate", "rotation_tangent", "MAX_ABS_DELTA",
+    "TWO_PI_PARTS", "INV_TWO_PI", "VELTKAMP",
 ]
 
 #: The one offset bound: every delta lies in [-2^31, 2^31) (an int32), where `reduced_angles` is exact to
@@ -65,7 +65,17 @@ def _reduce(p: torch.Tensor) -> torch.Tensor:
 
 
 def reduced_angles(delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """`delta[..., None] * inv_freq` reduced into [-pi, pi], in float64, exact to ~1e-15 rad."""
+    """`delta[..., None] * inv_freq` reduced into [-pi, pi], in float64, exact to ~1e-15 rad.
+
+    A floating `delta` (a learnable offset) is its whole part, reduced exactly as an integer is, plus its
+    fraction in [0, 1) times the frequency: the angle keeps the integer accuracy, and its gradient with
+    respect to `delta` is `inv_freq` (the whole part and the reductions are piecewise constant).
+    """
+    if delta.is_floating_point():
+        whole = torch.floor(delta.detach().to(torch.float64))
+        fraction = delta.to(torch.float64) - whole
+        theta = inv_freq.to(device=delta.device, dtype=torch.float64)
+        return _reduce(reduced_angles(whole.to(torch.int64), theta) + fraction.unsqueeze(-1) * theta)
     delta = delta.to(torch.int64)
     theta = inv_freq.to(device=delta.device, dtype=torch.float64)
     d_hi = ((delta >> 16) << 16).to(torch.float64).unsqueeze(-1)
@@ -80,7 +90,8 @@ def reduced_angles(delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
 def delta_cos_sin(
     delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of `delta * inv_freq` (shape `delta.shape + (F,)`), computed in float64."""
+    """cos and sin of `delta * inv_freq` (shape `delta.shape + (F,)`), computed in float64; differentiable in a
+    floating `delta`."""
     angle = reduced_angles(delta, inv_freq)
     return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
 
@@ -102,6 +113,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
     if not rest.shape[-1]:
         return out
     return torch.cat((out, rest.expand(*out.shape[:-1], rest.shape[-1])), dim=-1)
+
+
+def rotation_tangent(x: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
+    """d/dt R(t * inv_freq) x at t = 0: each pair (a, b) becomes inv_freq * (-b, a), dims >= rotary_dim 0.
+
+    A key rotated by delta moves along this tangent as delta grows, so d(key)/d(delta) is the tangent of the
+    rotated key: the gradient of a learnable offset is its keys' gradient dotted with it.
+    """
+    theta = inv_freq.to(device=x.device, dtype=x.dtype)
+    out = rotate(x[..., :rotary_dim], torch.zeros_like(theta), theta, rotary_dim, interleaved)
+    return torch.nn.functional.pad(out, (0, x.shape[-1] - rotary_dim))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ __all__ = ["DECOMPOSITIONS"]
 
 def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
                              interleaved, scale, causal):
+    if block_delta.is_floating_point():
+        raise TypeError(f"block_delta: the ai.gauge node takes integer deltas (int32/int64), got {block_delta.dtype}; "
+                        "real-valued (learnable) offsets are for training: round them to integers to export")
     block_size = k_pool.shape[1]
     if not isinstance(block_size, int):
         raise ValueError("k_pool: the block size (dim 1) must be static for ONNX export, got a dynamic dim")

@@ -26,9 +26,9 @@ def block_angles(
         return None, None
     if _LAST:
         (delta, freq, cdt), cos_sin = _LAST[0]
-        if (cdt == dtype and delta.shape == block_delta.shape and freq.shape == inv_freq.shape
-                and torch.equal(delta, block_delta) and torch.equal(freq, inv_freq)):
+        if (cdt == dtype and delta.shape == block_delta.shape and delta.dtype == block_delta.dtype
+                and freq.shape == inv_freq.shape and torch.equal(delta, block_delta) and torch.equal(freq, inv_freq)):
             return cos_sin
     cos_sin = delta_cos_sin(block_delta, inv_freq, dtype)
-    _LAST[:] = [((block_delta.clone(), inv_freq.clone(), dtype), cos_sin)]
+    _LAST[:] = [((block_delta.detach().clone(), inv_freq.clone(), dtype), cos_sin)]
     return cos_sin

@@ -12,13 +12,14 @@ shortens or starts an entry instead of moving the tokens after it.  `inv_freq` i
 `lse` is `[batch, num_heads, q_len]`, float32
 (float64 for float64 inputs).  The CPU kernel is the generated native code (`gaugecompile.codegen.native`,
 compiled on first use), or the torch loop of `paged_attention` where no C++ compiler exists; the CUDA
-kernel is the generated Triton code (`gaugecompile.codegen`).  Gradients (q, k_pool, v_pool) come
-from a backward op with the explicit adjoint
-(`attention_backward`).
+kernel is the generated Triton code (`gaugecompile.codegen`).  Gradients (q, k_pool, v_pool, and
+block_delta where it is real-valued: a learnable offset, whose angle is `delta * inv_freq`) come from a
+backward op with the explicit adjoint (`attention_backward`), shared by every implementation.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,14 +84,31 @@ def _rqa_backward_op(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
     block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
     scale: float, causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
                               inv_freq, rotary_dim, interleaved, scale, causal)
 
 
 @_rqa_backward_op.register_fake
-def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, *rest):
-    return torch.empty_like(q), torch.empty_like(k_pool), torch.empty_like(v_pool)
+def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, *rest):
+    d_delta = block_delta.new_empty(block_delta.shape, dtype=accumulation_dtype(q.dtype))
+    return torch.empty_like(q), torch.empty_like(k_pool), torch.empty_like(v_pool), d_delta
+
+
+def op_gradients(saved: tuple[Tensor, ...], attrs: tuple, grad_out: Tensor | None,
+                 grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Gradients for (q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq) from the saved inputs, the
+    attributes (rotary_dim, interleaved, scale, causal) and the cotangents: the one adjoint of every implementation.
+    block_delta has one where it is real-valued (a learnable offset)."""
+    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = saved
+    if grad_out is None:
+        grad_out = torch.zeros_like(q)
+    if grad_lse is None:
+        grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+    dq, dk, dv, d_delta = torch.ops.gauge.rotated_query_attention_backward(
+        grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, *attrs)
+    d_delta = d_delta.to(block_delta.dtype) if block_delta.is_floating_point() else None
+    return dq, dk, dv, None, d_delta, None, None
 
 
 def _setup_context(ctx, inputs, output):
@@ -99,17 +117,27 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(q)
-    if grad_lse is None:
-        grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
-    dq, dk, dv = _rqa_backward_op(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
-                                  inv_freq, *ctx.attrs)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), None, None, None, None
 
 
 _rqa_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Implementation(torch.autograd.Function):
+    """One implementation's forward (`impl` "native", "loop" or "triton") with the op's adjoint, so each is
+    differentiable through the public entry and `gradcheck` of each tests its forward against that adjoint."""
+
+    @staticmethod
+    def forward(ctx, forward, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
+                interleaved, scale, causal):
+        ctx.save_for_backward(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq)
+        ctx.attrs = (rotary_dim, interleaved, scale, causal)
+        return forward(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
+                       scale, causal)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return None, *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), None, None, None, None
 
 
 def rotated_query_attention(
@@ -157,9 +185,9 @@ def rotated_query_attention(
     elif impl in ("native", "loop"):
         if impl == "native" and q.device.type != "cpu":
             raise ValueError(f"impl: 'native' is the CPU kernel, got tensors on {q.device}")
-        out, lse = cpu_attention(*args, native=impl == "native")
+        out, lse = _Implementation.apply(functools.partial(cpu_attention, native=impl == "native"), *args)
     else:
         from ..codegen import triton_attention
 
-        out, lse = triton_attention(*args)
+        out, lse = _Implementation.apply(triton_attention, *args)
     return (out, lse) if return_lse else out

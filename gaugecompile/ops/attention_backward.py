@@ -1,9 +1,11 @@
-"""Gradients of rotated-query attention for q, k_pool and v_pool.
+"""Gradients of rotated-query attention for q, k_pool, v_pool and (real-valued) block deltas.
 
 Written out (not autograd) because it runs inside a custom-op kernel, where autograd is off.
 Per sequence it re-forms the view exactly as the reference does (O(L*d), like any attention
 backward), applies the softmax-attention adjoint, rotates the key gradient back to storage by
-R(delta)^T = R(-delta), and scatter-adds both gradients into the pool slots the view read.
+R(delta)^T = R(-delta), and scatter-adds both gradients into the pool slots the view read.  A
+learnable delta moves every key of its entry along the rotation's tangent (`rotation_tangent`), so its
+gradient is the view keys' gradient dotted with their tangents, summed over the entry's tokens.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rope import accumulation_dtype, delta_cos_sin, rotate
+from ..rope import accumulation_dtype, delta_cos_sin, rotate, rotation_tangent
 from .reference import rerotate, view_tokens
 
 
 def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv_freq, rotary_dim, interleaved,
-                       scale, causal):
-    """dq [H, Q, D] and dK, dV [L, Hkv, D] of one sequence whose view is pool slots `slots` rotated by `deltas`
-    (dK already rotated back to storage)."""
+                       scale, causal, delta_grad):
+    """dq [H, Q, D], dK and dV [L, Hkv, D] (dK rotated back to storage) and d delta per token [L] (None unless
+    `delta_grad`) of one sequence whose view is pool slots `slots` rotated by `deltas`."""
     length = slots.shape[0]
     k = rerotate(k_pool.flatten(0, 1)[slots], deltas, inv_freq, rotary_dim, interleaved)
     v = v_pool.flatten(0, 1)[slots]
@@ -39,28 +41,39 @@ def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv
     dq = (ds @ kh) * scale
     dk = ((ds.transpose(-1, -2) @ q) * scale).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
     dv = (p.transpose(-1, -2) @ grad_out).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
+    d_delta = (dk * rotation_tangent(k, inv_freq, rotary_dim, interleaved)).sum((-1, -2)) if delta_grad else None
     cos, sin = delta_cos_sin(deltas, inv_freq, dk.dtype)
-    return dq, rotate(dk, cos[:, None], -sin[:, None], rotary_dim, interleaved), dv
+    return dq, rotate(dk, cos[:, None], -sin[:, None], rotary_dim, interleaved), dv, d_delta
 
 
 def attention_backward(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
     block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
     causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk_pool, dv_pool) for the op's (out, lse) cotangents; computed in float32/float64."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk_pool, dv_pool, d_block_delta) for the op's (out, lse) cotangents; computed in float32/float64.
+
+    d_block_delta ([batch, max_blocks], the accumulation dtype) is the gradient of real-valued deltas, and zero
+    for integer ones (which have none)."""
     cdt = accumulation_dtype(q.dtype)
     block_size = k_pool.shape[1]
+    delta_grad = block_delta.is_floating_point()
     k32, v32 = k_pool.to(cdt), v_pool.to(cdt)
     dq = torch.empty(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros((k_pool.shape[0] * block_size, *k_pool.shape[2:]), dtype=cdt, device=q.device)
     dv = torch.zeros_like(dk)
+    d_delta = torch.zeros(block_delta.shape, dtype=cdt, device=q.device)
+    entry = torch.arange(block_table.shape[1], device=q.device)[:, None].expand(-1, block_size)
     for b in range(q.shape[0]):
         slots, deltas = view_tokens(block_table[b], block_delta[b], block_lens[b], block_size)
-        dq[b], dk_b, dv_b = _sequence_backward(
+        dq[b], dk_b, dv_b, dd_b = _sequence_backward(
             grad_out[b].to(cdt), grad_lse[b].to(cdt), q[b].to(cdt), k32, v32, slots, deltas, inv_freq, rotary_dim,
-            interleaved, scale, causal,
+            interleaved, scale, causal, delta_grad,
         )
         dk.index_add_(0, slots, dk_b)
         dv.index_add_(0, slots, dv_b)
-    return dq.to(q.dtype), dk.view(k_pool.shape).to(k_pool.dtype), dv.view(v_pool.shape).to(v_pool.dtype)
+        if delta_grad:
+            held = torch.arange(block_size, device=q.device)[None, :] < block_lens[b].to(torch.int64)[:, None]
+            d_delta[b].index_add_(0, entry[held], dd_b)
+    return (dq.to(q.dtype), dk.view(k_pool.shape).to(k_pool.dtype), dv.view(v_pool.shape).to(v_pool.dtype),
+            d_delta)

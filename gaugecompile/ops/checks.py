@@ -15,6 +15,8 @@ from ..rope import MAX_ABS_DELTA
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
+#: Deltas are integers, or real numbers where offsets are learnt (`gaugecompile.rope.reduced_angles`).
+_DELTAS = (*_INTS, torch.float32, torch.float64)
 
 
 def _is_tracing(t: torch.Tensor) -> bool:
@@ -71,8 +73,9 @@ def check_attention_inputs(
         raise ValueError(
             f"block_delta: expected the shape of block_table {tuple(block_table.shape)}, got {tuple(block_delta.shape)}"
         )
-    if block_delta.dtype not in _INTS:
-        raise TypeError(f"block_delta: expected an int64 tensor, got {block_delta.dtype}")
+    if block_delta.dtype not in _DELTAS:
+        raise TypeError(f"block_delta: expected an int32/int64 tensor (or float32/float64 for learnable offsets), "
+                        f"got {block_delta.dtype}")
     if block_lens.shape != block_table.shape:
         raise ValueError(
             f"block_lens: expected the shape of block_table {tuple(block_table.shape)}, got {tuple(block_lens.shape)}"
@@ -114,6 +117,16 @@ def as_block_lens(seq_lens: torch.Tensor, block_table: torch.Tensor, k_pool: tor
     return full_block_lens(seq_lens, width, block_size)
 
 
+def whole_deltas(block_delta: torch.Tensor) -> torch.Tensor:
+    """The deltas as int64: integers as they are, real ones rounded down (their whole part, which bounds where
+    angles are exact), with a non-finite value as int64's minimum, so that the range check names it."""
+    if not block_delta.is_floating_point():
+        return block_delta.to(torch.int64)
+    d = block_delta.detach().to(torch.float64)
+    d = torch.where(torch.isfinite(d), d, float(torch.iinfo(torch.int64).min))
+    return torch.floor(d.clamp(-(2.0**62), 2.0**62)).to(torch.int64)
+
+
 def _mapping_summary(block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor) -> list[int]:
     """[min count, max count, min row total, max row total, min id, max id, min delta, max delta] of a mapping,
     ids and deltas over the entries holding tokens only: one device-to-host transfer (one sync on a GPU)."""
@@ -121,7 +134,7 @@ def _mapping_summary(block_table: torch.Tensor, block_delta: torch.Tensor, block
     used = lens > 0
     top, bottom = torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min
     rows = lens.sum(1)
-    ids, deltas = block_table.to(torch.int64), block_delta.to(torch.int64)
+    ids, deltas = block_table.to(torch.int64), whole_deltas(block_delta)
     return torch.stack([
         lens.min(), lens.max(), rows.min(), rows.max(),
         torch.where(used, ids, top).min(), torch.where(used, ids, bottom).max(),
@@ -177,6 +190,6 @@ def check_mapping_values(
         raise ValueError(f"block_table: block ids must lie in [0, num_blocks={num_blocks}), got min {lo_id}, "
                          f"max {hi_id}")
     if hi_n > 0 and (lo_d < -MAX_ABS_DELTA or hi_d >= MAX_ABS_DELTA):
-        raise ValueError(f"block_delta: expected -2^31 <= delta < 2^31 (where angles are exact), got min {lo_d}, "
-                         f"max {hi_d}")
+        raise ValueError(f"block_delta: expected finite deltas with -2^31 <= delta < 2^31 (where angles are exact), "
+                         f"got min {lo_d}, max {hi_d}")
     _LAST_VALID[:] = [_key(tensors, bounds)]

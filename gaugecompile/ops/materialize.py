@@ -22,12 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
+from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate, rotation_tangent
 from .angles import block_angles
 from .checks import check_mapping_values
-from .reference import full_block_lens, rerotate
+from .reference import as_deltas, full_block_lens, rerotate
 
-__all__ = ["materialize_kv", "view_slots"]
+__all__ = ["materialize_kv", "view_slots", "view_entries"]
 
 
 def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
@@ -48,22 +48,29 @@ def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Ten
         )
 
 
+def view_entries(block_lens: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """The table entry of every view token [B, length] and the view position of each entry's first token [B, W].
+
+    Token t belongs to the last entry that starts at or before t, found by marking where entries start and a
+    running count (no data-dependent shapes, so it exports); an entry holding no tokens starts where the next one
+    does, so the last entry found is never an empty one."""
+    lens = block_lens.to(torch.int64)
+    start = lens.cumsum(1) - lens
+    marks = torch.zeros((lens.shape[0], length + 1), dtype=torch.int64, device=lens.device)
+    marks = marks.scatter_add(1, start.clamp(max=length), torch.ones_like(start))
+    return marks.cumsum(1)[:, :length] - 1, start
+
+
 def view_slots(block_table: Tensor, block_delta: Tensor, block_lens: Tensor, block_size: int,
                length: int) -> tuple[Tensor, Tensor]:
     """Flat pool slot and delta of every view token, [batch, length] each, for rows holding `length` tokens.
 
-    O(max_blocks + length) and free of data-dependent shapes (it exports): token t belongs to the last entry
-    that starts at or before t, found by marking where entries start and a running count.  An entry holding
-    no tokens starts where the next one does, so the last entry found is never an empty one.
+    O(max_blocks + length) and free of data-dependent shapes (it exports), by `view_entries`.
     """
-    lens = block_lens.to(torch.int64)
-    start = lens.cumsum(1) - lens  # [B, W]: the view position of each entry's first token
-    marks = torch.zeros((lens.shape[0], length + 1), dtype=torch.int64, device=lens.device)
-    marks = marks.scatter_add(1, start.clamp(max=length), torch.ones_like(start))
-    entry = marks.cumsum(1)[:, :length] - 1  # [B, L]
-    offset = torch.arange(length, device=lens.device)[None, :] - start.gather(1, entry)
+    entry, start = view_entries(block_lens, length)
+    offset = torch.arange(length, device=block_lens.device)[None, :] - start.gather(1, entry)
     slots = block_table.to(torch.int64).gather(1, entry) * block_size + offset
-    return slots, block_delta.to(torch.int64).gather(1, entry)
+    return slots, as_deltas(block_delta).gather(1, entry)
 
 
 def materialize_views(
@@ -102,17 +109,20 @@ def _materialize_fake(k_pool, v_pool, block_table, block_delta, block_lens, inv_
 
 def _setup_context(ctx, inputs, output):
     k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, length = inputs
-    ctx.save_for_backward(block_table, block_delta, block_lens, inv_freq)
+    # a real-valued delta's gradient needs the keys it rotated (saved only then: a cache writes its pools in place)
+    keys = (k_pool,) if block_delta.is_floating_point() else ()
+    ctx.save_for_backward(block_table, block_delta, block_lens, inv_freq, *keys)
     ctx.attrs = (k_pool.shape, rotary_dim, interleaved, length)
 
 
 def _backward(ctx, grad_k, grad_v):
-    """Adjoint: rotate grad_k back by -delta and scatter-add both into the pools."""
-    block_table, block_delta, block_lens, inv_freq = ctx.saved_tensors
+    """Adjoint: rotate grad_k back by -delta and scatter-add both into the pools; a real-valued delta's gradient
+    is grad_k dotted with the tangents of the keys it rotated (`rotation_tangent`), summed over its entry."""
+    block_table, block_delta, block_lens, inv_freq = ctx.saved_tensors[:4]
     pool_shape, rotary_dim, interleaved, length = ctx.attrs
     block_size = pool_shape[1]
     slots, token_delta = view_slots(block_table, block_delta, block_lens, block_size, length)
-    grads = []
+    grads, d_delta = [], None
     for g, rotated in ((grad_k, True), (grad_v, False)):
         if g is None:
             grads.append(None)
@@ -121,11 +131,25 @@ def _backward(ctx, grad_k, grad_v):
         if rotated:
             cdt = accumulation_dtype(g.dtype)
             cos, sin = delta_cos_sin(token_delta, inv_freq, cdt)
-            g = rotate(g.to(cdt), cos[:, :, None], -sin[:, :, None], rotary_dim, interleaved).to(g.dtype)
+            g = g.to(cdt)
+            if ctx.needs_input_grad[3]:
+                keys = rerotate(ctx.saved_tensors[4].flatten(0, 1)[slots].to(cdt), token_delta, inv_freq, rotary_dim,
+                                interleaved)
+                d_delta = _delta_gradient(g, keys, inv_freq, rotary_dim, interleaved, block_lens, length)
+            g = rotate(g, cos[:, :, None], -sin[:, :, None], rotary_dim, interleaved).to(grad_k.dtype)
         flat = g.new_zeros((pool_shape[0] * block_size, *pool_shape[2:]))
         flat.index_add_(0, slots.reshape(-1), g.reshape(-1, *pool_shape[2:]))
         grads.append(flat.view(pool_shape))
-    return grads[0], grads[1], None, None, None, None, None, None, None
+    return grads[0], grads[1], None, d_delta, None, None, None, None, None
+
+
+def _delta_gradient(grad_k: Tensor, keys: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
+                    block_lens: Tensor, length: int) -> Tensor:
+    """d loss / d block_delta [B, W] from grad_k and the view keys, both [B, L, Hkv, D] in the view's frame: per
+    token the dot with the key's rotation tangent, summed over the tokens of each entry."""
+    per_token = (grad_k * rotation_tangent(keys, inv_freq, rotary_dim, interleaved)).sum((-1, -2))  # [B, L]
+    entry, _ = view_entries(block_lens, length)
+    return per_token.new_zeros(block_lens.shape).scatter_add(1, entry, per_token)
 
 
 _materialize_op.register_autograd(_backward, setup_context=_setup_context)

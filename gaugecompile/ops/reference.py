@@ -27,11 +27,17 @@ def full_block_lens(seq_lens: torch.Tensor, width: int, block_size: int) -> torc
 def view_tokens(
     block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row's view token by token: the flat pool slot (block * block_size + offset) and the delta of each."""
+    """One row's view token by token: the flat pool slot (block * block_size + offset) and the delta of each
+    (int64, or the real deltas' own dtype, so a learnable offset keeps its gradient)."""
     offsets = torch.arange(block_size, device=block_table.device)
     held = offsets[None, :] < block_lens.to(torch.int64)[:, None]  # [width, block_size]
     slots = block_table.to(torch.int64)[:, None] * block_size + offsets[None, :]
-    return slots[held], block_delta.to(torch.int64)[:, None].expand(-1, block_size)[held]
+    return slots[held], as_deltas(block_delta)[:, None].expand(-1, block_size)[held]
+
+
+def as_deltas(block_delta: torch.Tensor) -> torch.Tensor:
+    """Deltas as the angle code takes them: integers as int64, real (learnable) offsets as float64."""
+    return block_delta.to(torch.float64 if block_delta.is_floating_point() else torch.int64)
 
 
 def rerotate(keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
