@@ -133,6 +133,13 @@ class PlacementRun:
     backwards: int = 0
     seconds: float = 0.0
 
+    def record(self, loss: float, gaps: list[float]) -> None:
+        """Count one forward that gave `loss` at `gaps`, keeping the best."""
+        self.losses.append(loss)
+        self.forwards += 1
+        if loss < self.loss:
+            self.loss, self.gaps = loss, gaps
+
     def as_dict(self) -> dict:
         return {"method": self.method, "gaps": self.gaps, "loss": self.loss, "losses": self.losses,
                 "forwards": self.forwards, "backwards": self.backwards, "seconds": self.seconds}
@@ -164,10 +171,7 @@ def learn_gaps(
             optimiser.zero_grad()
             loss = placement.nll(model, query, answer)
             value = float(loss.detach())
-            run.losses.append(value)
-            run.forwards += 1
-            if value < run.loss:
-                run.loss, run.gaps = value, placement.gaps.tolist()
+            run.record(value, placement.gaps.tolist())
             if progress is not None:
                 progress(step, value, placement.gaps.tolist())
             if step == steps - 1:
@@ -199,12 +203,8 @@ def grid_search(
     run = PlacementRun("grid", placement.gaps.tolist(), float("inf"))
     with torch.no_grad():
         for index, gaps in enumerate(itertools.product(values, repeat=len(placement.chunks))):
-            placement.gaps.copy_(torch.tensor(gaps))
-            value = float(placement.nll(model, query, answer))
-            run.losses.append(value)
-            run.forwards += 1
-            if value < run.loss:
-                run.loss, run.gaps = value, list(gaps)
+            value = float(placement.nll(model, query, answer, gaps=torch.tensor(gaps, device=placement.gaps.device)))
+            run.record(value, list(gaps))
             if progress is not None:
                 progress(index, value, list(gaps))
         placement.gaps.copy_(torch.tensor(run.gaps))
