@@ -190,6 +190,6 @@ def check_mapping_values(
         raise ValueError(f"block_table: block ids must lie in [0, num_blocks={num_blocks}), got min {lo_id}, "
                          f"max {hi_id}")
     if hi_n > 0 and (lo_d < -MAX_ABS_DELTA or hi_d >= MAX_ABS_DELTA):
-        raise ValueError(f"block_delta: expected finite deltas with -2^31 <= delta < 2^31 (where angles are exact), "
+        raise ValueError(f"block_delta: expected -2^31 <= delta < 2^31, finite (where angles are exact), "
                          f"got min {lo_d}, max {hi_d}")
     _LAST_VALID[:] = [_key(tensors, bounds)]
