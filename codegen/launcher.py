@@ -43,7 +43,8 @@ def choose_splits(programs: int, max_blocks: int, block_size: int, device: torch
 
 def launch(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, num_splits: int = 0,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
+    softcap: float = 0.0, num_splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Run the generated kernels.  num_splits: 0 picks automatically, 1 forces one pass, n > 1 forces n splits.
 
@@ -60,12 +61,13 @@ def launch(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
 
-    base = spec_for(q, k_pool, rotary_dim, interleaved, causal)
+    kinds = dict(windowed=window > 0, softcapped=softcap > 0)
+    base = spec_for(q, k_pool, rotary_dim, interleaved, causal, **kinds)
     row_tiles = -(-(base.group * q_len) // base.block_m)
     programs = batch * num_kv_heads * row_tiles
     splits = num_splits or choose_splits(programs, max_blocks, k_pool.shape[1], q.device)
     splits = max(1, min(int(splits), max_blocks))
-    spec = spec_for(q, k_pool, rotary_dim, interleaved, causal, split_kv=splits > 1)
+    spec = spec_for(q, k_pool, rotary_dim, interleaved, causal, split_kv=splits > 1, **kinds)
     module = load_kernels(spec)
     kernel = getattr(module, f"rqa_{spec.key}")
 
@@ -107,7 +109,8 @@ def launch(
         q, k_pool, v_pool, table, cos, sin, lengths, counts, starts, dst, dst_lse,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *table.stride(), cos.stride(0), cos.stride(1),
         *o_strides, *l_strides,
-        num_kv_heads, q_len, max_blocks, blocks_per_split, float(scale) * _LOG2E,
+        num_kv_heads, q_len, max_blocks, blocks_per_split, float(scale) * _LOG2E, int(window),
+        torch.full((1,), float(softcap) * _LOG2E, dtype=acc_dtype, device=q.device),
         num_warps=_num_warps(spec),
     )
     if splits > 1:

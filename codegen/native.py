@@ -134,6 +134,7 @@ def _check_real_deltas(block_table: Tensor, block_delta: Tensor, block_lens: Ten
 def native_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     cos: Tensor | None, sin: Tensor | None, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
+    window: int = 0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Rotated-query attention on shape-checked CPU inputs (pools with unit stride in head_dim); the kernel checks
     the values (ids, counts, deltas) and raises ValueError naming the argument.
@@ -151,7 +152,7 @@ def native_attention(
     lib = native_library(spec_for(q, k_pool, rotary_dim, interleaved, causal))
     lib.attention(q.contiguous(), k_pool, v_pool, _table(block_table), _delta_keys(block_delta), _table(block_lens),
                   empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
-                  float(scale), bool(causal), bool(interleaved), out, lse)
+                  float(scale), bool(causal), int(window), float(softcap), bool(interleaved), out, lse)
     return out, lse
 
 

@@ -382,8 +382,8 @@ Views read_views(const at::Tensor& table, const at::Tensor& delta, const at::Ten
 template <typename S>
 void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                     const at::Tensor& table, const at::Tensor& delta, const at::Tensor& lens,
-                    const at::Tensor& cos, const at::Tensor& sin, double scale, bool causal, bool interleaved,
-                    const at::Tensor& out, const at::Tensor& lse) {
+                    const at::Tensor& cos, const at::Tensor& sin, double scale, bool causal, int64_t window,
+                    double softcap, bool interleaved, const at::Tensor& out, const at::Tensor& lse) {
   using A = typename Acc<S>::type;
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2);
   const int64_t bs = k_pool.size(1), Hkv = k_pool.size(2), G = H / Hkv;
@@ -433,6 +433,12 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       if (shared < views.used[order[i]]) segs.push_back({i, 1, order[i], shared, views.used[order[i]], length});
     }
     g0 = g1;
+  }
+  if (window > 0) {  // a sliding window: leading entries that no query of a segment sees are never read
+    for (auto& s : segs) {
+      const int64_t last_hidden = s.length - Q - window;  // the last view position hidden from every query
+      while (s.j0 < s.j1 && views.start[s.rep * width + s.j0] + lp[s.rep * width + s.j0] - 1 <= last_hidden) ++s.j0;
+    }
   }
 
   // KV splits: enough items for every thread to take several, none shorter than MIN_SPLIT_TOKENS keys.
@@ -546,31 +552,37 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
               }
             }
           }
-          // online softmax per row: the probabilities overwrite the scores (0 where the causal mask hides a key)
+          // online softmax per row: the probabilities overwrite the scores (0 where a mask hides a key); the
+          // visible keys of the chunk are [lo, hi): token t of the queries sits at view position q0 + t, causal
+          // hides the keys after it (bottom-right), a window W those at q0 + t - W and before
           for (int64_t r = 0; r < rows; ++r) {
             A* srow = sc.data() + r * CHUNK;
-            int64_t visible = nc;
-            if (causal) {  // bottom-right: token t of the queries sits at view position q0 + t
-              visible = std::max<int64_t>(0, std::min<int64_t>(nc, q0 + r % Q - (tok0 + c0) + 1));
-            }
-            live[r] = visible > 0;
-            if (visible == 0) {  // nothing to add: weights 0, accumulators kept
+            const int64_t pos = q0 + r % Q - (tok0 + c0);  // the query's position relative to the chunk
+            const int64_t hi = causal ? std::max<int64_t>(0, std::min<int64_t>(nc, pos + 1)) : nc;
+            const int64_t lo = window > 0 ? std::min<int64_t>(hi, std::max<int64_t>(0, pos - window + 1)) : 0;
+            live[r] = hi > lo;
+            if (hi == lo) {  // nothing to add: weights 0, accumulators kept
               std::fill(srow, srow + nc, A(0));
               scale_by[r] = 1;
               continue;
             }
-            A mx = srow[0];
-            for (int64_t t = 1; t < visible; ++t) mx = std::max(mx, srow[t]);
+            if (softcap > 0) {  // logit soft-capping: c * tanh(s / c) of the scaled scores
+              const A c = static_cast<A>(softcap), inv_c = A(1) / c;
+              for (int64_t t = lo; t < hi; ++t) srow[t] = c * std::tanh(srow[t] * inv_c);
+            }
+            A mx = srow[lo];
+            for (int64_t t = lo + 1; t < hi; ++t) mx = std::max(mx, srow[t]);
             const A m_new = std::max(m[r], mx);
             const A alpha = exp_acc(m[r] - m_new);
             A total = 0;
 #pragma omp simd reduction(+ : total)
-            for (int64_t t = 0; t < visible; ++t) {
+            for (int64_t t = lo; t < hi; ++t) {
               const A p = exp_acc(srow[t] - m_new);
               srow[t] = p;
               total += p;
             }
-            for (int64_t t = visible; t < nc; ++t) srow[t] = 0;
+            for (int64_t t = 0; t < lo; ++t) srow[t] = 0;
+            for (int64_t t = hi; t < nc; ++t) srow[t] = 0;
             l[r] = l[r] * alpha + total;
             m[r] = m_new;
             scale_by[r] = alpha;
@@ -700,11 +712,16 @@ template <typename F> void dispatch(at::ScalarType dtype, F&& fn) {
 
 void attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table,
                const at::Tensor& delta, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin,
-               double scale, bool causal, bool interleaved, const at::Tensor& out, const at::Tensor& lse) {
+               double scale, bool causal, int64_t window, double softcap, bool interleaved, const at::Tensor& out,
+               const at::Tensor& lse) {
   TORCH_CHECK(q.size(3) == D, "q: this kernel was generated for head_dim ", D, ", got ", q.size(3));
+  TORCH_CHECK_VALUE(window >= 0, "window: expected an int >= 0 (0: no sliding window), got ", window);
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap),
+                    "softcap: expected a finite number >= 0 (0: no logit soft-capping), got ", softcap);
   dispatch(q.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
-    attention_impl<S>(q, k_pool, v_pool, table, delta, lens, cos, sin, scale, causal, interleaved, out, lse);
+    attention_impl<S>(q, k_pool, v_pool, table, delta, lens, cos, sin, scale, causal, window, softcap, interleaved,
+                      out, lse);
   });
 }
 
@@ -723,7 +740,9 @@ void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::T
 
 TORCH_LIBRARY($namespace, m) {
   m.def("attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor delta, Tensor lens, Tensor cos, "
-        "Tensor sin, float scale, bool causal, bool interleaved, Tensor(a!) out, Tensor(b!) lse) -> ()", &attention);
+        "Tensor sin, float scale, bool causal, int window, float softcap, bool interleaved, Tensor(a!) out, "
+        "Tensor(b!) lse) -> ()",
+        &attention);
   m.def("materialize(Tensor k_pool, Tensor v_pool, Tensor table, Tensor delta, Tensor lens, Tensor cos, Tensor sin, "
         "bool interleaved, "
         "Tensor(a!) k_out, Tensor(b!) v_out) -> ()", &materialize);

@@ -22,19 +22,20 @@ __all__ = ["triton_attention"]
 @triton_op("gauge::rotated_query_attention_triton", mutates_args=())
 def _rqa_triton(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, num_splits: int,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int, softcap: float,
+    num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     return launch(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, scale,
-                  causal, num_splits)
+                  causal, window, softcap, num_splits)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7])
-    ctx.attrs = inputs[7:11]
+    ctx.attrs = inputs[7:13]  # rotary_dim, interleaved, scale, causal, window, softcap
 
 
 def _backward(ctx, grad_out, grad_lse):
-    return *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), *(None,) * 5
+    return *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), *(None,) * 7
 
 
 _rqa_triton.register_autograd(_backward, setup_context=_setup_context)
@@ -54,7 +55,8 @@ def _functional(mode, op, types, args, kwargs):
 
 def triton_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, *, num_splits: int | None = None,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
+    softcap: float = 0.0, *, num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rotated-query attention through the generated Triton kernels: (out in q's dtype, lse [B, H, Q]).
 
@@ -66,4 +68,4 @@ def triton_attention(
         raise ValueError(f"num_splits: expected None or a positive int, got {num_splits!r}")
     return torch.ops.gauge.rotated_query_attention_triton(
         q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, int(rotary_dim), bool(interleaved),
-        float(scale), bool(causal), int(num_splits or 0))
+        float(scale), bool(causal), int(window), float(softcap), int(num_splits or 0))

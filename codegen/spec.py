@@ -42,9 +42,12 @@ class KernelSpec:
     q_kind "decode": one query token per sequence (the GQA group fills the rows, no causal mask
     is needed since the query sits at the end of its view); "multi": several query tokens, rows
     are (token, head-in-group) pairs tiled by `block_m`, with a bottom-right causal mask when
-    `causal`.  `split_kv`: the kernel writes per-split partial results and a second kernel merges
-    them by log-sum-exp (flash-decoding).  `block_n` is the number of keys per inner step (a
-    pool block wider than that is walked in chunks with the same rotated query).
+    `causal`.  `windowed`: a sliding window (its width a run-time argument) hides the keys before each
+    query's window, and entries wholly before the tile's windows are skipped.  `softcapped`: the scores are
+    capped to c * tanh(s / c) (c a run-time argument) before the masks.  `split_kv`: the kernel
+    writes per-split partial results and a second kernel merges them by log-sum-exp (flash-decoding).
+    `block_n` is the number of keys per inner step (a pool block wider than that is walked in chunks
+    with the same rotated query).
     """
 
     head_dim: int
@@ -58,6 +61,8 @@ class KernelSpec:
     split_kv: bool = False
     block_m: int = 0
     block_n: int = 0
+    windowed: bool = False
+    softcapped: bool = False
 
     def __post_init__(self) -> None:
         for name in ("head_dim", "rotary_dim", "block_size", "group"):
@@ -74,6 +79,8 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.q_kind: expected one of {Q_KINDS}, got {self.q_kind!r}")
         object.__setattr__(self, "interleaved", bool(self.interleaved))
         object.__setattr__(self, "split_kv", bool(self.split_kv))
+        object.__setattr__(self, "windowed", bool(self.windowed))
+        object.__setattr__(self, "softcapped", bool(self.softcapped))
         # A decode query is the last token of its view: the causal mask is a no-op there.
         object.__setattr__(self, "causal", bool(self.causal) and self.q_kind == "multi")
         block_m = self.block_m or tile(self.group, None if self.q_kind == "decode" else MAX_BLOCK_M)
@@ -92,14 +99,17 @@ class KernelSpec:
         parts = [
             f"d{self.head_dim}", f"r{self.rotary_dim}", "il" if self.interleaved else "rh", f"bs{self.block_size}",
             f"g{self.group}", {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}[self.dtype],
-            self.q_kind + ("_causal" if self.causal else ""), "split" if self.split_kv else "single",
+            self.q_kind + ("_causal" if self.causal else "") + ("_window" if self.windowed else "")
+            + ("_cap" if self.softcapped else ""),
+            "split" if self.split_kv else "single",
             f"m{self.block_m}", f"n{self.block_n}",
         ]
         return "_".join(parts)
 
 
 def spec_for(
-    q: torch.Tensor, k_pool: torch.Tensor, rotary_dim: int, interleaved: bool, causal: bool, *, split_kv: bool = False
+    q: torch.Tensor, k_pool: torch.Tensor, rotary_dim: int, interleaved: bool, causal: bool, *, split_kv: bool = False,
+    windowed: bool = False, softcapped: bool = False,
 ) -> KernelSpec:
     """The spec of the kernel that serves these inputs (q [B, H, Q, D], k_pool [N, bs, Hkv, D])."""
     _, num_heads, q_len, head_dim = q.shape
@@ -111,4 +121,5 @@ def spec_for(
     q_kind = "decode" if int(q_len) == 1 else "multi"
     return KernelSpec(int(head_dim), int(rotary_dim), bool(interleaved), int(block_size), group, dtype,
                       q_kind, bool(causal), bool(split_kv),
-                      block_m=0 if q_kind == "decode" else tile(group * int(q_len), MAX_BLOCK_M))
+                      block_m=0 if q_kind == "decode" else tile(group * int(q_len), MAX_BLOCK_M), windowed=windowed,
+                      softcapped=softcapped)

@@ -1,5 +1,6 @@
 """Attention detector: scaled_dot_product_attention in every ATen form, and the explicit
-matmul-scale-mask-softmax-matmul chain of eager attention, with repeat-kv (expand/reshape) for GQA.
+matmul-scale-mask-softmax-matmul chain of eager attention (with Gemma 2's logit soft-capping
+`c * tanh(s / c)` between the scale and the mask), with repeat-kv (expand/reshape) for GQA.
 
 Every layout step between a site and its q/k/v is proven by `probe_chain`, so a match means: the
 site computes softmax(scale * q k^T + masks) v with k/v the head-repeated `k`/`v` found here.
@@ -60,6 +61,7 @@ class AttentionMatch:
     check_mask: bool = False  # set by the rewriter: rewritten under a run-time check that the masks are causal
     kernels: list[tuple] = field(default_factory=list)  # set by the rewriter: (q, k_pool, rotary_dim, interleaved,
     #                                                      causal) of each op call, q/k_pool as fake tensors
+    softcap: float = 0.0  # c of c * tanh(scale * q k^T / c), applied before the masks; 0: none
 
 
 def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> fx.Node:
@@ -136,7 +138,7 @@ def _scores_operand(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         return None
     for scores, mask in ((a, b), (b, a)):
         s = scores
-        while is_call(s, *_RESHAPES, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor):
+        while is_call(s, *_RESHAPES, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.tanh.default):
             s = s.args[0]
         if is_call(s, *_MATMUL):
             return scores, mask
@@ -186,6 +188,20 @@ def _scaled_softmax_input(where: fx.Node) -> fx.Node | None:
     return y
 
 
+def _soft_cap(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(s, c) when `node` is `tanh(s / c) * c` (the division possibly as a product by 1 / c), c > 0 a constant."""
+    if not (is_call(node, aten.mul.Tensor) and isinstance(node.args[1], (int, float)) and node.args[1] > 0
+            and is_call(node.args[0], aten.tanh.default)):
+        return None
+    c, inner = float(node.args[1]), node.args[0].args[0]
+    if is_call(inner, aten.div.Tensor) and inner.args[1] == c:
+        return inner.args[0], c
+    if is_call(inner, aten.mul.Tensor) and isinstance(inner.args[1], (int, float)) and \
+            abs(inner.args[1] * c - 1.0) < 1e-12:
+        return inner.args[0], c
+    return None
+
+
 def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
     """softmax(scale * (q @ k^T) + mask) @ v, or None if `softmax` (of `x`) is not inside such a chain."""
     # forward: softmax -> layout -> matmul(p, v) -> layout -> out [B, H, Q, D]
@@ -202,16 +218,22 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
     if not isinstance(heads, int):
         raise AnalysisError(f"the eager attention's head count is dynamic ({heads}); the repeat-kv proof needs it "
                             "static (compile with dynamic=False, or mark only sequence dims dynamic)")
-    # backward: scores <- [mask adds, scale mul/div, layout] <- matmul(q, k^T)
-    scale, masks, problems = 1.0, [], []
+    # backward: scores <- [mask adds, soft-cap, scale mul/div, layout] <- matmul(q, k^T)
+    scale, softcap, masks, problems = 1.0, 0.0, [], []
     s = x
     while True:
         if is_call(s, *_RESHAPES):
             s = s.args[0]
+        elif not softcap and (capped := _soft_cap(s)) is not None:
+            if scale != 1.0:  # a factor after the cap scales the capped scores: not the op's form
+                return None
+            s, softcap = capped
         elif is_call(s, aten.mul.Tensor, aten.div.Tensor) and isinstance(s.args[1], (int, float)):
             scale = scale * s.args[1] if s.target is aten.mul.Tensor else scale / s.args[1]
             s = s.args[0]
         elif is_call(s, aten.add.Tensor) and (split := _scores_operand(s)) is not None:
+            if softcap:  # a mask inside the cap's tanh
+                return None
             s, mask = split
             masks.append(mask)
         else:
@@ -233,7 +255,7 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
         return None
     if others:
         problems.append("the attention probabilities are used elsewhere (" + ", ".join(u.name for u in others) + ")")
-    return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems)
+    return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems, softcap=softcap)
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionMatch | tuple[fx.Node, str]]:

@@ -1,7 +1,8 @@
 """KV-gather detector: how an attention's keys/values were assembled from a cache.
 
 Recognised (keys and values must be assembled the same way):
-- `gauge::materialize_kv` (ManifoldCache's gather + re-rotation of a block pool);
+- `gauge::materialize_kv` (ManifoldCache's gather + re-rotation of a block pool), whole or from a token
+  `first` on (a sliding-window layer's view: the keys before its window cut off);
 - `cat` of pieces along the sequence (a past cache and new tokens; sink + window + new);
 - per piece: `index_select`/advanced indexing on the batch dim by a table (beam reorder),
   a slice along the sequence, and RoPE re-applied to cached keys with one shift per row
@@ -41,6 +42,7 @@ class Piece:
     rotary_dim: int = 2
     interleaved: bool = False
     materialize: fx.Node | None = None  # the materialize_kv node (its args are the pool and mapping)
+    first: int | fx.Node = 0  # the first view token kept (a slice of the materialised view), an int or a size node
     kinds: list[str] = field(default_factory=list)
 
 
@@ -136,21 +138,53 @@ def _piece(k: fx.Node, v: fx.Node, plan: KVPlan) -> Piece:
     return piece
 
 
+def _view_tail(node) -> tuple[fx.Node, int | fx.Node] | None:
+    """(source, first) when `node` is `source[:, :, first:]`: a slice along the sequence to its end."""
+    if not (is_call(node, aten.slice.Tensor) and len(node.args) > 1 and node.args[1] in (2, -2)):
+        return None
+    source, _, start, end, step = (*node.args, *(None, None, 0, None, 1)[len(node.args):])  # slice's defaults
+    length = shape(source)[2]
+    to_end = end is None or end == torch.iinfo(torch.int64).max or (
+        isinstance(end, int) and isinstance(length, int) and end >= length)
+    return (source, 0 if start is None else start) if to_end and step == 1 else None
+
+
+def _materialized(k: fx.Node, v: fx.Node) -> tuple[fx.Node, int | fx.Node, list[fx.Node]] | None:
+    """(materialize_kv node, first token kept, slice nodes) when k and v are its two views, whole or from one
+    token on; None when they are not materialize_kv's."""
+    mat_k, mat_v = ident_root(k), ident_root(v)
+    first, slices = 0, []
+    tail_k, tail_v = _view_tail(mat_k), _view_tail(mat_v)
+    if tail_k is not None and tail_v is not None:
+        if tail_k[1] != tail_v[1]:
+            raise AnalysisError("keys and values of materialize_kv are sliced from different tokens")
+        slices, first = [mat_k, mat_v], tail_k[1]
+        mat_k, mat_v = ident_root(tail_k[0]), ident_root(tail_v[0])
+    if not (mat_k.target is operator.getitem and is_call(mat_k.args[0], MATERIALIZE)):
+        return None
+    mat = mat_k.args[0]
+    if not (mat_v.target is operator.getitem and mat_v.args[0] is mat and mat_k.args[1] == 0 and mat_v.args[1] == 1):
+        raise AnalysisError("keys and values come from different materialize_kv calls")
+    full_k, full_v = (slices[0].args[0], slices[1].args[0]) if slices else (k, v)
+    if not (known_equal(shape(full_k), shape(mat_k)) and known_equal(shape(full_v), shape(mat_v))
+            and known_equal(shape(k)[:2], shape(mat_k)[:2]) and known_equal(shape(k)[3:], shape(mat_k)[3:])):
+        raise AnalysisError("materialize_kv outputs are reshaped before the attention")
+    return mat, first, slices
+
+
 def plan_kv(k: fx.Node, v: fx.Node) -> KVPlan:
     """Decompose keys/values [B, Hkv, L, D] into block pools; AnalysisError says what does not fit."""
     plan = KVPlan([], [], [], False)
-    mat_k, mat_v = ident_root(k), ident_root(v)
-    if mat_k.target is operator.getitem and is_call(mat_k.args[0], MATERIALIZE):
-        mat = mat_k.args[0]
-        if not (mat_v.args[0] is mat and mat_k.args[1] == 0 and mat_v.args[1] == 1):
-            raise AnalysisError("keys and values come from different materialize_kv calls")
-        if not (known_equal(shape(k), shape(mat_k)) and known_equal(shape(v), shape(mat_v))):
-            raise AnalysisError("materialize_kv outputs are reshaped before the attention")
-        plan.pieces.append(Piece(k, v, shape(k)[2], materialize=mat, kinds=["materialize_kv"]))
-        plan.gather_nodes.append(mat)
-        plan.kinds.append("materialize_kv")
+    found = _materialized(k, v)
+    if found is not None:
+        mat, first, slices = found
+        kinds = ["materialize_kv", "window-slice"] if slices else ["materialize_kv"]
+        plan.pieces.append(Piece(k, v, shape(k)[2], materialize=mat, first=first, kinds=kinds))
+        plan.gather_nodes += [mat, *slices]
+        plan.kinds += kinds
         plan.from_cache = True
         return plan
+    mat_k, mat_v = ident_root(k), ident_root(v)
     k_parts, v_parts = _seq_cat(mat_k), _seq_cat(mat_v)
     if k_parts is not None or v_parts is not None:
         if k_parts is None or v_parts is None or len(k_parts) != len(v_parts):

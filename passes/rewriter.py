@@ -162,6 +162,29 @@ def _checked_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> tuple
     return (not known_equal(shape(site.q)[2], 1),)
 
 
+def _windowed_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, run_time_masks: bool) -> list[bool]:
+    """The flags of a view sliced from a token on, whose mask the masked op checks at run time against the causal
+    masks with a sliding window (the slice itself says nothing of the window: it only drops keys)."""
+    if not run_time_masks:
+        raise AnalysisError("a sliced materialize_kv view needs a run-time mask check (they are off here)")
+    if site.is_causal or not site.masks:
+        raise AnalysisError("a sliced materialize_kv view without an explicit mask (is_causal would be top-left "
+                            "aligned on the slice)")
+    flags = list(_checked_flags(graph, site, plan))
+    site.check_mask = True
+    _check_gathers_vanish(graph, site, plan)
+    return flags
+
+
+def _check_gathers_vanish(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> None:
+    """AnalysisError when a gather the rewrite removes is also used elsewhere (so it would stay)."""
+    dead = dead_after(graph, site.out)
+    alive = [n.name for n in plan.gather_nodes if n not in dead]
+    if alive:
+        raise AnalysisError(f"the gathered/concatenated cache ({', '.join(alive)}) is also used elsewhere "
+                            "(e.g. returned as the new cache), so rewriting would not remove it")
+
+
 def check_rewrite(
     graph: fx.Graph, site: AttentionMatch, plan: KVPlan, owner, run_time_masks: bool = True
 ) -> list[bool]:
@@ -173,9 +196,13 @@ def check_rewrite(
     from sizes read on both sides of a graph break) is checked at run time instead, by
     `gauge::rotated_query_attention_masked`: rotated-query attention when it is the bottom-right causal
     mask (the one a view ending in the queries' own tokens has), masked attention over the view otherwise.
+    A view sliced from a token on (a sliding-window layer's) always takes that check, which also reads the
+    window from its mask.
     """
     if site.problems:
         raise AnalysisError("; ".join(site.problems))
+    if any(not known_equal(val(p.first), 0) for p in plan.pieces):
+        return _windowed_flags(graph, site, plan, run_time_masks)
     q_sym, kv_sym = shape(site.q)[2], sum(p.length for p in plan.pieces)
     over_views = all(p.materialize is not None for p in plan.pieces)
     # is_causal is top-left aligned: the op's bottom-right mask is the same only when q_len == kv_len.  When the
@@ -197,11 +224,7 @@ def check_rewrite(
             raise AnalysisError(f"{exc} (run-time mask checks are off here)") from exc
         flags = list(_checked_flags(graph, site, plan))
         site.check_mask = True
-    dead = dead_after(graph, site.out)
-    alive = [n.name for n in plan.gather_nodes if n not in dead]
-    if alive:
-        raise AnalysisError(f"the gathered/concatenated cache ({', '.join(alive)}) is also used elsewhere "
-                            "(e.g. returned as the new cache), so rewriting would not remove it")
+    _check_gathers_vanish(graph, site, plan)
     return flags
 
 
@@ -241,7 +264,7 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
         kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
         inv_freq = _checked_inv_freq(b, site, inv_freq)
         new_out = b(RQA_MASKED, q, kp, vp, table, delta, lens, inv_freq, rot, inter, length, site.scale,
-                    site.masks[0])
+                    site.masks[0], plan.pieces[0].first, site.softcap)
         site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
     else:
         new_out = _piece_attention(b, q, site, plan, flags)
@@ -281,7 +304,7 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
             # each row's cache is one block holding all its tokens
             lens = b(aten.full.default, [bsz, 1], _size(b, piece.k, 2), **i64)
             args = (kp, vp, table, delta, lens, inv_freq, piece.rotary_dim, piece.interleaved)
-        call = b(RQA, q, *args, site.scale, causal)
+        call = b(RQA, q, *args, site.scale, causal, 0, site.softcap)
         site.kernels.append((val(q), val(args[0]), args[6], args[7], causal))
         outs.append((b(operator.getitem, call, 0), b(operator.getitem, call, 1)))
     if len(outs) == 1:

@@ -138,3 +138,36 @@ def test_forms_not_covered_are_refused_at_construction_with_a_reason():
                                             num_attention_heads=4)
     with pytest.raises(ValueError, match="multi-head latent attention"):
         ManifoldCache(mla, max_batch_size=1, max_tokens=16)
+
+
+@pytest.mark.parametrize("family", ["mistral", "cohere2", "gemma3_text", "gemma2"])
+def test_sliding_layers_past_the_window_run_the_windowed_op_on_the_pool(family, monkeypatch):
+    """Compiled decode steps past the window, after a delete: every layer is rewritten (Gemma 2's soft-capped eager
+    attention too), and at run time each sliding layer's mask is read as the window of 6 (the rotated-query op over
+    the pool, no gather), no layer's as anything but a (windowed) causal mask; the logits are eager's."""
+    from gaugecompile.ops import masked_attention
+
+    model = _model(family)
+    sink: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=functools.partial(gauge_backend, inner="eager", report_sink=sink))
+    windows, gathers = [], []
+    read = masked_attention.sliding_window_of
+    monkeypatch.setattr(masked_attention, "sliding_window_of", lambda *a: windows.append(read(*a)) or windows[-1])
+    gather = masked_attention.materialize_views
+    monkeypatch.setattr(masked_attention, "materialize_views", lambda *a: gathers.append(1) or gather(*a))
+    runs = []
+    for m in (model, compiled):
+        cache = _cache(model)
+        with torch.no_grad():
+            m(input_ids=PROMPT, past_key_values=cache, use_cache=True)
+            cache.delete(0, START, END)
+            windows.clear()
+            runs.append(torch.cat([m(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits
+                                   for t in (7, 9, 11)], 1))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-6)
+    # full layers take the masked op only where their mask is not proven causal at compile time
+    assert windows.count(6) == sum(_cache(model).is_sliding) * 3 and set(windows) <= {0, 6}
+    assert not gathers
+    decode = [r for r, *_ in sink if r.rewritten][-1]
+    assert len(decode.rewritten) == 4 and not decode.refused

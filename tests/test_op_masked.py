@@ -1,5 +1,6 @@
-"""`gauge::rotated_query_attention_masked`: equals masked attention over the materialised view for every mask,
-and takes the rotated-query path (no gather) exactly when the mask is the bottom-right causal one."""
+"""`gauge::rotated_query_attention_masked`: equals masked attention over the materialised view (from its key
+`first` on) for every mask, and takes the rotated-query path (no gather) exactly when the mask is the bottom-right
+causal one, narrowed to a sliding window or not."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 import gaugecompile as gc
 from gaugecompile.ops import masked_attention
-from gaugecompile.ops.masked_attention import is_bottom_right_causal
+from gaugecompile.ops.masked_attention import sliding_window_of
 from gaugecompile.ops.reference import full_block_lens, rerotate, view_tokens
 
 OP = torch.ops.gauge.rotated_query_attention_masked.default
@@ -22,15 +23,19 @@ def _causal(q_len, length, *, additive, shape=()):
     return torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
 
 
-def _reference(q, kp, vp, table, delta, lens, rope, scale, mask):
-    """Gather + re-rotate in float64, repeat heads, add the mask, softmax, weigh the values."""
+def _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first=0, softcap=0.0):
+    """Gather + re-rotate in float64, keep the keys from `first` on, repeat heads, add the mask, softmax, weigh the
+    values."""
     views = [view_tokens(table[b], delta[b], lens[b], kp.shape[1]) for b in range(table.shape[0])]
     k = torch.stack([rerotate(kp.double().flatten(0, 1)[s], d, rope.inv_freq, rope.rotary_dim, rope.interleaved)
                      for s, d in views]).permute(0, 2, 1, 3)
     v = torch.stack([vp.double().flatten(0, 1)[s] for s, _ in views]).permute(0, 2, 1, 3)
+    k, v = k[:, :, first:], v[:, :, first:]
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = q.double() @ k.transpose(-1, -2) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
     return torch.softmax(scores, -1) @ v
 
@@ -41,8 +46,10 @@ def cases(draw):
     bs, hkv, groups, d = draw(st.sampled_from([1, 4, 16])), draw(st.sampled_from([1, 2])), draw(st.sampled_from(
         [1, 2])), draw(st.sampled_from([16, 32]))
     batch, q_len = draw(st.integers(1, 3)), draw(st.integers(1, 5))
-    kind = draw(st.sampled_from(["causal-bool", "causal-additive", "padding", "window", "bias", "none"]))
-    length = draw(st.integers(q_len + (3 if kind in ("padding", "window") else 0), 40))  # something to hide
+    kind = draw(st.sampled_from(["causal-bool", "causal-additive", "padding", "window", "sliced-window",
+                                 "wide-slice", "bias", "none"]))
+    length = draw(st.integers(q_len + (3 if kind in ("padding", "window", "sliced-window", "wide-slice") else 0),
+                              40))  # something to hide
     blocks = -(-length // bs)
     if draw(st.booleans()):  # every block full but the last
         lens = full_block_lens(torch.full((batch,), length), blocks, bs)
@@ -61,7 +68,7 @@ def cases(draw):
     if kind == "padding":
         mask = mask.clone()
         mask[0, ..., : draw(st.integers(1, length - q_len))] = float("-inf") if additive else False
-    elif kind == "window":
+    elif kind in ("window", "sliced-window", "wide-slice"):  # each query sees its last 3 tokens
         far = torch.arange(length)[None, :] < torch.arange(length - q_len, length)[:, None] - 2
         mask = mask.masked_fill(far, float("-inf") if additive else False)
     elif kind == "bias":
@@ -69,8 +76,16 @@ def cases(draw):
         mask = mask + torch.rand(mask.shape, generator=g, dtype=torch.float64)
     elif kind == "none":
         mask = torch.ones(batch, 1, q_len, length, dtype=torch.bool)
-    causal = kind.startswith("causal") or (kind == "none" and q_len == 1)
-    return (q, kp, vp, table, delta, lens, rope, length, d**-0.5, mask), causal
+    first = 0
+    if kind == "sliced-window":  # keys before the first query's window cut off, as a sliding layer's cache does
+        first = draw(st.integers(0, length - q_len - 2))
+    elif kind == "wide-slice":  # keys the first query sees cut off as well: not the op's mask (but for one query)
+        first = draw(st.integers(length - q_len - 1, length - q_len))
+    # one query sees all its keys: a window of their number, however far the slice cuts; so is one row's padding
+    causal = kind.startswith("causal") or kind in ("window", "sliced-window") or (
+        kind in ("none", "wide-slice") and q_len == 1) or (kind == "padding" and q_len == 1 and batch == 1)
+    softcap = draw(st.sampled_from([0.0, 0.0, 1.0]))
+    return (q, kp, vp, table, delta, lens, rope, length, d**-0.5, mask[..., first:], first, softcap), causal
 
 
 @st.composite
@@ -88,27 +103,34 @@ def ragged_counts(draw, length: int, block_size: int) -> list[int]:
 @settings(max_examples=40, deadline=None)
 @given(cases())
 def test_masked_op_equals_masked_attention_and_skips_the_gather_iff_causal(case):
-    (q, kp, vp, table, delta, lens, rope, length, scale, mask), causal = case
+    (q, kp, vp, table, delta, lens, rope, length, scale, mask, first, softcap), causal = case
     calls = []
     original = masked_attention.materialize_views
     masked_attention.materialize_views = lambda *a: calls.append(1) or original(*a)
     try:
         got = OP(q, kp, vp, table, delta, lens, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
-                 mask.float() if mask.dtype == torch.float64 else mask)
+                 mask.float() if mask.dtype == torch.float64 else mask, first, softcap)
     finally:
         masked_attention.materialize_views = original
-    want = _reference(q, kp, vp, table, delta, lens, rope, scale, mask)
+    want = _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first, softcap)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
     assert bool(calls) != causal  # the gather runs only for the masks the rotated-query op cannot express
 
 
-def test_is_bottom_right_causal_cases():
-    assert is_bottom_right_causal(_causal(3, 7, additive=False), 3, 7)
-    assert is_bottom_right_causal(_causal(3, 7, additive=True, shape=(2, 1)).float(), 3, 7)
-    assert is_bottom_right_causal(torch.zeros(1, 1, 1, 7), 1, 7)  # one query: all visible
-    assert not is_bottom_right_causal(_causal(3, 7, additive=False).tril(), 3, 7)  # top-left aligned
-    assert not is_bottom_right_causal(_causal(3, 7, additive=True) + 1.0, 3, 7)  # a bias on visible keys
-    assert not is_bottom_right_causal(torch.full((1, 1, 1, 7), -1e4), 1, 7)  # "masked" too weakly to be exact zeros
+def test_sliding_window_of_cases():
+    assert sliding_window_of(_causal(3, 7, additive=False), 3, 7) == 0
+    assert sliding_window_of(_causal(3, 7, additive=True, shape=(2, 1)).float(), 3, 7) == 0
+    assert sliding_window_of(torch.zeros(1, 1, 1, 7), 1, 7) == 0  # one query: all visible
+    assert sliding_window_of(torch.zeros(1, 1, 1, 4), 1, 7, first=3) == 4  # a decode step's window of 4, sliced
+    assert sliding_window_of(_causal(3, 7, additive=False).tril(-2), 3, 7, first=0) is None  # hides its own token
+    windowed = _causal(3, 7, additive=False) & (torch.arange(7)[None, :] > torch.arange(4, 7)[:, None] - 3)
+    assert sliding_window_of(windowed, 3, 7) == 3
+    assert sliding_window_of(windowed[:, 2:], 3, 7, first=2) == 3  # the keys no query sees cut off
+    assert sliding_window_of(windowed[:, 3:], 3, 7, first=3) is None  # key 2, seen by query 0, cut off
+    assert sliding_window_of(torch.ones(3, 7, dtype=torch.bool), 3, 7) is None  # not causal
+    assert sliding_window_of(_causal(3, 7, additive=False).tril(), 3, 7) is None  # top-left aligned
+    assert sliding_window_of(_causal(3, 7, additive=True) + 1.0, 3, 7) is None  # a bias on visible keys
+    assert sliding_window_of(torch.full((1, 1, 1, 7), -1e4), 1, 7) is None  # "masked" too weakly to be exact zeros
 
 
 @pytest.mark.parametrize("kind", ["causal", "padding"])

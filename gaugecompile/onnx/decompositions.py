@@ -19,7 +19,12 @@ __all__ = ["DECOMPOSITIONS"]
 
 
 def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
-                             interleaved, scale, causal):
+                             interleaved, scale, causal, window=0, softcap=0.0):
+    if window:
+        raise ValueError(f"window: the ai.gauge node has no sliding window (got window={window}); export models "
+                         "whose attention layers see their whole view")
+    if softcap:
+        raise ValueError(f"softcap: the ai.gauge node has no logit soft-capping (got softcap={softcap})")
     if block_delta.is_floating_point():
         raise TypeError(f"block_delta: the ai.gauge node takes integer deltas (int32/int64), got {block_delta.dtype}; "
                         "real-valued (learnable) offsets are for training: round them to integers to export")

@@ -4,11 +4,14 @@ Schema (the contract the passes, the codegen and the ONNX export rely on):
 
     rotated_query_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
         Tensor block_delta, Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
-        float scale, bool causal) -> (Tensor out, Tensor lse)
+        float scale, bool causal, int window=0, float softcap=0.0) -> (Tensor out, Tensor lse)
 
 Entry j of row b is slots [0, block_lens[b, j]) of block block_table[b, j], rotated by block_delta[b, j];
 a row's view is its entries in order (`reference` says it in code), so an edit off block boundaries
-shortens or starts an entry instead of moving the tokens after it.  `inv_freq` is float64 `[rotary_dim // 2]`.
+shortens or starts an entry instead of moving the tokens after it.  Query t sits at view position
+p = length - q_len + t; `causal` hides the keys after p, a sliding `window` W > 0 the keys at p - W and before
+(`reference.hidden_keys`), and the kernels skip the blocks no query sees; `softcap` c > 0 caps the scaled
+scores to c * tanh(s / c) before the mask (Gemma 2's logit soft-capping).  `inv_freq` is float64 `[rotary_dim // 2]`.
 `lse` is `[batch, num_heads, q_len]`, float32
 (float64 for float64 inputs).  The CPU kernel is the generated native code (`gaugecompile.codegen.native`,
 compiled on first use), or the torch loop of `paged_attention` where no C++ compiler exists; the CUDA
@@ -39,7 +42,8 @@ IMPLS = ("auto", "native", "loop", "triton", "reference")
 
 def cpu_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, *, native: bool | None = None,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
+    softcap: float = 0.0, *, native: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The CPU kernel: native code when it can be built (`native=None`), else (or with `native=False`) the loop.
 
@@ -52,29 +56,30 @@ def cpu_attention(
         native = native_available() and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1
     if not native:
         return paged_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
-                               interleaved, scale, causal)
+                               interleaved, scale, causal, window, softcap)
     cos, sin = block_angles(block_delta, inv_freq, accumulation_dtype(q.dtype))
     return native_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, cos, sin, rotary_dim,
-                            interleaved, scale, causal)
+                            interleaved, scale, causal, window, softcap)
 
 
 @torch.library.custom_op("gauge::rotated_query_attention", mutates_args=())
 def _rqa_op(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     if q.device.type == "cuda":
         from ..codegen import triton_attention
 
         return triton_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
-                                rotary_dim, interleaved, scale, causal)
+                                rotary_dim, interleaved, scale, causal, window, softcap)
     return cpu_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
-                         scale, causal)
+                         scale, causal, window, softcap)
 
 
 @_rqa_op.register_fake
 def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
-              scale, causal):
+              scale, causal, window=0, softcap=0.0):
     # the kernels return contiguous outputs whatever q's strides are; the fake must say the same
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
@@ -83,10 +88,10 @@ def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
 def _rqa_backward_op(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
     block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
-    scale: float, causal: bool,
+    scale: float, causal: bool, window: int = 0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
-                              inv_freq, rotary_dim, interleaved, scale, causal)
+                              inv_freq, rotary_dim, interleaved, scale, causal, window, softcap)
 
 
 @_rqa_backward_op.register_fake
@@ -98,8 +103,8 @@ def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, block_table, block
 def op_gradients(saved: tuple[Tensor, ...], attrs: tuple, grad_out: Tensor | None,
                  grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
     """Gradients for (q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq) from the saved inputs, the
-    attributes (rotary_dim, interleaved, scale, causal) and the cotangents: the one adjoint of every implementation.
-    block_delta has one where it is real-valued (a learnable offset)."""
+    attributes (rotary_dim, interleaved, scale, causal, window, softcap) and the cotangents: the one adjoint of every
+    implementation.  block_delta has one where it is real-valued (a learnable offset)."""
     q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = saved
     if grad_out is None:
         grad_out = torch.zeros_like(q)
@@ -117,7 +122,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    return *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), None, None, None, None
+    return *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), *(None,) * len(ctx.attrs)
 
 
 _rqa_op.register_autograd(_backward, setup_context=_setup_context)
@@ -129,15 +134,15 @@ class _Implementation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, forward, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
-                interleaved, scale, causal):
+                interleaved, scale, causal, window, softcap):
         ctx.save_for_backward(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq)
-        ctx.attrs = (rotary_dim, interleaved, scale, causal)
+        ctx.attrs = (rotary_dim, interleaved, scale, causal, window, softcap)
         return forward(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
-                       scale, causal)
+                       scale, causal, window, softcap)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        return None, *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), None, None, None, None
+        return None, *op_gradients(ctx.saved_tensors, ctx.attrs, grad_out, grad_lse), *(None,) * len(ctx.attrs)
 
 
 def rotated_query_attention(
@@ -151,6 +156,8 @@ def rotated_query_attention(
     *,
     scale: float | None = None,
     causal: bool = True,
+    window: int = 0,
+    softcap: float = 0.0,
     impl: str = "auto",
     return_lse: bool = False,
 ):
@@ -161,7 +168,9 @@ def rotated_query_attention(
     tokens of each view). k_pool/v_pool: [num_blocks, block_size, num_kv_heads, head_dim], keys
     stored rotated at their write positions. block_table/block_delta: [batch, max_blocks];
     seq_lens: tokens per table entry [batch, max_blocks] (entry j holds slots [0, n) of its block), or
-    view lengths [batch] of views whose blocks are full but the last.
+    view lengths [batch] of views whose blocks are full but the last.  window: W > 0 limits each query to
+    its last W view tokens, itself included (a sliding-window layer); blocks before every query's window are
+    not read.  softcap: c > 0 caps the scaled scores to c * tanh(s / c) (logit soft-capping).
     impl: "auto" (the registered op: native CPU kernel, Triton on CUDA), "native"
     (the generated C++ kernel, CPU only), "loop" (the torch loop, the fallback where no compiler exists, on
     any device), "triton" (generated kernels; on the CPU only under TRITON_INTERPRET=1), "reference"
@@ -173,13 +182,13 @@ def rotated_query_attention(
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return reference_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope, scale=scale,
-                                   causal=causal, return_lse=return_lse)
+                                   causal=causal, window=window, softcap=softcap, return_lse=return_lse)
     q_len = q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
     block_lens = as_block_lens(seq_lens, block_table, k_pool, q_len)
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim, window, softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     args = (q, k_pool, v_pool, block_table, block_delta, block_lens, rope.inv_freq.to(q.device),
-            rope.rotary_dim, rope.interleaved, scale, bool(causal))
+            rope.rotary_dim, rope.interleaved, scale, bool(causal), window, float(softcap))
     if impl == "auto":
         out, lse = torch.ops.gauge.rotated_query_attention(*args)
     elif impl in ("native", "loop"):

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 
 from ..rope import accumulation_dtype, delta_cos_sin, rotate, rotation_tangent
-from .reference import rerotate, view_tokens
+from .reference import hidden_keys, rerotate, view_tokens
 
 
 def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv_freq, rotary_dim, interleaved,
-                       scale, causal, delta_grad):
+                       scale, causal, window, softcap, delta_grad):
     """dq [H, Q, D], dK and dV [L, Hkv, D] (dK rotated back to storage) and d delta per token [L] (None unless
     `delta_grad`) of one sequence whose view is pool slots `slots` rotated by `deltas`."""
     length = slots.shape[0]
@@ -29,15 +29,19 @@ def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv
     group = num_heads // num_kv
     kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
     vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-    scores = (q @ kh.transpose(-1, -2)) * scale
-    if causal:
-        qpos = torch.arange(length - q_len, length, device=q.device)[:, None]
-        scores = scores.masked_fill(torch.arange(length, device=q.device)[None, :] > qpos, float("-inf"))
+    raw = (q @ kh.transpose(-1, -2)) * scale
+    capped = torch.tanh(raw / softcap) if softcap else None
+    scores = softcap * capped if softcap else raw
+    hidden = hidden_keys(q_len, length, causal, window, q.device)
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
     p = torch.softmax(scores, dim=-1)  # [H, Q, L]
     out = p @ vh
     dp = grad_out @ vh.transpose(-1, -2)
     # d/dS of (sum dO*O + sum dlse*lse): softmax adjoint plus dlse/dS = P
     ds = p * (dp - (grad_out * out).sum(-1, keepdim=True) + grad_lse[..., None])
+    if softcap:  # d/dx of c * tanh(x / c) = 1 - tanh^2
+        ds = ds * (1 - capped * capped)
     dq = (ds @ kh) * scale
     dk = ((ds.transpose(-1, -2) @ q) * scale).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
     dv = (p.transpose(-1, -2) @ grad_out).view(num_kv, group, length, -1).sum(1).transpose(0, 1)
@@ -49,7 +53,7 @@ def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv
 def attention_backward(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
     block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
-    causal: bool,
+    causal: bool, window: int = 0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk_pool, dv_pool, d_block_delta) for the op's (out, lse) cotangents; computed in float32/float64.
 
@@ -68,7 +72,7 @@ def attention_backward(
         slots, deltas = view_tokens(block_table[b], block_delta[b], block_lens[b], block_size)
         dq[b], dk_b, dv_b, dd_b = _sequence_backward(
             grad_out[b].to(cdt), grad_lse[b].to(cdt), q[b].to(cdt), k32, v32, slots, deltas, inv_freq, rotary_dim,
-            interleaved, scale, causal, delta_grad,
+            interleaved, scale, causal, window, softcap, delta_grad,
         )
         dk.index_add_(0, slots, dk_b)
         dv.index_add_(0, slots, dv_b)

@@ -34,6 +34,8 @@ def check_attention_inputs(
     block_delta: torch.Tensor,
     block_lens: torch.Tensor,
     rotary_dim: int,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """Raise TypeError/ValueError naming the first argument that breaks the op's contract."""
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),
@@ -84,6 +86,10 @@ def check_attention_inputs(
         raise TypeError(f"block_lens: expected an int32/int64 tensor, got {block_lens.dtype}")
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"rope.rotary_dim: expected an even number in (0, head_dim={head_dim}], got {rotary_dim}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window: expected an int >= 0 (0: no sliding window), got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):
+        raise ValueError(f"softcap: expected a finite number >= 0 (0: no logit soft-capping), got {softcap!r}")
 
 
 def as_block_lens(seq_lens: torch.Tensor, block_table: torch.Tensor, k_pool: torch.Tensor,

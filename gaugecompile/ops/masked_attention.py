@@ -1,21 +1,24 @@
 """`gauge::rotated_query_attention_masked`: attention over a materialised view with a mask only known at
-run time, taking the rotated-query path whenever that mask is the causal one.
+run time, taking the rotated-query path whenever that mask is a (sliding-window) causal one.
 
 Schema:
 
     rotated_query_attention_masked(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
         Tensor block_delta, Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
-        SymInt length, float scale, Tensor mask) -> Tensor
+        SymInt length, float scale, Tensor mask, SymInt first=0, float softcap=0.0) -> Tensor
 
-Meaning: `softmax(scale * q K^T + mask) V` with `K, V = materialize_kv(...)[:length]` (heads repeated
-for GQA); `mask` is boolean (True = visible) or additive and broadcasts to `[batch, heads, q_len,
-length]`.  The passes emit it where a mask reaches the attention as a graph input (transformers
-builds it in another graph when a cache's bookkeeping breaks the frame), so its causality cannot be
-proven at compile time.  At run time one elementwise pass over the mask decides: the bottom-right
-causal mask (the only one a ManifoldCache view ending in the queries' own tokens has without
-padding) runs `gauge::rotated_query_attention` on the untouched pool; any other mask (padding, a
-window, a bias) runs the gather + re-rotate + masked attention the model wrote.  Results never
-depend on which path ran beyond float rounding.
+Meaning: `softmax(cap(scale * q K^T) + mask) V` (cap: `reference.soft_capped`, the identity for softcap 0)
+with `K, V = materialize_kv(...)[first:length]` (heads repeated for GQA): the view from token `first` on, as
+a sliding-window layer of a ManifoldCache slices it; `mask` is boolean (True = visible) or additive and
+broadcasts to `[batch, heads, q_len, length - first]`.  The passes
+emit it where a mask reaches the attention as a graph input (transformers builds it in another graph when a
+cache's bookkeeping breaks the frame), so its structure cannot be proven at compile time.  At run time one
+elementwise pass over the mask decides (`sliding_window_of`): where the keys before `first` and the mask
+together are the bottom-right causal mask of the whole view, narrowed to a window of W tokens or not (the
+only masks a ManifoldCache view ending in the queries' own tokens has without padding), it runs
+`gauge::rotated_query_attention` with that window on the untouched pool; any other mask (padding, a bias)
+runs the gather + re-rotate + masked attention the model wrote.  Results never depend on which path ran
+beyond float rounding.
 """
 
 from __future__ import annotations
@@ -25,50 +28,73 @@ from torch import Tensor
 
 from .checks import check_mapping_values
 from .materialize import materialize_views
+from .reference import hidden_keys, soft_capped
 
-__all__ = ["MASKED", "is_bottom_right_causal"]
+__all__ = ["MASKED", "sliding_window_of"]
 
 #: Additive mask values at or below this are exact zeros after softmax in any float dtype.
 MASKED = -1e30
 
 
-def is_bottom_right_causal(mask: Tensor, q_len: int, kv_len: int) -> bool:
-    """Whether `mask` (bool, or additive with exactly 0 for visible entries) shows key j to query i iff
-    j <= i + kv_len - q_len, for every batch row and head it broadcasts over."""
-    rows = torch.arange(kv_len - q_len, kv_len, device=mask.device)[:, None]
-    expected = torch.arange(kv_len, device=mask.device)[None, :] <= rows
+def sliding_window_of(mask: Tensor, q_len: int, length: int, first: int = 0) -> int | None:
+    """The window W (0: none) for which `mask` over view keys [first, length), with the keys before `first`
+    hidden, is the op's mask (`reference.hidden_keys`): bottom-right causal, each query seeing its last W tokens;
+    or None when it is no such mask.  `mask` is bool, or additive with exactly 0 for visible entries, and
+    broadcasts over batch rows and heads.
+
+    W is read from the last query, which sees min(W, length) keys; every entry is then compared with the
+    pattern, so a mask that only looks windowed in its last row is refused.
+    """
     visible = mask if mask.dtype == torch.bool else mask > MASKED
-    if not bool((visible == expected).all()):
-        return False
-    return mask.dtype == torch.bool or bool((mask[visible] == 0).all())
+    try:
+        visible = visible.broadcast_to((*visible.shape[:-2], q_len, length - first))
+    except RuntimeError:
+        return None
+    seen = int(visible[..., -1, :].sum(-1).amax()) if visible.numel() else 0
+    window = seen if seen < length else 0
+    hidden = hidden_keys(q_len, length, q_len > 1, window, mask.device)
+    expected = torch.ones(q_len, length, dtype=torch.bool, device=mask.device) if hidden is None else ~hidden
+    if bool(expected[:, :first].any()) or not bool((visible == expected[:, first:]).all()):
+        return None
+    return window if mask.dtype == torch.bool or bool((torch.where(visible, mask, 0) == 0).all()) else None
 
 
-def _masked_view_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor) -> Tensor:
-    """Plain masked attention over a materialised view (heads repeated for GQA)."""
+def _masked_view_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor, softcap: float) -> Tensor:
+    """Plain masked attention over a materialised view (heads repeated for GQA), the scores soft-capped first."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     if mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if not softcap:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = soft_capped(q @ k.transpose(-1, -2) * scale, softcap)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, -1) @ v
 
 
 @torch.library.custom_op("gauge::rotated_query_attention_masked", mutates_args=())
 def _masked_op(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    inv_freq: Tensor, rotary_dim: int, interleaved: bool, length: int, scale: float, mask: Tensor,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, length: int, scale: float, mask: Tensor, first: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     q_len = q.shape[2]
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], 0, length)
-    if q_len <= length and is_bottom_right_causal(mask, q_len, length):
+    if not 0 <= first <= length:
+        raise ValueError(f"first: expected the first key in [0, length={length}], got {first}")
+    window = sliding_window_of(mask, q_len, length, first) if q_len <= length else None
+    if window is not None:
         out, _ = torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens,
-                                                         inv_freq, rotary_dim, interleaved, scale, q_len > 1)
+                                                         inv_freq, rotary_dim, interleaved, scale, q_len > 1, window,
+                                                         softcap)
         return out
     k, v = materialize_views(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
                              length)
-    return _masked_view_attention(q, k.to(q.dtype), v.to(q.dtype), scale, mask).contiguous()
+    return _masked_view_attention(q, k[:, :, first:].to(q.dtype), v[:, :, first:].to(q.dtype), scale, mask,
+                                  softcap).contiguous()
 
 
 @_masked_op.register_fake
 def _masked_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, length,
-                 scale, mask):
+                 scale, mask, first=0, softcap=0.0):
     return q.new_empty(q.shape)

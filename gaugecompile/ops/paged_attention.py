@@ -13,7 +13,8 @@ all for delta 0), else once per block -- O(blocks * head_dim) extra work, agains
 head_dim) for re-rotating keys.  Tiles are merged by an online softmax (running max, running sum,
 rescaled accumulator), so the result is that of one softmax over the whole view and the
 log-sum-exp comes out for free.  GQA is handled by folding the query-head group into the query
-rows, so K/V heads are never repeated.
+rows, so K/V heads are never repeated.  With a sliding window, tiles that hold no key any query sees are
+skipped unread.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from ..rope import accumulation_dtype, rotate
 from .angles import block_angles
 from .checks import check_mapping_values
+from .reference import soft_capped
 
 TILE_TOKENS = 4096
 
@@ -105,15 +107,21 @@ class _Softmax:
 def _attend(
     state: _Softmax, qg: torch.Tensor, row_pos: torch.Tensor | None, k_pool: torch.Tensor, v_pool: torch.Tensor,
     table: list[int], deltas: list[int], lens: list[int], cos: torch.Tensor | None, sin: torch.Tensor | None,
-    first: int, end: int, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
+    first: int, end: int, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int,
+    softcap: float,
 ) -> None:
     """Fold entries [first, end) of a view into `state`, for queries qg [Hkv, R, D] whose view positions are
-    row_pos [R] (causal only).  table/deltas/lens/cos/sin are indexed by entry; cos/sin may be None when every
-    delta is 0."""
+    row_pos [R] (None unless causal or windowed).  table/deltas/lens/cos/sin are indexed by entry; cos/sin may
+    be None when every delta is 0."""
     block_size = k_pool.shape[1]
     cdt = qg.dtype
     tile_blocks = max(1, TILE_TOKENS // block_size)
     tok0 = sum(lens[:first])
+    if window:  # entries wholly at or before the last position every query's window hides are not read
+        last_hidden = int(row_pos.min()) - window
+        while first < end and tok0 + lens[first] - 1 <= last_hidden:
+            tok0 += lens[first]
+            first += 1
     for r0, r1 in _runs(table[first:end], deltas[first:end], lens[first:end], block_size, tile_blocks):
         j0, j1 = first + r0, first + r1
         counts = lens[j0:j1]
@@ -133,10 +141,14 @@ def _attend(
         else:
             qr = rotate(qg.unsqueeze(0), cos[j0:j1, None, None], -sin[j0:j1, None, None], rotary_dim, interleaved)
             s = torch.einsum("nhqd,nshd->hqns", qr, kb).flatten(2)[..., held]
-        s = s * scale
-        if causal:
-            key_pos = torch.arange(tok0, tok0 + n_tok, device=qg.device)
-            s = s.masked_fill(key_pos[None, None, :] > row_pos[None, :, None], float("-inf"))
+        s = soft_capped(s * scale, softcap)
+        if causal or window:
+            key_pos = torch.arange(tok0, tok0 + n_tok, device=qg.device)[None, None, :]
+            pos = row_pos[None, :, None]
+            hidden = (key_pos > pos) if causal else None
+            if window:
+                hidden = (key_pos <= pos - window) if hidden is None else hidden | (key_pos <= pos - window)
+            s = s.masked_fill(hidden, float("-inf"))
         state.add(s, vb.flatten(0, 1)[held].transpose(0, 1))
         tok0 += n_tok
 
@@ -163,7 +175,7 @@ def _row(t: torch.Tensor | None, r: int) -> torch.Tensor | None:
 def _group(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: list[list[int]], deltas: list[list[int]],
     lens: list[list[int]], cos: torch.Tensor, sin: torch.Tensor, length: int, rotary_dim: int, interleaved: bool,
-    scale: float, causal: bool,
+    scale: float, causal: bool, window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of one view length: q [b, H, Q, D] (compute dtype) -> out [b, H, Q, D], lse [b, H, Q].
 
@@ -177,16 +189,18 @@ def _group(
     per_row = group * q_len
     # [b, H, Q, D] -> [Hkv, b * G * Q, D]: query rows grouped by KV head, rows of one sequence contiguous
     qg = q.reshape(rows, num_kv, per_row, head_dim).transpose(0, 1).reshape(num_kv, rows * per_row, head_dim)
-    row_pos = torch.arange(length - q_len, length, device=q.device).repeat(group) if causal else None  # per row
+    masked = causal or window > 0
+    row_pos = torch.arange(length - q_len, length, device=q.device).repeat(group) if masked else None  # per row
     shared = _shared_blocks(tables, deltas, lens, min(n_blocks)) if rows > 1 else n_blocks[0]
     state = _Softmax()
-    _attend(state, qg, row_pos.repeat(rows) if causal else None, k_pool, v_pool, tables[0], deltas[0], lens[0],
-            _row(cos, 0), _row(sin, 0), 0, shared, rotary_dim, interleaved, scale, causal)
+    _attend(state, qg, row_pos.repeat(rows) if masked else None, k_pool, v_pool, tables[0], deltas[0], lens[0],
+            _row(cos, 0), _row(sin, 0), 0, shared, rotary_dim, interleaved, scale, causal, window, softcap)
     outs, lses = [], []
     for r in range(rows):
         mine = state.rows(r * per_row, (r + 1) * per_row)
         _attend(mine, qg[:, r * per_row : (r + 1) * per_row], row_pos, k_pool, v_pool, tables[r], deltas[r], lens[r],
-                _row(cos, r), _row(sin, r), shared, n_blocks[r], rotary_dim, interleaved, scale, causal)
+                _row(cos, r), _row(sin, r), shared, n_blocks[r], rotary_dim, interleaved, scale, causal, window,
+                softcap)
         out, lse = mine.result(per_row, head_dim, qg)
         outs.append(out.reshape(num_heads, q_len, head_dim))
         lses.append(lse.reshape(num_heads, q_len))
@@ -196,7 +210,7 @@ def _group(
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
     block_delta: torch.Tensor, block_lens: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
-    interleaved: bool, scale: float, causal: bool,
+    interleaved: bool, scale: float, causal: bool, window: int = 0, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated-query attention for a batch (shape-checked inputs); out in q's dtype, lse float32/64."""
     cdt = accumulation_dtype(q.dtype)
@@ -207,7 +221,7 @@ def paged_attention(
     groups = sorted(set(totals))
     if len(groups) == 1:  # ManifoldCache's case: one view length for the whole batch
         out, lse = _group(q.to(cdt), k_pool, v_pool, tables, deltas, lens, cos, sin, groups[0], rotary_dim,
-                          interleaved, scale, causal)
+                          interleaved, scale, causal, window, softcap)
         return out.to(q.dtype), lse
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=cdt, device=q.device)
@@ -215,6 +229,6 @@ def paged_attention(
         idx = [b for b, n in enumerate(totals) if n == length]
         o, l_ = _group(q[idx].to(cdt), k_pool, v_pool, [tables[b] for b in idx], [deltas[b] for b in idx],
                        [lens[b] for b in idx], None if cos is None else cos[idx], None if sin is None else sin[idx],
-                       length, rotary_dim, interleaved, scale, causal)
+                       length, rotary_dim, interleaved, scale, causal, window, softcap)
         out[idx], lse[idx] = o.to(q.dtype), l_
     return out, lse

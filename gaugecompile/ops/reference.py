@@ -48,20 +48,39 @@ def rerotate(keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor, r
     return rotate(keys.to(cdt), cos[..., None, :], sin[..., None, :], rotary_dim, interleaved).to(keys.dtype)
 
 
+def hidden_keys(q_len: int, length: int, causal: bool, window: int, device: torch.device) -> torch.Tensor | None:
+    """[Q, L] True where a query cannot see a key, or None when every query sees every key.
+
+    Query t sits at view position p = length - q_len + t (the view ends with the queries' own tokens).  `causal`
+    hides the keys after p (bottom-right); a sliding `window` W > 0 hides the keys at p - W and before, so each
+    query sees at most its last W tokens, itself included -- transformers' sliding-window attention.
+    """
+    if not causal and not window:
+        return None
+    qpos = torch.arange(length - q_len, length, device=device)[:, None]
+    kpos = torch.arange(length, device=device)[None, :]
+    hidden = kpos > qpos if causal else torch.zeros(q_len, length, dtype=torch.bool, device=device)
+    return hidden | (kpos <= qpos - window) if window else hidden
+
+
+def soft_capped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2): `softcap * tanh(scores / softcap)`, or the scores as they are for 0."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
 def attention_one(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q [H, Q, D] over k, v [L, Hkv, D] (GQA by repetition); out and lse."""
     num_heads, q_len, _ = q.shape
     group = num_heads // k.shape[1]
     k = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
     v = v.transpose(0, 1).repeat_interleave(group, dim=0)
-    scores = (q @ k.transpose(-1, -2)) * scale  # [H, Q, L]
-    if causal:
-        length = k.shape[1]
-        qpos = torch.arange(length - q_len, length, device=q.device)[:, None]
-        kpos = torch.arange(length, device=q.device)[None, :]
-        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    scores = soft_capped((q @ k.transpose(-1, -2)) * scale, softcap)  # [H, Q, L]
+    hidden = hidden_keys(q_len, k.shape[1], causal, window, q.device)
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return torch.softmax(scores, dim=-1) @ v, lse
 
@@ -77,6 +96,8 @@ def reference_attention(
     *,
     scale: float | None = None,
     causal: bool = True,
+    window: int = 0,
+    softcap: float = 0.0,
     impl: str = "reference",
     return_lse: bool = False,
 ):
@@ -90,14 +111,14 @@ def reference_attention(
         raise ValueError(f"impl: reference_attention only has impl='reference', got {impl!r}")
     q_len = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
     block_lens = as_block_lens(seq_lens, block_table, k_pool, q_len)
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim, window, softcap)
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     outs, lses = [], []
     for b in range(q.shape[0]):
         slots, deltas = view_tokens(block_table[b], block_delta[b], block_lens[b], k_pool.shape[1])
         k = rerotate(k_pool.flatten(0, 1)[slots], deltas, rope.inv_freq, rope.rotary_dim, rope.interleaved)
-        o, lse = attention_one(q[b], k, v_pool.flatten(0, 1)[slots], scale, causal)
+        o, lse = attention_one(q[b], k, v_pool.flatten(0, 1)[slots], scale, causal, window, softcap)
         outs.append(o)
         lses.append(lse)
     out = torch.stack(outs)
