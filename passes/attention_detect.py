@@ -1,6 +1,7 @@
 """Attention detector: scaled_dot_product_attention in every ATen form, and the explicit
 matmul-scale-mask-softmax-matmul chain of eager attention (with Gemma 2's logit soft-capping
-`c * tanh(s / c)` between the scale and the mask), with repeat-kv (expand/reshape) for GQA.
+`c * tanh(s / c)` between the scale and the mask, and GPT-OSS's sink logits: a column concatenated to
+the scores, softmax, the column dropped), with repeat-kv (expand/reshape) for GQA.
 
 Every layout step between a site and its q/k/v is proven by `probe_chain`, so a match means: the
 site computes softmax(scale * q k^T + masks) v with k/v the head-repeated `k`/`v` found here.
@@ -8,6 +9,7 @@ site computes softmax(scale * q k^T + masks) v with k/v the head-repeated `k`/`v
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,6 +64,7 @@ class AttentionMatch:
     kernels: list[tuple] = field(default_factory=list)  # set by the rewriter: (q, k_pool, rotary_dim, interleaved,
     #                                                      causal) of each op call, q/k_pool as fake tensors
     softcap: float = 0.0  # c of c * tanh(scale * q k^T / c), applied before the masks; 0: none
+    sinks: fx.Node | None = None  # per-row sink logits [B, H, Q, 1]: an extra term in the softmax denominator
 
 
 def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> fx.Node:
@@ -202,6 +205,30 @@ def _soft_cap(node: fx.Node) -> tuple[fx.Node, float] | None:
     return None
 
 
+def _row_centred(node: fx.Node) -> fx.Node:
+    """c of `c - max(c, -1, keepdim=True)` (softmax does not see a per-row shift), else `node` itself."""
+    if not is_call(node, aten.sub.Tensor) or not isinstance(node.args[1], fx.Node):
+        return node
+    c, top = node.args
+    if is_call(top, aten.amax.default) and top.args[0] is c and _last_dim(top.args[1], c):
+        return c
+    if top.target is operator.getitem and top.args[1] == 0 and is_call(top.args[0], aten.max.dim) and \
+            top.args[0].args[0] is c and _last_dim([top.args[0].args[1]], c):
+        return c
+    return node
+
+
+def _sink_column(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(scores, sinks) when `node` is `cat([scores, sinks], -1)` with one sink logit per row."""
+    if not is_call(node, aten.cat.default) or len(node.args[0]) != 2:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else 0
+    scores, sinks = node.args[0]
+    if not _last_dim([dim], node) or not isinstance(sinks, fx.Node) or not known_equal(shape(sinks)[-1], 1):
+        return None
+    return scores, sinks
+
+
 def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
     """softmax(scale * (q @ k^T) + mask) @ v, or None if `softmax` (of `x`) is not inside such a chain."""
     # forward: softmax -> layout -> matmul(p, v) -> layout -> out [B, H, Q, D]
@@ -218,9 +245,11 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
     if not isinstance(heads, int):
         raise AnalysisError(f"the eager attention's head count is dynamic ({heads}); the repeat-kv proof needs it "
                             "static (compile with dynamic=False, or mark only sequence dims dynamic)")
-    # backward: scores <- [mask adds, soft-cap, scale mul/div, layout] <- matmul(q, k^T)
+    # backward: scores <- [sink column, mask adds, soft-cap, scale mul/div, layout] <- matmul(q, k^T)
     scale, softcap, masks, problems = 1.0, 0.0, [], []
-    s = x
+    s, sinks = x, None
+    if (split := _sink_column(_row_centred(x))) is not None:
+        s, sinks = split
     while True:
         if is_call(s, *_RESHAPES):
             s = s.args[0]
@@ -241,10 +270,11 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
     if not is_call(s, *_MATMUL):
         return None
     mm1 = s
-    kv_len = shape(softmax)[-1]
+    kv_len = shape(mm1)[-1]
     a1, k1, v2 = mm1.args[0], mm1.args[1], mm2.args[1]
+    dropped = slice(0, -1) if sinks is not None else slice(None)  # the sink column is not a key
     try:
-        probe_chain(softmax, mm2.args[0], lambda t, dims: t.reshape(dims(mm2.args[0])))
+        probe_chain(softmax, mm2.args[0], lambda t, dims: t[..., dropped].reshape(dims(mm2.args[0])))
         probe_chain(mm2, out, lambda t, dims: t.reshape(dims(out)))
         q = _resolve(a1, heads, lambda t: t)
         k = _resolve(k1, heads, lambda t: t.transpose(-2, -1))
@@ -255,7 +285,8 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
         return None
     if others:
         problems.append("the attention probabilities are used elsewhere (" + ", ".join(u.name for u in others) + ")")
-    return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems, softcap=softcap)
+    return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems, softcap=softcap,
+                          sinks=sinks)
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionMatch | tuple[fx.Node, str]]:

@@ -264,17 +264,29 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
         kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
         inv_freq = _checked_inv_freq(b, site, inv_freq)
         new_out = b(RQA_MASKED, q, kp, vp, table, delta, lens, inv_freq, rot, inter, length, site.scale,
-                    site.masks[0], plan.pieces[0].first, site.softcap)
+                    site.masks[0], plan.pieces[0].first, site.softcap, site.sinks)
         site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
     else:
-        new_out = _piece_attention(b, q, site, plan, flags)
+        new_out, lse = _piece_attention(b, q, site, plan, flags)
+        if site.sinks is not None:
+            new_out = _with_sinks(b, new_out, lse, site.sinks)
     new_out = _match_layout(b, new_out, site.out)
     site.out.replace_all_uses_with(new_out)
     return new_out
 
 
-def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan, flags: list[bool]) -> fx.Node:
-    """One rotated-query attention per piece of the plan, merged through the log-sum-exp."""
+def _with_sinks(b: Builder, out: fx.Node, lse: fx.Node, sinks: fx.Node) -> fx.Node:
+    """Attention with sink logits from attention without: a sink adds exp(sink) to the softmax denominator, so
+    out * exp(lse) / (exp(lse) + exp(sink)) = out * sigmoid(lse - sink), row by row (sinks [B, H, Q, 1])."""
+    sink = b(torch.ops.prims.convert_element_type.default, b(aten.select.int, sinks, -1, 0), val(lse).dtype)
+    weight = b(aten.sigmoid.default, b(aten.sub.Tensor, lse, sink))
+    weight = b(torch.ops.prims.convert_element_type.default, b(aten.unsqueeze.default, weight, -1), val(out).dtype)
+    return b(aten.mul.Tensor, out, weight)
+
+
+def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
+                     flags: list[bool]) -> tuple[fx.Node, fx.Node]:
+    """One rotated-query attention per piece of the plan, merged through the log-sum-exp: (out, lse)."""
     bsz = _size(b, q, 0)
     dev = val(q).device
     i64 = dict(dtype=torch.int64, device=dev)
@@ -308,7 +320,7 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
         site.kernels.append((val(q), val(args[0]), args[6], args[7], causal))
         outs.append((b(operator.getitem, call, 0), b(operator.getitem, call, 1)))
     if len(outs) == 1:
-        new_out = outs[0][0]
+        new_out, lse = outs[0]
     else:
         # elementwise log-sum-exp (post-grad graphs have no lowering for stack/logsumexp)
         top = outs[0][1]
@@ -323,7 +335,8 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
             term = b(aten.mul.Tensor, out, b(aten.unsqueeze.default, b(aten.div.Tensor, w, total), -1))
             acc = term if acc is None else b(aten.add.Tensor, acc, term)
         new_out = b(torch.ops.prims.convert_element_type.default, acc, val(q).dtype)
-    return new_out
+        lse = b(aten.add.Tensor, top, b(aten.log.default, total))
+    return new_out, lse
 
 
 def _checked_inv_freq(b: Builder, site: AttentionMatch, cache_inv_freq: fx.Node) -> fx.Node:

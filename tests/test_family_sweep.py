@@ -17,7 +17,7 @@ EXPECTED = {
     "cohere2": "rewritten",  # NoPE full layers found by the probe; interleaved sliding layers, windowed op
     "gemma3_text": "rewritten",  # two bases; sliding windows read from the model's masks at run time
     "mistral": "rewritten",  # every layer sliding: past the window, the op's sliding window over the pool
-    "gpt_oss": "exact",  # sink logits: eager attention, left as it is
+    "gpt_oss": "rewritten",  # sink logits: a factor sigmoid(lse - sink) on the op's output
     "gemma2": "rewritten",  # logit soft-capping in eager attention: the op's softcap
     "moshi": "exact",  # a window only its cache bounds (its mask has none): the cache's sliding layers do
     "deepseek_v3": "refused",  # multi-head latent attention, refused at construction

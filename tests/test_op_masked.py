@@ -1,5 +1,5 @@
 """`gauge::rotated_query_attention_masked`: equals masked attention over the materialised view (from its key
-`first` on) for every mask, and takes the rotated-query path (no gather) exactly when the mask is the bottom-right
+`first` on, scores soft-capped or not, with sink logits or not) for every mask, and takes the rotated-query path (no gather) exactly when the mask is the bottom-right
 causal one, narrowed to a sliding window or not."""
 
 import pytest
@@ -23,7 +23,7 @@ def _causal(q_len, length, *, additive, shape=()):
     return torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
 
 
-def _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first=0, softcap=0.0):
+def _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first=0, softcap=0.0, sinks=None):
     """Gather + re-rotate in float64, keep the keys from `first` on, repeat heads, add the mask, softmax, weigh the
     values."""
     views = [view_tokens(table[b], delta[b], lens[b], kp.shape[1]) for b in range(table.shape[0])]
@@ -37,6 +37,8 @@ def _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first=0, softca
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    if sinks is not None:  # one more logit per row, its weight on no value
+        return torch.softmax(torch.cat([scores, sinks.double().expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1] @ v
     return torch.softmax(scores, -1) @ v
 
 
@@ -85,7 +87,8 @@ def cases(draw):
     causal = kind.startswith("causal") or kind in ("window", "sliced-window") or (
         kind in ("none", "wide-slice") and q_len == 1) or (kind == "padding" and q_len == 1 and batch == 1)
     softcap = draw(st.sampled_from([0.0, 0.0, 1.0]))
-    return (q, kp, vp, table, delta, lens, rope, length, d**-0.5, mask[..., first:], first, softcap), causal
+    sinks = torch.randn(batch, hkv * groups, q_len, 1, generator=g) * 3 if draw(st.booleans()) else None
+    return (q, kp, vp, table, delta, lens, rope, length, d**-0.5, mask[..., first:], first, softcap, sinks), causal
 
 
 @st.composite
@@ -103,16 +106,16 @@ def ragged_counts(draw, length: int, block_size: int) -> list[int]:
 @settings(max_examples=40, deadline=None)
 @given(cases())
 def test_masked_op_equals_masked_attention_and_skips_the_gather_iff_causal(case):
-    (q, kp, vp, table, delta, lens, rope, length, scale, mask, first, softcap), causal = case
+    (q, kp, vp, table, delta, lens, rope, length, scale, mask, first, softcap, sinks), causal = case
     calls = []
     original = masked_attention.materialize_views
     masked_attention.materialize_views = lambda *a: calls.append(1) or original(*a)
     try:
         got = OP(q, kp, vp, table, delta, lens, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
-                 mask.float() if mask.dtype == torch.float64 else mask, first, softcap)
+                 mask.float() if mask.dtype == torch.float64 else mask, first, softcap, sinks)
     finally:
         masked_attention.materialize_views = original
-    want = _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first, softcap)
+    want = _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first, softcap, sinks)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
     assert bool(calls) != causal  # the gather runs only for the masks the rotated-query op cannot express
 

@@ -48,6 +48,22 @@ def _eager_attention(q, k, v, mask=None):
     return torch.matmul(torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
+def _variant_attention(q, k, v, mask, softcap, sinks):
+    """Eager attention in the Gemma 2 (soft-capped scores) and GPT-OSS (a sink logit column, dropped after the
+    softmax, the rows centred first) forms."""
+    k = k[:, :, None].expand(B, HKV, H // HKV, *k.shape[2:]).reshape(B, H, *k.shape[2:])
+    v = v[:, :, None].expand(B, HKV, H // HKV, *v.shape[2:]).reshape(B, H, *v.shape[2:])
+    w = torch.matmul(q, k.transpose(2, 3)) * D**-0.5
+    if softcap:
+        w = torch.tanh(w / softcap) * softcap
+    w = w + mask
+    if sinks is not None:
+        w = torch.cat([w, sinks.reshape(1, -1, 1, 1).expand(B, -1, q.shape[2], -1)], dim=-1)
+        w = w - w.max(dim=-1, keepdim=True).values
+        return torch.matmul(torch.softmax(w, dim=-1)[..., :-1], v)
+    return torch.matmul(torch.softmax(w, dim=-1), v)
+
+
 @pytest.fixture(scope="module")
 def pool():
     g = torch.Generator().manual_seed(0)
@@ -88,6 +104,25 @@ def test_prefill_over_materialized_past_with_causal_mask(pool):
     compiled, sink = _compile(f)
     torch.testing.assert_close(compiled(q, kp, vp, table, delta), f(q, kp, vp, table, delta), atol=1e-4, rtol=1e-4)
     assert len(_sites(sink)[0]) == 1
+
+
+@pytest.mark.parametrize(("softcap", "with_sinks"), [(2.0, False), (0.0, True), (1.5, True)])
+def test_soft_capped_and_sink_attention_rewritten(pool, softcap, with_sinks):
+    """The variants over a mask proven causal at compile time: the op's softcap, and its log-sum-exp turning the
+    sink into a factor sigmoid(lse - sink) per row."""
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 3, D)
+    sinks = torch.randn(H) * 2 if with_sinks else None
+
+    def f(q, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        mask = torch.full((3, L), float("-inf")).triu(L - 3 + 1)
+        return _variant_attention(q, k, v, mask, softcap, sinks)
+
+    compiled, sink = _compile(f)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta), f(q, kp, vp, table, delta), atol=1e-5, rtol=1e-5)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused
 
 
 class BeamReorder(torch.nn.Module):
