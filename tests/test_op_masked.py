@@ -1,6 +1,6 @@
 """`gauge::rotated_query_attention_masked`: equals masked attention over the materialised view (from its key
-`first` on, scores soft-capped or not, with sink logits or not) for every mask, and takes the rotated-query path (no gather) exactly when the mask is the bottom-right
-causal one, narrowed to a sliding window or not."""
+`first` on, scores soft-capped or not, with sink logits or not) for every mask, and takes the rotated-query path
+(no gather) exactly when the mask is the bottom-right causal one, narrowed to a sliding window or not."""
 
 import pytest
 import torch
