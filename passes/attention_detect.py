@@ -61,6 +61,7 @@ class AttentionMatch:
     problems: list[str] = field(default_factory=list)  # conditions already known to fail
     assume_square: bool = False  # set by the rewriter: rewritten under a run-time check q_len == kv_len
     check_mask: bool = False  # set by the rewriter: rewritten under a run-time check that the masks are causal
+    window_by_slice: bool = False  # set by the rewriter: one query over a sliced view, all of it visible
     kernels: list[tuple] = field(default_factory=list)  # set by the rewriter: (q, k_pool, rotary_dim, interleaved,
     #                                                      causal) of each op call, q/k_pool as fake tensors
     softcap: float = 0.0  # c of c * tanh(scale * q k^T / c), applied before the masks; 0: none

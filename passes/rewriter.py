@@ -164,7 +164,13 @@ def _checked_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> tuple
 
 def _windowed_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, run_time_masks: bool) -> list[bool]:
     """The flags of a view sliced from a token on, whose mask the masked op checks at run time against the causal
-    masks with a sliding window (the slice itself says nothing of the window: it only drops keys)."""
+    masks with a sliding window (the slice itself says nothing of the window: it only drops keys).  One query and
+    no mask (a model whose cache alone bounds the window, as Moshi's) sees every key of the slice: the op with a
+    window of the slice's length."""
+    if not site.masks and not site.is_causal and known_equal(shape(site.q)[2], 1):
+        site.window_by_slice = True
+        _check_gathers_vanish(graph, site, plan)
+        return [False]
     if not run_time_masks:
         raise AnalysisError("a sliced materialize_kv view needs a run-time mask check (they are off here)")
     if site.is_causal or not site.masks:
@@ -316,7 +322,10 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
             # each row's cache is one block holding all its tokens
             lens = b(aten.full.default, [bsz, 1], _size(b, piece.k, 2), **i64)
             args = (kp, vp, table, delta, lens, inv_freq, piece.rotary_dim, piece.interleaved)
-        call = b(RQA, q, *args, site.scale, causal, 0, site.softcap)
+        window = 0
+        if site.window_by_slice:  # the last length - first tokens of the view
+            window = b(operator.sub, piece.materialize.args[8], piece.first)
+        call = b(RQA, q, *args, site.scale, causal, window, site.softcap)
         site.kernels.append((val(q), val(args[0]), args[6], args[7], causal))
         outs.append((b(operator.getitem, call, 0), b(operator.getitem, call, 1)))
     if len(outs) == 1:

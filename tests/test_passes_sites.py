@@ -125,6 +125,29 @@ def test_soft_capped_and_sink_attention_rewritten(pool, softcap, with_sinks):
     assert len(rewritten) == 1 and not refused
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_sliced_view_rewritten_with_a_window(pool, masked):
+    """A sliding layer's view: materialize_kv, the last W keys sliced, SDPA.  With no mask (one query: it sees the
+    whole slice) the op gets the slice's length as its window; with a mask input the masked op reads the window
+    from it at run time."""
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 1, D)
+    window = 5
+
+    def f(q, kp, vp, table, delta, mask):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        k, v = k[:, :, L - window:], v[:, :, L - window:]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    mask = torch.zeros(B, 1, 1, window) if masked else None
+    compiled, sink = _compile(f)
+    got = compiled(q, kp, vp, table, delta, mask)
+    torch.testing.assert_close(got, f(q, kp, vp, table, delta, mask), atol=1e-5, rtol=1e-5)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused
+    assert rewritten[0].gather == "materialize_kv+window-slice"
+
+
 class BeamReorder(torch.nn.Module):
     """Reorders its past cache by beam index inside forward, then attends over past + new tokens."""
 

@@ -11,8 +11,10 @@ the type has windows, small experts) and four checks:
    model's rotary module and `apply_rotary_pos_emb`, in the layers whose forward called it (observed by
    wrapping that function, not by the cache's probe), written into transformers' own cache for the config
    (whose sliding layers keep their last W - 1 tokens);
-4. the same steps compiled with `backend="gauge"` equal eager, counting the layers rewritten.
-Status: "rewritten" (all four, every layer rewritten), "exact" (all equal, some sites left as they were),
+4. the same steps compiled with `backend="gauge"` equal eager, counting the layers whose attention ran the
+   rotated-query kernel in the last step (at run time: a layer compiled in a graph of its own counts too, and a
+   rewritten site whose run-time mask check fell back to the gather does not).
+Status: "rewritten" (all four, every layer ran the kernel), "exact" (all equal, some sites left as they were),
 "refused" (check 1 said no), "WRONG" (a check disagrees, or the cache raised something other than a refusal),
 "harness" (the tiny model or the reference could not be built: no verdict on the cache).
 """
@@ -20,6 +22,7 @@ Status: "rewritten" (all four, every layer rewritten), "exact" (all equal, some 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import inspect
@@ -163,14 +166,40 @@ def _reference(model, module, ids: torch.Tensor, rope_layers: set[int]) -> Dynam
     return edited
 
 
-def _steps(model, cache, ids: torch.Tensor | None) -> torch.Tensor:
-    """Logits of the steps after the prompt `ids` and the cut (None: `cache` holds the cut prompt already)."""
+@contextlib.contextmanager
+def _counting_kernel_runs(runs: list[int]):
+    """Count, into runs[0], the rotated-query attention kernel's runs on the CPU (the op and the masked op's fast
+    path both reach `cpu_attention`; the custom op's body is opaque to Dynamo, so compiled graphs count too)."""
+    from ..ops import attention
+
+    original = attention.cpu_attention
+
+    def counted(*args, **kwargs):
+        runs[0] += 1
+        return original(*args, **kwargs)
+
+    attention.cpu_attention = counted
+    try:
+        yield
+    finally:
+        attention.cpu_attention = original
+
+
+def _steps(model, cache, ids: torch.Tensor | None, last_step_runs: list[int] | None = None) -> torch.Tensor:
+    """Logits of the steps after the prompt `ids` and the cut (None: `cache` holds the cut prompt already);
+    `last_step_runs` gets the kernel's runs in the last step."""
     with torch.no_grad():
         if ids is not None:
             model(input_ids=ids, past_key_values=cache, use_cache=True)
             cache.delete(0, *_CUT)
-        return torch.cat([model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits
-                          for t in _STEPS], 1)
+        logits, runs = [], [0]
+        for i, t in enumerate(_STEPS):
+            counting = last_step_runs is not None and i == len(_STEPS) - 1
+            with _counting_kernel_runs(runs) if counting else contextlib.nullcontext():
+                logits.append(model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits)
+        if last_step_runs is not None:
+            last_step_runs[:] = runs
+        return torch.cat(logits, 1)
 
 
 def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult:
@@ -231,12 +260,13 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
             torch._dynamo.reset()
             compiled = torch.compile(model, backend=functools.partial(gauge_backend, inner="eager",
                                                                       report_sink=sink))
-            got = _steps(compiled, new_cache(), ids)
+            runs: list[int] = [0]
+            got = _steps(compiled, new_cache(), ids, runs)
             result.checks["compiled"] = bool(torch.allclose(got, eager, rtol=_TOL, atol=_TOL))
-            reports = [entry[0] for entry in sink]  # (report, graph before, graph after) per graph
-            decode = [r for r in reports if r.rewritten or r.refused or r.plain_attention][-1:] or [None]
-            rewritten = len(decode[0].rewritten) if decode[0] is not None else 0
-            result.checks["rewritten"] = f"{rewritten}/{model.config.num_hidden_layers}"
+            result.checks["rewritten"] = f"{runs[0]}/{model.config.num_hidden_layers}"
+            refused = [site.reason for entry in sink for site in entry[0].refused]
+            if refused and runs[0] < model.config.num_hidden_layers:
+                result.detail = f"not rewritten: {refused[-1][:200]}"
     except Exception as exc:  # noqa: BLE001 -- anything but a refusal at construction is a failure
         result.detail = f"{type(exc).__name__}: {str(exc)[:240]}"
         return result
