@@ -1,7 +1,8 @@
 """Attention detector: scaled_dot_product_attention in every ATen form, and the explicit
 matmul-scale-mask-softmax-matmul chain of eager attention (with Gemma 2's logit soft-capping
 `c * tanh(s / c)` between the scale and the mask, and GPT-OSS's sink logits: a column concatenated to
-the scores, softmax, the column dropped), with repeat-kv (expand/reshape) for GQA.
+the scores, softmax, the column dropped), with repeat-kv (expand/reshape, or JetMoE's `repeat`, which
+tiles the KV heads: query head h then reads KV head h % num_kv_heads) for GQA.
 
 Every layout step between a site and its q/k/v is proven by `probe_chain`, so a match means: the
 site computes softmax(scale * q k^T + masks) v with k/v the head-repeated `k`/`v` found here.
@@ -66,12 +67,17 @@ class AttentionMatch:
     #                                                      causal) of each op call, q/k_pool as fake tensors
     softcap: float = 0.0  # c of c * tanh(scale * q k^T / c), applied before the masks; 0: none
     sinks: fx.Node | None = None  # per-row sink logits [B, H, Q, 1]: an extra term in the softmax denominator
+    tiled_heads: bool = False  # GQA by `repeat`: query head h reads KV head h % num_kv_heads (not h // group)
 
 
-def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> fx.Node:
-    """The deepest 4-D node behind `arg` whose head-repeat (to `heads`) laid out by `final` is `arg`."""
+_REPEAT = frozenset({aten.repeat.default})
+
+
+def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> tuple[fx.Node, bool]:
+    """The deepest 4-D node behind `arg` whose head-repeat (to `heads`) laid out by `final` is `arg`, and whether
+    the repeat tiles the heads (`repeat`: 0, 1, .., 0, 1, ..) rather than interleaving them (0, 0, .., 1, 1, ..)."""
     path = [arg]
-    while is_call(path[-1], *LAYOUT_OPS):
+    while is_call(path[-1], *LAYOUT_OPS, *_REPEAT):
         path.append(path[-1].args[0])
     for cand in reversed(path):
         v = val(cand)
@@ -81,19 +87,22 @@ def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Ten
         if not isinstance(cand_heads, int) or heads % cand_heads:
             continue
         rep = heads // cand_heads
-        try:
-            probe_chain(cand, arg, lambda t, dims, rep=rep: final(t.repeat_interleave(rep, dim=1)).reshape(dims(arg)))
-            return cand
-        except (AnalysisError, RuntimeError):
-            continue
+        for tiled in (False, True) if rep > 1 else (False,):
+            try:
+                probe_chain(cand, arg, lambda t, dims, rep=rep, tiled=tiled: final(
+                    t.repeat(1, rep, 1, 1) if tiled else t.repeat_interleave(rep, dim=1)).reshape(dims(arg)),
+                    extra_ops=_REPEAT)
+                return cand, tiled
+            except (AnalysisError, RuntimeError):
+                continue
     raise AnalysisError(f"{arg.name} is not a head-repeated view of a [batch, kv_heads, len, head_dim] tensor")
 
 
-def _resolve_own_heads(arg: fx.Node) -> fx.Node:
+def _resolve_own_heads(arg: fx.Node) -> tuple[fx.Node, bool]:
     """sdpa's k/v: behind a repeat-kv when its head count is static; a symbolic one is taken as is
     (sdpa's own `enable_gqa` grouping is the op's)."""
     heads = as_int(shape(arg)[1])
-    return _resolve(arg, heads, lambda t: t) if isinstance(heads, int) else arg
+    return _resolve(arg, heads, lambda t: t) if isinstance(heads, int) else (arg, False)
 
 
 def _match_sdpa(node: fx.Node) -> AttentionMatch:
@@ -112,9 +121,12 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
     mask = kw.get("attn_mask", kw.get("attn_bias"))
     scale = kw.get("scale")
     scale = 1.0 / float(static_dim(q, -1)) ** 0.5 if scale is None else float(scale)
-    k_base, v_base = _resolve_own_heads(k), _resolve_own_heads(v)
+    (k_base, k_tiled), (v_base, v_tiled) = _resolve_own_heads(k), _resolve_own_heads(v)
+    if k_tiled != v_tiled:
+        raise AnalysisError("keys and values are repeated to the query heads in different orders")
     return AttentionMatch(out, out, SDPA_FORMS[node.target], q, k_base, v_base, scale,
-                          bool(kw.get("is_causal", False)), [mask] if mask is not None else [], problems)
+                          bool(kw.get("is_causal", False)), [mask] if mask is not None else [], problems,
+                          tiled_heads=k_tiled)
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -277,17 +289,19 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
     try:
         probe_chain(softmax, mm2.args[0], lambda t, dims: t[..., dropped].reshape(dims(mm2.args[0])))
         probe_chain(mm2, out, lambda t, dims: t.reshape(dims(out)))
-        q = _resolve(a1, heads, lambda t: t)
-        k = _resolve(k1, heads, lambda t: t.transpose(-2, -1))
-        v = _resolve(v2, heads, lambda t: t)
+        q, _ = _resolve(a1, heads, lambda t: t)
+        k, k_tiled = _resolve(k1, heads, lambda t: t.transpose(-2, -1))
+        v, v_tiled = _resolve(v2, heads, lambda t: t)
     except AnalysisError:
+        return None
+    if k_tiled != v_tiled:
         return None
     if not known_equal(shape(q), shape(out)) or not known_equal(shape(k)[2], kv_len):
         return None
     if others:
         problems.append("the attention probabilities are used elsewhere (" + ", ".join(u.name for u in others) + ")")
     return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems, softcap=softcap,
-                          sinks=sinks)
+                          sinks=sinks, tiled_heads=k_tiled)
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionMatch | tuple[fx.Node, str]]:

@@ -207,6 +207,9 @@ def check_rewrite(
     """
     if site.problems:
         raise AnalysisError("; ".join(site.problems))
+    if site.tiled_heads and (site.sinks is not None or any(
+            len(shape(m)) == 4 and not known_equal(shape(m)[1], 1) for m in site.masks)):
+        raise AnalysisError("GQA by repeat with per-head masks or sinks (the rewrite regroups the query heads)")
     if any(not known_equal(val(p.first), 0) for p in plan.pieces):
         return _windowed_flags(graph, site, plan, run_time_masks)
     q_sym, kv_sym = shape(site.q)[2], sum(p.length for p in plan.pieces)
@@ -266,6 +269,8 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
         q = b(aten.clone.default, q, memory_format=torch.contiguous_format)
     if site.assume_square:
         _assert_square(b, graph, site, plan)
+    if site.tiled_heads:
+        q = _regroup_heads(b, q, shape(site.k)[1], tiled=True)
     if site.check_mask:
         kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
         inv_freq = _checked_inv_freq(b, site, inv_freq)
@@ -276,9 +281,23 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
         new_out, lse = _piece_attention(b, q, site, plan, flags)
         if site.sinks is not None:
             new_out = _with_sinks(b, new_out, lse, site.sinks)
+    if site.tiled_heads:
+        new_out = _regroup_heads(b, new_out, shape(site.k)[1], tiled=False)
     new_out = _match_layout(b, new_out, site.out)
     site.out.replace_all_uses_with(new_out)
     return new_out
+
+
+def _regroup_heads(b: Builder, x: fx.Node, num_kv: int, tiled: bool) -> fx.Node:
+    """Heads [B, H, Q, D] from the order of GQA by `repeat` (head r * num_kv + j reads KV head j) to the op's
+    (head j * rep + r reads KV head j) with `tiled`, and back without: an index map, exact."""
+    heads, head_dim = shape(x)[1], shape(x)[3]
+    rep = heads // num_kv
+    split = [rep, num_kv] if tiled else [num_kv, rep]
+    parts = b(aten.reshape.default, x, [_size(b, x, 0), *split, _size(b, x, 2), head_dim])
+    moved = b(aten.clone.default, b(aten.permute.default, parts, [0, 2, 1, 3, 4]),
+              memory_format=torch.contiguous_format)
+    return b(aten.reshape.default, moved, [_size(b, x, 0), heads, _size(b, x, 2), head_dim])
 
 
 def _with_sinks(b: Builder, out: fx.Node, lse: fx.Node, sinks: fx.Node) -> fx.Node:

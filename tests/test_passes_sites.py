@@ -148,6 +148,26 @@ def test_sliced_view_rewritten_with_a_window(pool, masked):
     assert rewritten[0].gather == "materialize_kv+window-slice"
 
 
+@pytest.mark.parametrize("form", ["sdpa", "eager"])
+def test_gqa_by_repeat_rewritten_with_the_heads_regrouped(pool, form):
+    """JetMoE repeats the KV heads with `repeat` (tiled: query head h reads KV head h % HKV), not repeat-kv's
+    interleave: the rewrite regroups the query heads for the op and the output back."""
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 1, D)
+
+    def f(q, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        k, v = k.repeat(1, H // HKV, 1, 1), v.repeat(1, H // HKV, 1, 1)
+        if form == "sdpa":
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(2, 3)) * D**-0.5, dim=-1), v)
+
+    compiled, sink = _compile(f)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta), f(q, kp, vp, table, delta), atol=1e-5, rtol=1e-5)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused
+
+
 class BeamReorder(torch.nn.Module):
     """Reorders its past cache by beam index inside forward, then attends over past + new tokens."""
 
