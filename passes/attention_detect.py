@@ -68,6 +68,7 @@ class AttentionMatch:
     softcap: float = 0.0  # c of c * tanh(scale * q k^T / c), applied before the masks; 0: none
     sinks: fx.Node | None = None  # per-row sink logits [B, H, Q, 1]: an extra term in the softmax denominator
     tiled_heads: bool = False  # GQA by `repeat`: query head h reads KV head h % num_kv_heads (not h // group)
+    lse_users: list[fx.Node] = field(default_factory=list)  # logsumexp(scores + masks, -1): the op's lse
 
 
 _REPEAT = frozenset({aten.repeat.default})
@@ -300,8 +301,13 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
         return None
     if others:
         problems.append("the attention probabilities are used elsewhere (" + ", ".join(u.name for u in others) + ")")
-    return AttentionMatch(out, out, "eager-chain", q, k, v, float(scale), False, masks, problems, softcap=softcap,
-                          sinks=sinks, tiled_heads=k_tiled)
+    # Granite reads logsumexp(scores + masks) beside the softmax, for its post-attention sink scaling
+    lse_users = [u for u in x.users if sinks is None and is_call(u, aten.logsumexp.default) and u.args[0] is x
+                 and _last_dim(u.args[1], x) and not (len(u.args) > 2 and u.args[2])]
+    # the replacement must be in place before the first of the nodes it replaces
+    anchor = next(n for n in out.graph.nodes if n is out or n in lse_users)
+    return AttentionMatch(anchor, out, "eager-chain", q, k, v, float(scale), False, masks, problems, softcap=softcap,
+                          sinks=sinks, tiled_heads=k_tiled, lse_users=lse_users)
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionMatch | tuple[fx.Node, str]]:

@@ -91,9 +91,9 @@ def is_impure(node: fx.Node) -> bool:
     return node.is_impure(impure_random=False)
 
 
-def dead_after(graph: fx.Graph, replaced: fx.Node) -> set[fx.Node]:
-    """Nodes that become unused once `replaced` has no users."""
-    dead = {replaced}
+def dead_after(graph: fx.Graph, *replaced: fx.Node) -> set[fx.Node]:
+    """Nodes that become unused once the `replaced` ones have no users."""
+    dead = set(replaced)
     for node in reversed(graph.nodes):
         if node.op == "call_function" and all(u in dead for u in node.users) and not is_impure(node):
             dead.add(node)
@@ -184,7 +184,7 @@ def _windowed_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, run_tim
 
 def _check_gathers_vanish(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> None:
     """AnalysisError when a gather the rewrite removes is also used elsewhere (so it would stay)."""
-    dead = dead_after(graph, site.out)
+    dead = dead_after(graph, site.out, *site.lse_users)
     alive = [n.name for n in plan.gather_nodes if n not in dead]
     if alive:
         raise AnalysisError(f"the gathered/concatenated cache ({', '.join(alive)}) is also used elsewhere "
@@ -274,8 +274,9 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
     if site.check_mask:
         kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
         inv_freq = _checked_inv_freq(b, site, inv_freq)
-        new_out = b(RQA_MASKED, q, kp, vp, table, delta, lens, inv_freq, rot, inter, length, site.scale,
-                    site.masks[0], plan.pieces[0].first, site.softcap, site.sinks)
+        call = b(RQA_MASKED, q, kp, vp, table, delta, lens, inv_freq, rot, inter, length, site.scale,
+                 site.masks[0], plan.pieces[0].first, site.softcap, site.sinks)
+        new_out, lse = b(operator.getitem, call, 0), b(operator.getitem, call, 1)
         site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
     else:
         new_out, lse = _piece_attention(b, q, site, plan, flags)
@@ -283,6 +284,10 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
             new_out = _with_sinks(b, new_out, lse, site.sinks)
     if site.tiled_heads:
         new_out = _regroup_heads(b, new_out, shape(site.k)[1], tiled=False)
+        lse = b(aten.squeeze.dim, _regroup_heads(b, b(aten.unsqueeze.default, lse, -1), shape(site.k)[1],
+                                                 tiled=False), -1)
+    for user in site.lse_users:  # the model's own logsumexp of the scores is the op's
+        user.replace_all_uses_with(b(torch.ops.prims.convert_element_type.default, lse, val(user).dtype))
     new_out = _match_layout(b, new_out, site.out)
     site.out.replace_all_uses_with(new_out)
     return new_out

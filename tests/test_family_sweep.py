@@ -20,6 +20,7 @@ EXPECTED = {
     "gpt_oss": "rewritten",  # sink logits: a factor sigmoid(lse - sink) on the op's output
     "gemma2": "rewritten",  # logit soft-capping in eager attention: the op's softcap
     "moshi": "rewritten",  # a window only its cache bounds (no mask): one query over the slice, its own window
+    "granite_swa": "rewritten",  # post-attention sink scaling: its logsumexp of the scores is the op's lse
     "mellum": "rewritten",  # a graph break per layer: every layer's kernel run counted at run time
     "deepseek_v3": "refused",  # multi-head latent attention, refused at construction
 }

@@ -25,7 +25,7 @@ def _causal(q_len, length, *, additive, shape=()):
 
 def _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first=0, softcap=0.0, sinks=None):
     """Gather + re-rotate in float64, keep the keys from `first` on, repeat heads, add the mask, softmax, weigh the
-    values."""
+    values; and the log-sum-exp of the masked scores (without the sinks)."""
     views = [view_tokens(table[b], delta[b], lens[b], kp.shape[1]) for b in range(table.shape[0])]
     k = torch.stack([rerotate(kp.double().flatten(0, 1)[s], d, rope.inv_freq, rope.rotary_dim, rope.interleaved)
                      for s, d in views]).permute(0, 2, 1, 3)
@@ -37,9 +37,11 @@ def _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first=0, softca
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    lse = torch.logsumexp(scores, -1)
     if sinks is not None:  # one more logit per row, its weight on no value
-        return torch.softmax(torch.cat([scores, sinks.double().expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1] @ v
-    return torch.softmax(scores, -1) @ v
+        scores = torch.cat([scores, sinks.double().expand(*scores.shape[:-1], 1)], -1)
+        return torch.softmax(scores, -1)[..., :-1] @ v, lse
+    return torch.softmax(scores, -1) @ v, lse
 
 
 @st.composite
@@ -111,12 +113,13 @@ def test_masked_op_equals_masked_attention_and_skips_the_gather_iff_causal(case)
     original = masked_attention.materialize_views
     masked_attention.materialize_views = lambda *a: calls.append(1) or original(*a)
     try:
-        got = OP(q, kp, vp, table, delta, lens, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
-                 mask.float() if mask.dtype == torch.float64 else mask, first, softcap, sinks)
+        got, lse = OP(q, kp, vp, table, delta, lens, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
+                      mask.float() if mask.dtype == torch.float64 else mask, first, softcap, sinks)
     finally:
         masked_attention.materialize_views = original
-    want = _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first, softcap, sinks)
+    want, want_lse = _reference(q, kp, vp, table, delta, lens, rope, scale, mask, first, softcap, sinks)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
     assert bool(calls) != causal  # the gather runs only for the masks the rotated-query op cannot express
 
 

@@ -148,6 +148,31 @@ def test_sliced_view_rewritten_with_a_window(pool, masked):
     assert rewritten[0].gather == "materialize_kv+window-slice"
 
 
+@pytest.mark.parametrize("mask_input", [False, True])
+def test_post_attention_sink_scaling_reads_the_ops_lse(pool, mask_input):
+    """Granite's sinks: `sigmoid(logsumexp(scores + mask) - sink)` scales the attention output; the model's
+    logsumexp of the scores becomes the op's log-sum-exp (from the masked op too, where the mask is an input)."""
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 3, D)
+    sinks = torch.randn(H)
+    causal = torch.full((3, L), float("-inf")).triu(L - 3 + 1)
+
+    def f(q, kp, vp, table, delta, mask):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        k = k[:, :, None].expand(B, HKV, H // HKV, L, D).reshape(B, H, L, D)
+        v = v[:, :, None].expand(B, HKV, H // HKV, L, D).reshape(B, H, L, D)
+        w = torch.matmul(q, k.transpose(2, 3)) * D**-0.5 + (causal if mask is None else mask)
+        scale = (torch.logsumexp(w, dim=-1) - sinks.view(1, -1, 1)).sigmoid()
+        return torch.matmul(torch.softmax(w, dim=-1), v) * scale.unsqueeze(-1)
+
+    mask = causal[None, None].expand(B, 1, 3, L).clone() if mask_input else None
+    compiled, sink = _compile(f)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta, mask), f(q, kp, vp, table, delta, mask),
+                               atol=1e-5, rtol=1e-5)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused
+
+
 @pytest.mark.parametrize("form", ["sdpa", "eager"])
 def test_gqa_by_repeat_rewritten_with_the_heads_regrouped(pool, form):
     """JetMoE repeats the KV heads with `repeat` (tiled: query head h reads KV head h % HKV), not repeat-kv's

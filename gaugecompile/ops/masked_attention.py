@@ -5,10 +5,13 @@ Schema:
 
     rotated_query_attention_masked(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
         Tensor block_delta, Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
-        SymInt length, float scale, Tensor mask, SymInt first=0, float softcap=0.0, Tensor? sinks=None) -> Tensor
+        SymInt length, float scale, Tensor mask, SymInt first=0, float softcap=0.0, Tensor? sinks=None)
+        -> (Tensor out, Tensor lse)
 
 Meaning: `softmax(cap(scale * q K^T) + mask) V` (cap: `reference.soft_capped`, the identity for softcap 0;
-with `sinks` [batch, heads, q_len, 1], one more logit per row in the softmax, whose column is dropped)
+with `sinks` [batch, heads, q_len, 1], one more logit per row in the softmax, whose column is dropped), and
+`lse` the log-sum-exp of the masked scores without the sinks (float32, float64 for float64 inputs), for models
+that read it themselves (Granite's post-attention sink scaling)
 with `K, V = materialize_kv(...)[first:length]` (heads repeated for GQA): the view from token `first` on, as
 a sliding-window layer of a ManifoldCache slices it; `mask` is boolean (True = visible) or additive and
 broadcasts to `[batch, heads, q_len, length - first]`.  The passes
@@ -27,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rope import accumulation_dtype
 from .checks import check_mapping_values
 from .materialize import materialize_views
 from .reference import hidden_keys, soft_capped
@@ -61,21 +65,17 @@ def sliding_window_of(mask: Tensor, q_len: int, length: int, first: int = 0) -> 
 
 
 def _masked_view_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor, softcap: float,
-                           sinks: Tensor | None) -> Tensor:
+                           sinks: Tensor | None) -> tuple[Tensor, Tensor]:
     """Plain masked attention over a materialised view (heads repeated for GQA), the scores soft-capped first, a
-    sink column (if any) in the softmax."""
+    sink column (if any) in the softmax; out and the log-sum-exp of the masked scores."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    if mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    if not softcap and sinks is None:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = soft_capped(q @ k.transpose(-1, -2) * scale, softcap)
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    if sinks is None:
-        return torch.softmax(scores, -1) @ v
-    scores = torch.cat([scores, sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], -1)
-    return torch.softmax(scores, -1)[..., :-1] @ v
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(q.dtype)
+    lse = torch.logsumexp(scores, -1).to(accumulation_dtype(q.dtype))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], -1)
+    return (torch.softmax(scores, -1)[..., : k.shape[2]] @ v).contiguous(), lse
 
 
 @torch.library.custom_op("gauge::rotated_query_attention_masked", mutates_args=())
@@ -83,7 +83,7 @@ def _masked_op(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, length: int, scale: float, mask: Tensor, first: int = 0,
     softcap: float = 0.0, sinks: Tensor | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     q_len = q.shape[2]
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], 0, length)
     if not 0 <= first <= length:
@@ -94,17 +94,17 @@ def _masked_op(
                                                            inv_freq, rotary_dim, interleaved, scale, q_len > 1, window,
                                                            softcap)
         if sinks is None:
-            return out
+            return out, lse
         # a sink adds exp(sink) to the denominator: out * exp(lse) / (exp(lse) + exp(sink))
         weight = torch.sigmoid(lse - sinks[..., 0].to(lse.dtype))
-        return (out * weight[..., None].to(out.dtype)).contiguous()
+        return (out * weight[..., None].to(out.dtype)).contiguous(), lse
     k, v = materialize_views(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
                              length)
     return _masked_view_attention(q, k[:, :, first:].to(q.dtype), v[:, :, first:].to(q.dtype), scale, mask,
-                                  softcap, sinks).contiguous()
+                                  softcap, sinks)
 
 
 @_masked_op.register_fake
 def _masked_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, length,
                  scale, mask, first=0, softcap=0.0, sinks=None):
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
