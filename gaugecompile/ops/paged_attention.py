@@ -24,7 +24,7 @@ import torch
 from ..rope import accumulation_dtype, rotate
 from .angles import block_angles
 from .checks import check_mapping_values
-from .reference import soft_capped
+from .reference import hidden_at, soft_capped
 
 TILE_TOKENS = 4096
 
@@ -143,12 +143,9 @@ def _attend(
             s = torch.einsum("nhqd,nshd->hqns", qr, kb).flatten(2)[..., held]
         s = soft_capped(s * scale, softcap)
         if causal or window:
-            key_pos = torch.arange(tok0, tok0 + n_tok, device=qg.device)[None, None, :]
-            pos = row_pos[None, :, None]
-            hidden = (key_pos > pos) if causal else None
-            if window:
-                hidden = (key_pos <= pos - window) if hidden is None else hidden | (key_pos <= pos - window)
-            s = s.masked_fill(hidden, float("-inf"))
+            key_pos = torch.arange(tok0, tok0 + n_tok, device=qg.device)
+            s = s.masked_fill(hidden_at(row_pos[None, :, None], key_pos[None, None, :], causal, window),
+                              float("-inf"))
         state.add(s, vb.flatten(0, 1)[held].transpose(0, 1))
         tok0 += n_tok
 

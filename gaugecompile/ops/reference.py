@@ -57,10 +57,16 @@ def hidden_keys(q_len: int, length: int, causal: bool, window: int, device: torc
     """
     if not causal and not window:
         return None
-    qpos = torch.arange(length - q_len, length, device=device)[:, None]
-    kpos = torch.arange(length, device=device)[None, :]
-    hidden = kpos > qpos if causal else torch.zeros(q_len, length, dtype=torch.bool, device=device)
-    return hidden | (kpos <= qpos - window) if window else hidden
+    return hidden_at(torch.arange(length - q_len, length, device=device)[:, None],
+                     torch.arange(length, device=device)[None, :], causal, window)
+
+
+def hidden_at(query_pos: torch.Tensor, key_pos: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
+    """True where a query at view position `query_pos` cannot see a key at `key_pos` (broadcast together): the
+    rule of `hidden_keys` for any positions, as a kernel that walks the view in tiles needs it."""
+    hidden = key_pos > query_pos if causal else torch.zeros(torch.broadcast_shapes(query_pos.shape, key_pos.shape),
+                                                             dtype=torch.bool, device=key_pos.device)
+    return hidden | (key_pos <= query_pos - window) if window else hidden
 
 
 def soft_capped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
