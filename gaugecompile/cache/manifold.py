@@ -62,6 +62,7 @@ from .mapping import (
 )
 from .pool import BlockAllocator
 from .rope_config import KVShape, kv_shape_from_config, layer_ropes_from_config, shared_rope
+from .states import LayerStates, StatesSnapshot
 from .storage import BlockStorage
 from .tensor_parallel import TensorParallelSync, agreed, local_edit
 
@@ -85,6 +86,7 @@ class _Saved(NamedTuple):
     mark: int
     pools: tuple[int, ...]  # the layers whose pools existed (a failed first forward drops the ones it made)
     next_chunk: int
+    states: StatesSnapshot | None  # a hybrid model's conv/recurrent states
 
 
 class _Forward(NamedTuple):
@@ -202,6 +204,10 @@ class ManifoldCache(Cache):
         #: Each layer's RoPE basis, read from the model's rotary code: its layer type's, or no rotation for a NoPE
         #: layer (whose keys an edit never re-rotates).
         self.layer_ropes, self.shape = _layout(config)
+        #: The layers whose keys and values the pools hold, in the order a forward updates them.
+        self.attention_layers = self.shape.attention_layers
+        #: A hybrid model's conv/recurrent states of its other layers, per sequence (None: every layer attends).
+        self.states = LayerStates(self.shape.state_layers) if self.shape.state_layers else None
         if dtype is None:
             dtype = getattr(config, "dtype", None)
             dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -347,7 +353,8 @@ class ManifoldCache(Cache):
         with its `materialize_kv`.  The length comes from a tensor size (a SymInt).
         """
         fwd = self._fwd
-        if fwd is None or self._layers_written or fwd.q != query_length:
+        stale = self.states is not None and self.states.pending  # a forward that failed in a state layer
+        if fwd is None or self._layers_written or fwd.q != query_length or stale:
             # A fresh cache does not know its rows yet: assume one (generate() on one prompt).  A forward with
             # more rows redoes the bookkeeping in update(), inside the layer loop (compiled: per-layer graphs
             # from then on), so batches should open their rows with new_sequences(n) first.
@@ -374,11 +381,17 @@ class ManifoldCache(Cache):
 
     @property
     def is_linear(self) -> list[bool]:
-        return [False] * self.shape.num_layers
+        """Per layer, whether it keeps only a conv/recurrent state (transformers' linear-attention layers)."""
+        return [k == "state" for k in self.shape.kinds]
 
     @property
     def is_dummy(self) -> list[bool]:
-        return [False] * self.shape.num_layers
+        return [k == "none" for k in self.shape.kinds]
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can roll tokens back: not through a recurrent state, which keeps no past."""
+        return self.states is None
 
     @property
     def batch_size(self) -> int:
@@ -412,6 +425,8 @@ class ManifoldCache(Cache):
                 f"tokens_to_remove: expected an int <= 0 (minus the tokens to drop), got {tokens_to_remove!r}"
             )
         n = -tokens_to_remove
+        if n:
+            self._refuse_with_states("crop")
         with self._transaction():
             for seq in self._batch:
                 if n > self._seqs[seq].length:
@@ -433,23 +448,27 @@ class ManifoldCache(Cache):
         """Write the new K/V ([batch, kv_heads, q, head_dim]) into the pools; return the materialised view."""
         error = self._kv_error(key_states, value_states, layer_idx)
         if error is not None:  # the forward cannot go on: roll back what it placed, then say why
-            if self._fwd is not None and layer_idx == self._layers_written == self.shape.num_layers:
+            if (self._fwd is not None and self._layers_written == len(self.attention_layers)
+                    and layer_idx == self.shape.num_layers):
                 self._restore(self._fwd.saved)  # the model has more layers than the config: undo its forward too
             self._settle()
             raise error
         if self._recomputing is not None:
             return self._recompute_update(key_states, value_states, layer_idx)
-        fwd = self._fwd
-        if layer_idx == 0 and (fwd is None or self._layers_written or key_states.shape[0] != fwd.rows
-                               or key_states.shape[2] != fwd.q):
-            self._begin_forward(key_states.shape[0], key_states.shape[2])
+        fwd, attention = self._fwd, self.attention_layers
+        if layer_idx == attention[0] and (fwd is None or self._layers_written or key_states.shape[0] != fwd.rows
+                                          or key_states.shape[2] != fwd.q):
+            replan = fwd is not None and not self._layers_written
+            self._begin_forward(key_states.shape[0], key_states.shape[2], replan=replan)
             fwd = self._fwd
-        elif fwd is None or layer_idx != self._layers_written:
+        elif fwd is None or self._layers_written == len(attention) or layer_idx != attention[self._layers_written]:
+            expected = attention[self._layers_written if fwd is not None and self._layers_written < len(attention)
+                                 else 0]
             self._settle()
             raise RuntimeError(
-                f"layer_idx: update() of layer {layer_idx}, but the forward in progress expects layer "
-                f"{self._layers_written if fwd is not None else 0} (layers run in order from 0; a cache operation "
-                "or accessor between layers ends the forward)"
+                f"layer_idx: update() of layer {layer_idx}, but the forward in progress expects layer {expected} "
+                f"(attention layers {list(attention)} run in order; a cache operation or accessor between layers "
+                "ends the forward)"
             )
         elif key_states.shape[0] != fwd.rows or key_states.shape[2] != fwd.q:
             self._settle()
@@ -467,10 +486,59 @@ class ManifoldCache(Cache):
         k, v = materialize_kv(k_pool, v_pool, table, delta, self.layer_ropes[layer_idx], sizes.shape[1], lens)
         if offset := self._window_offset(layer_idx, sizes.shape[1], key_states.shape[2]):
             k, v = k[:, :, offset:], v[:, :, offset:]
-        self._layers_written = layer_idx + 1
-        if layer_idx == self.shape.num_layers - 1:
+        self._layers_written += 1
+        if layer_idx == attention[-1]:
             self._commit_forward()
         return k.to(key_states.dtype), v.to(value_states.dtype)
+
+    # ----------------------------------------------------------------- a hybrid model's states (transformers' API)
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """The batch's conv state of state layer `layer_idx`, or None for rows starting their histories."""
+        return self._forward_states(layer_idx, "get_conv_state").get(layer_idx, "conv", state_idx)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          **kwargs) -> torch.Tensor:
+        """Cache the new conv columns ([rows, channels, q]); return the previous ones followed by them."""
+        states = self._forward_states(layer_idx, "update_conv_state")
+        return states.update_conv(layer_idx, conv_states, state_idx, kwargs.get("conv_kernel_size"))
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """The batch's recurrent state of state layer `layer_idx`, or None for rows starting their histories."""
+        return self._forward_states(layer_idx, "get_recurrent_state").get(layer_idx, "recurrent", state_idx)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        """Cache the new recurrent state ([rows, ...]) of state layer `layer_idx`."""
+        return self._forward_states(layer_idx, "update_recurrent_state").update_recurrent(
+            layer_idx, recurrent_states, state_idx)
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        """Whether the forward's rows of state layer `layer_idx` (default: the last one) continue a history."""
+        if layer_idx is None and self.states is not None:
+            layer_idx = self.states.layers[-1]
+        states = self._forward_states(layer_idx, "has_previous_state")
+        return states.has_previous(layer_idx, state_idx)
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        """Never: a state keeps no past tokens here (`crop` of a hybrid model is refused)."""
+        return False
+
+    def activate_past_recording(self) -> None:
+        """Refused for a hybrid model (assisted generation rolls tokens back, which a recurrent state cannot)."""
+        self._refuse_with_states("activate_past_recording")
+
+    def _forward_states(self, layer_idx, what: str) -> LayerStates:
+        """The states a state layer's call of the forward in progress works on (checks the call)."""
+        if self.states is None:
+            raise ValueError(f"layer_idx: {what}() on a cache whose model has no state layers (every layer attends)")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx not in self.states.layers:
+            raise ValueError(f"layer_idx: expected a state layer {list(self.states.layers)} (linear attention, SSM "
+                             f"or convolution), got {layer_idx!r}")
+        done = self._fwd is not None and self._layers_written == len(self.attention_layers)
+        if self._fwd is None or (done and layer_idx < self.attention_layers[-1]):
+            raise RuntimeError(f"layer_idx: {what}() of layer {layer_idx} outside a forward's bookkeeping (a forward "
+                               "starts with get_mask_sizes, which transformers' masks call before the first layer)")
+        return self.states
 
     @agreed
     def recompute(self, model: torch.nn.Module, seq: int, spans: Sequence[tuple[int, torch.Tensor]],
@@ -491,6 +559,7 @@ class ManifoldCache(Cache):
         """
         from .recompute import choose_tokens
 
+        self._refuse_with_states("recompute")
         self._settle()
         if sliding := self.shape.sliding_layers:
             raise ValueError(f"model: layers {sliding} have sliding windows; recompute runs its tokens under one "
@@ -600,6 +669,9 @@ class ManifoldCache(Cache):
         layers, dim = self.shape.num_layers, self.shape.head_dim
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
             return ValueError(f"layer_idx: expected an int in [0, {layers}) (the config's layers), got {layer_idx!r}")
+        if "attention" not in self.shape.kinds[layer_idx]:
+            return ValueError(f"layer_idx: layer {layer_idx} is a {self.shape.kinds[layer_idx]} layer (no keys and "
+                              f"values); the attention layers are {list(self.attention_layers)}")
         pool = self.storage.k_pools[layer_idx]
         if pool is None:  # its first update sizes the pools: any number of heads, the head dim the basis has
             heads, where = "kv_heads", "the head dim the cache's RoPE basis was read with"
@@ -627,6 +699,7 @@ class ManifoldCache(Cache):
             {s: SeqMap(m.blocks, m.sigma, m.counts, m.length, m.next_logical) for s, m in self._seqs.items()},
             list(self._batch), self._next_id, self._view_sizes, self._window, self.last_step,
             self.peak_blocks_in_use, journal, len(journal), self.storage.allocated, self._next_chunk,
+            self.states.save() if self.states is not None else None,
         )
 
     def _restore(self, saved: _Saved) -> None:
@@ -636,6 +709,8 @@ class ManifoldCache(Cache):
         self._view_sizes, self._window, self.last_step = saved.view, saved.window, saved.last_step
         self.peak_blocks_in_use, self._next_chunk = saved.peak, saved.next_chunk
         self.storage.release(tuple(i for i in self.storage.allocated if i not in saved.pools))
+        if self.states is not None:
+            self.states.restore(saved.states)
         self._fwd, self._layers_written = None, 0
 
     @contextmanager
@@ -658,28 +733,41 @@ class ManifoldCache(Cache):
                 self.allocator.journal = None
 
     def _settle(self) -> None:
-        """Outside a forward: forget a committed forward, roll back a pending one (it failed or was interrupted)."""
+        """Outside a forward: forget a committed forward, roll back a pending one (it failed or was interrupted).
+
+        A hybrid model's forward has committed once its last attention layer is written and every state layer was
+        reached (`LayerStates.complete`); its states become the batch's histories here, outside any graph.  (A
+        failure inside the model's last layer, when that is a state layer that updates its states in place, after
+        it read them, is not visible to the cache: like one in the final norm, it leaves a completed forward.)"""
         if self._fwd is None:
             return
-        if self._layers_written == self.shape.num_layers:
+        states, live = self.states, set(self._seqs)
+        if self._layers_written == len(self.attention_layers) and (
+                states is None or states.complete(self._batch, live)):
+            if states is not None:
+                states.commit(self._batch, live)
             self._fwd, self._layers_written = None, 0
         else:
             self._restore(self._fwd.saved)
 
     # ----------------------------------------------------------------- forward bookkeeping (host)
     @torch.compiler.disable
-    def _begin_forward(self, rows: int, q: int) -> None:
+    def _begin_forward(self, rows: int, q: int, replan: bool = False) -> None:
         """Once per forward: place the new tokens (copy-on-write of shared/misaligned last blocks) and build tables.
 
-        Called again by update() when the forward turns out to have other rows than `get_mask_sizes` assumed
-        (the first step of beams over a prefilled prompt): the plan made then is rolled back first.
+        Called again by update() (`replan`) when the forward turns out to have other rows than `get_mask_sizes`
+        assumed (the first step of beams over a prefilled prompt): the plan made then is rolled back first; the
+        states that a hybrid model's layers before it wrote for rows starting their histories are kept.
         """
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ValueError(f"input: a forward needs at least one new token per row, got q_len={q!r}")
         if rows > self.max_batch_size:
             raise ValueError(f"batch: {rows} rows exceed max_batch_size={self.max_batch_size}")
+        carried = self.states.fresh_pending() if replan and self.states is not None else None
         with self._transaction() as saved:
             slots = self._place(rows, q)
+            if self.states is not None:
+                self.states.begin(self._batch, carried)
             table, delta, lens = self._tables()
             length = self._common_length()
             self._fwd = _Forward(table, delta, lens, slots, _size_carrier(length), rows, q, saved)
@@ -757,16 +845,17 @@ class ManifoldCache(Cache):
         per row and yield the mapping they use; the caller writes every layer's pools, and the forward commits
         when the block exits, or rolls back if it raises.  Layers not sized yet get pools of `kv_heads` x
         `head_dim` (the step's, as the file declares them)."""
+        self._refuse_with_states("external_step")
         self._begin_forward(rows, q)
         try:
-            for layer in range(self.shape.num_layers):
+            for layer in self.attention_layers:
                 if self.storage.k_pools[layer] is None:
                     self.storage.allocate(layer, kv_heads, head_dim)
             yield self.last_step
         except BaseException:
             self._settle()  # its layers never reported: the pending forward is rolled back
             raise
-        self._layers_written = self.shape.num_layers
+        self._layers_written = len(self.attention_layers)
         self._commit_forward()
 
     def _commit_forward(self) -> None:
@@ -828,6 +917,8 @@ class ManifoldCache(Cache):
             for _ in range(n):
                 self.allocator.incref(m.blocks)
                 ids.append(self._new_seq(m.copy()))
+            if self.states is not None:
+                self.states.alias(ids, [seq] * n)
             self._batch.extend(ids)
             self._touch()
             return ids
@@ -892,6 +983,8 @@ class ManifoldCache(Cache):
                 for seq, m in zip(rows, new, strict=True):
                     self.allocator.decref(self._seqs[seq].blocks)
                     self._seqs[seq] = m
+            if self.states is not None:
+                self.states.alias(list(rows), [int(s) for s in sources])
             self._batch = list(rows)
             self._touch()
 
@@ -902,6 +995,8 @@ class ManifoldCache(Cache):
             m = self._get(seq)
             self.allocator.decref(m.blocks)
             del self._seqs[seq]
+            if self.states is not None:
+                self.states.drop(seq)
             if seq in self._batch:
                 self._batch.remove(seq)
             self._touch()
@@ -909,6 +1004,7 @@ class ManifoldCache(Cache):
     @agreed
     def delete(self, seq: int, start: int, end: int) -> None:
         """Remove logical tokens [start, end); later tokens move down by end - start (their data does not move)."""
+        self._refuse_with_states("delete")
         with self._transaction():
             self._check_range(start, end)
             m = self._get(seq)
@@ -943,6 +1039,7 @@ class ManifoldCache(Cache):
 
         `at` beyond the end leaves a gap: that attaches a stream at offset `at` (below `max_position`).
         """
+        self._refuse_with_states("splice")
         with self._transaction():
             if not isinstance(chunk, KVChunk) or chunk.cache is not self or chunk.freed:
                 raise ValueError("chunk: expected a live KVChunk of this cache")
@@ -960,6 +1057,8 @@ class ManifoldCache(Cache):
 
         Applied now to every sequence (all or none) and after every forward; `window=None` turns it off.
         """
+        if window is not None:
+            self._refuse_with_states("set_window")
         with self._transaction():
             if window is None:
                 self._window = None
@@ -977,6 +1076,7 @@ class ManifoldCache(Cache):
 
         The chunk attends only to itself; splice it anywhere, in any sequence of this cache.
         """
+        self._refuse_with_states("prefill")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected shape [1, n], got {got}")
@@ -987,9 +1087,10 @@ class ManifoldCache(Cache):
             self._batch, self._window, self._view_sizes = [], None, torch.empty(0, 0)
             with torch.no_grad():
                 model(input_ids=input_ids, past_key_values=self, use_cache=True)
-            if self._fwd is not None and self._layers_written < self.shape.num_layers:
+            if self._fwd is not None and self._layers_written < len(self.attention_layers):
                 raise RuntimeError(
-                    f"model: its forward did not reach layer {self.shape.num_layers - 1} (the config's last layer)"
+                    f"model: its forward did not reach layer {self.attention_layers[-1]} (the config's last "
+                    "attention layer)"
                 )
             (tmp,) = self._batch
             chunk = self.chunk(tmp, 0, self._seqs[tmp].next_logical)
@@ -1017,6 +1118,15 @@ class ManifoldCache(Cache):
         if isinstance(seq, bool) or not isinstance(seq, int) or seq not in self._seqs:
             raise ValueError(f"seq: no live sequence {seq!r} (live: {sorted(self._seqs)})")
         return self._seqs[seq]
+
+    def _refuse_with_states(self, what: str) -> None:
+        """Refuse an operation that rewrites the token sequence of a hybrid model's cache (before any change)."""
+        if self.states is not None:
+            raise ValueError(
+                f"{what}: layers {list(self.states.layers)} of this model keep conv/recurrent states that summarise "
+                "every earlier token in order; an edit of the token sequence (delete, splice, set_window, crop, "
+                "recompute, a prefilled chunk) cannot be applied to them"
+            )
 
     def _check_range(self, start: int, end: int) -> None:
         ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end))

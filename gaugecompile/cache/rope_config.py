@@ -41,14 +41,33 @@ class KVShape:
     head_dim: int
     #: per layer, the sliding window a query sees (itself and the W - 1 tokens before it), or None
     windows: tuple[int | None, ...]
+    #: per layer, what it caches: "attention" (keys and values), "state" (a linear-attention, SSM or convolution
+    #: layer's conv/recurrent states), "attention+state" (a layer with both) or "none" (no cache: an MLP layer)
+    kinds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            object.__setattr__(self, "kinds", ("attention",) * self.num_layers)
 
     @property
     def sliding_layers(self) -> list[int]:
         """The layers with a sliding window."""
         return [i for i, w in enumerate(self.windows) if w is not None]
 
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers that cache keys and values (in the block pools), in the order a forward updates them."""
+        return tuple(i for i, k in enumerate(self.kinds) if "attention" in k)
 
-_ATTENTION = ("full_attention", "sliding_attention")
+    @property
+    def state_layers(self) -> tuple[int, ...]:
+        """The layers that keep conv/recurrent states (a hybrid model's linear-attention, SSM or conv layers)."""
+        return tuple(i for i, k in enumerate(self.kinds) if "state" in k)
+
+
+# transformers' layer types (cache_utils.get_layer_types_and_kwargs) and what each caches
+_KINDS = {"full_attention": "attention", "sliding_attention": "attention", "linear_attention": "state",
+          "conv": "state", "hybrid": "attention+state", "hybrid_sliding": "attention+state", "dummy": "none"}
 
 
 def _layer_types(config) -> list[str]:
@@ -61,8 +80,8 @@ def _layer_windows(config) -> tuple[int | None, ...]:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     types, kwargs = get_layer_types_and_kwargs(config)
-    return tuple(k.get("sliding_window") if t == "sliding_attention" else None for t, k in zip(types, kwargs,
-                                                                                               strict=True))
+    return tuple(k.get("sliding_window") if t in ("sliding_attention", "hybrid_sliding") else None
+                 for t, k in zip(types, kwargs, strict=True))
 
 
 def decoder_config(config):
@@ -73,14 +92,25 @@ def decoder_config(config):
 
 
 def kv_shape_from_config(config) -> KVShape:
-    """Layer count and head dim of a transformers decoder config (refuses layers that are not attention over
-    every earlier token, possibly through a sliding window the model masks itself)."""
+    """Layer count, head dim, windows and layer kinds of a transformers decoder config.  Refused: layer types whose
+    cache is neither attention over every earlier token (possibly through a window the model masks itself) nor a
+    recurrent state (indexed, chunked or compressed attention), layers sharing another layer's KV, and a model
+    with no attention layer."""
     config = decoder_config(config)
-    odd = sorted({t for t in _layer_types(config) if t not in _ATTENTION})
+    if "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
+        raise ValueError(f"config: {config.model_type!r} shares keys and values between layers (kv_sharing_modes); "
+                         "ManifoldCache caches each attention layer's own")
+    types = _layer_types(config)
+    odd = sorted({t for t in types if t not in _KINDS})
     if odd:
         raise ValueError(
-            f"config: ManifoldCache caches full and sliding-window attention layers, got layer types {odd}"
+            f"config: ManifoldCache caches full and sliding-window attention layers and linear-attention, SSM or "
+            f"convolution states, got layer types {odd}"
         )
+    kinds = tuple(_KINDS[t] for t in types)
+    if not any("attention" in k for k in kinds):
+        raise ValueError(f"config: {config.model_type!r} has no attention layer among its layer types {types}; "
+                         "ManifoldCache is a cache for attention keys and values")
     if getattr(config, "kv_lora_rank", None) is not None:
         raise ValueError(
             f"config: {config.model_type!r} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): "
@@ -94,7 +124,7 @@ def kv_shape_from_config(config) -> KVShape:
     windows = _layer_windows(config)
     if any(w is not None and (not isinstance(w, int) or w < 1) for w in windows):
         raise ValueError(f"config.sliding_window: expected a positive int per sliding layer, got {windows}")
-    return KVShape(int(config.num_hidden_layers), int(head_dim), windows)
+    return KVShape(int(config.num_hidden_layers), int(head_dim), windows, kinds)
 
 
 def _modeling_module(config):
@@ -134,18 +164,39 @@ def _match_layout(rotated: torch.Tensor, x: torch.Tensor, inv_freq: torch.Tensor
     return matches[0]
 
 
-def _rotary_class(module, arch: str):
+def _rotary_class(module, config):
+    """The rotary embedding class of the decoder `config` builds: the modeling module's only one, or, where the
+    module defines several (a multimodal model's vision and text rotaries), the one a meta-device build of the
+    decoder holds."""
+    arch = config.model_type
     classes = [
         obj for name, obj in vars(module).items()
         if name.endswith("RotaryEmbedding") and isinstance(obj, type) and issubclass(obj, torch.nn.Module)
         and obj.__module__ == module.__name__
     ]
+    if len(classes) > 1:
+        classes = _built_rotaries(config, classes)
     if len(classes) != 1 or not hasattr(module, "apply_rotary_pos_emb"):
         raise ValueError(
             f"config: cannot find a single rotary embedding class and apply_rotary_pos_emb in the modeling code of "
             f"{arch!r}; ManifoldCache does not know its RoPE layout"
         )
     return classes[0]
+
+
+def _built_rotaries(config, classes: list[type]) -> list[type]:
+    """Which of `classes` a meta-device build of `config`'s causal LM (else base model) instantiates."""
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                model = transformers.AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 -- no build, no answer: the caller refuses
+        return classes
+    return [c for c in classes if any(type(m) is c for m in model.modules())]
 
 
 def _gptj_rope(config, module, head_dim: int) -> RopeSpec:
@@ -225,13 +276,16 @@ def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
     if config.model_type == "gptj":
         bases = {None: _gptj_rope(config, module, shape.head_dim)}
     else:
-        rotary = _rotary_class(module, config.model_type)(config=config)
+        rotary = _rotary_class(module, config)(config=config)
         # the layer types the model has (a rotary module holds only those bases)
         bases = {t: _basis(config, module, rotary, t, shape.head_dim) for t in params if t is None or t in types}
-    if None not in bases and any(t not in bases for t in types):
+    attends = ["attention" in k for k in shape.kinds]  # a state or MLP layer has no keys to rotate
+    if None not in bases and any(t not in bases for t, a in zip(types, attends, strict=True) if a):
         raise ValueError(f"config.rope_parameters: no RoPE parameters for layer types "
-                         f"{sorted(set(types) - set(bases))}")
-    ropes = [bases[None] if None in bases else bases[t] for t in types]
+                         f"{sorted({t for t, a in zip(types, attends, strict=True) if a} - set(bases))}")
+    base = next(iter(bases.values()))
+    ropes = [(bases[None] if None in bases else bases[t]) if a else RopeSpec.none(base.rotary_dim)
+             for t, a in zip(types, attends, strict=True)]
     flags = getattr(config, "no_rope_layers", None)
     if flags is not None:
         flags = list(flags)
@@ -239,7 +293,7 @@ def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
             raise ValueError(f"config.no_rope_layers: expected a 0/1 flag (1: RoPE) for each of the {len(ropes)} "
                              f"layers, got {flags}")
         ropes = [r if flags[i] else RopeSpec.none(r.rotary_dim) for i, r in enumerate(ropes)]
-    return probe_layer_rotations(config, tuple(ropes), shape.head_dim)
+    return probe_layer_rotations(config, tuple(ropes), shape)
 
 
 def shared_rope(ropes: tuple[RopeSpec, ...]) -> RopeSpec:

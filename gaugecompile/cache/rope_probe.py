@@ -74,14 +74,21 @@ def _probe_config(config, head_dim: int):
     return probe
 
 
-def _keys_at(model, position: int) -> list[torch.Tensor]:
+def _keys_at(model, position: int) -> list:
+    """Each cache layer of one forward of `model` on one token at `position`: its keys (float64) where it caches
+    them, else whether it holds a conv or recurrent state."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=torch.ones(1, 1, dtype=torch.long), position_ids=torch.tensor([[position]]),
               past_key_values=cache, use_cache=True)
-    return [layer.keys.double() for layer in cache.layers]
+    out = []
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        states = (*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values())
+        out.append(keys.double() if isinstance(keys, torch.Tensor) else any(t is not None for t in states))
+    return out
 
 
 def small_model(config, max_params: int = _MAX_PARAMS) -> torch.nn.Module:
@@ -107,11 +114,12 @@ def small_model(config, max_params: int = _MAX_PARAMS) -> torch.nn.Module:
     return build().eval()
 
 
-def probe_layer_rotations(config, candidates: tuple[RopeSpec, ...], head_dim: int) -> tuple[RopeSpec, ...]:
-    """Each layer's basis: its candidate (from the rotary module) if its keys rotate by it, no rotation if they do
-    not move; ValueError naming the layer otherwise, or when the probe copy cannot be built or run."""
+def probe_layer_rotations(config, candidates: tuple[RopeSpec, ...], shape) -> tuple[RopeSpec, ...]:
+    """Each attention layer's basis: its candidate (from the rotary module) if its keys rotate by it, no rotation if
+    they do not move; ValueError naming the layer otherwise, when a state layer of `shape` (a `KVShape`) keeps its
+    states outside the cache, or when the probe copy cannot be built or run.  Other layers keep their candidate."""
     try:
-        model = small_model(_probe_config(config, head_dim))
+        model = small_model(_probe_config(config, shape.head_dim))
         first, second = _keys_at(model, _POSITION), _keys_at(model, _POSITION + _SHIFT)
     except Exception as exc:  # noqa: BLE001 -- any failure means the layers could not be checked
         raise ValueError(f"config: could not run a small copy of {config.model_type!r} to check which layers apply "
@@ -121,6 +129,16 @@ def probe_layer_rotations(config, candidates: tuple[RopeSpec, ...], head_dim: in
                          f"{len(candidates)}")
     out = []
     for i, (a, b, rope) in enumerate(zip(first, second, candidates, strict=True)):
+        kind = shape.kinds[i]
+        if "state" in kind and not isinstance(a, torch.Tensor) and not a:
+            raise ValueError(f"config: layer {i} of {config.model_type!r} is a {kind} layer whose conv/recurrent "
+                             "states a forward does not write into the cache (the model keeps them itself), so "
+                             "fork, reorder and beam search could not copy them")
+        if "attention" not in kind:
+            out.append(rope)
+            continue
+        if not isinstance(a, torch.Tensor):
+            raise ValueError(f"config: attention layer {i} of {config.model_type!r} cached no keys in the probe")
         cos, sin = delta_cos_sin(torch.tensor(_SHIFT), rope.inv_freq, torch.float64)
         rotates = torch.allclose(rotate(a, cos, sin, rope.rotary_dim, rope.interleaved), b, rtol=_TOL, atol=_TOL)
         still = torch.allclose(a, b, rtol=_TOL, atol=_TOL)

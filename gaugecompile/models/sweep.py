@@ -11,9 +11,13 @@ the type has windows, small experts) and four checks:
    model's rotary module and `apply_rotary_pos_emb`, in the layers whose forward called it (observed by
    wrapping that function, not by the cache's probe), written into transformers' own cache for the config
    (whose sliding layers keep their last W - 1 tokens);
-4. the same steps compiled with `backend="gauge"` equal eager, counting the layers whose attention ran the
+   (a hybrid model's cache, whose linear-attention, SSM or convolution layers keep recurrent states, must refuse
+   the delete instead, with a ValueError that names them, and be left exactly as it was: "refused");
+4. the same steps compiled with `backend="gauge"` equal eager, counting the attention layers that ran the
    rotated-query kernel in the last step (at run time: a layer compiled in a graph of its own counts too, and a
    rewritten site whose run-time mask check fell back to the gather does not).
+A hybrid type whose default layer pattern puts no attention layer among the first 4 gets attention at layers 1
+and 3 (its config's own attribute for the pattern).
 Status: "rewritten" (all four, every layer ran the kernel), "exact" (all equal, some sites left as they were),
 "refused" (check 1 said no), "WRONG" (a check disagrees, or the cache raised something other than a refusal),
 "harness" (the tiny model or the reference could not be built: no verdict on the cache).
@@ -77,13 +81,35 @@ def rotary_causal_lm_types() -> list[str]:
     return out
 
 
+# how a hybrid config places its attention layers (the first that a type accepts is used)
+_ATTENTION_AT_1_AND_3 = (
+    {"layer_types": ["linear_attention", "full_attention"] * 2},
+    {"attn_layer_indices": [1, 3]},
+    {"attn_layer_period": 2, "attn_layer_offset": 1},
+)
+
+
+def _layer_types(config) -> list[str]:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return list(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
+
+
 def tiny_config(model_type: str):
-    """The type's default config with the sizes above where it has those attributes (windows shrunk to 6)."""
+    """The type's default config with the sizes above where it has those attributes (windows shrunk to 6), and
+    attention at layers 1 and 3 where its 4 layers would otherwise all be state layers."""
     defaults = transformers.AutoConfig.for_model(model_type).to_dict()
     kwargs = {k: v for k, v in _SIZES.items() if k in defaults}
     if defaults.get("sliding_window") is not None:
         kwargs["sliding_window"] = _WINDOW
-    return transformers.AutoConfig.for_model(model_type, **kwargs)
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    if set(_layer_types(config)) == {"linear_attention"}:
+        for layout in _ATTENTION_AT_1_AND_3:
+            with contextlib.suppress(Exception):
+                hybrid = transformers.AutoConfig.for_model(model_type, **kwargs, **layout)
+                if _layer_types(hybrid) == ["linear_attention", "full_attention"] * 2:
+                    return hybrid
+    return config
 
 
 def _build(config):
@@ -122,7 +148,7 @@ def _rope_layers(model, module, ids: torch.Tensor) -> set[int]:
     module.apply_rotary_pos_emb = spy
     try:
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
     finally:
         module.apply_rotary_pos_emb = original
         for h in hooks:
@@ -185,13 +211,15 @@ def _counting_kernel_runs(runs: list[int]):
         attention.cpu_attention = original
 
 
-def _steps(model, cache, ids: torch.Tensor | None, last_step_runs: list[int] | None = None) -> torch.Tensor:
-    """Logits of the steps after the prompt `ids` and the cut (None: `cache` holds the cut prompt already);
-    `last_step_runs` gets the kernel's runs in the last step."""
+def _steps(model, cache, ids: torch.Tensor | None, last_step_runs: list[int] | None = None,
+           cut: bool = True) -> torch.Tensor:
+    """Logits of the steps after the prompt `ids` and the cut (None: `cache` holds the cut prompt already; `cut`
+    False: no cut); `last_step_runs` gets the kernel's runs in the last step."""
     with torch.no_grad():
         if ids is not None:
             model(input_ids=ids, past_key_values=cache, use_cache=True)
-            cache.delete(0, *_CUT)
+            if cut:
+                cache.delete(0, *_CUT)
         logits, runs = [], [0]
         for i, t in enumerate(_STEPS):
             counting = last_step_runs is not None and i == len(_STEPS) - 1
@@ -200,6 +228,25 @@ def _steps(model, cache, ids: torch.Tensor | None, last_step_runs: list[int] | N
         if last_step_runs is not None:
             last_step_runs[:] = runs
         return torch.cat(logits, 1)
+
+
+def _delete_refused(model, cache, ids: torch.Tensor) -> bool:
+    """Whether a hybrid model's cache refuses the cut with a ValueError naming its state layers and is left as
+    it was (mapping, positions and every state tensor)."""
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    before = (cache.mapping(0), cache.positions(0), cache.batch, dict(cache.states.row_of),
+              {k: t.clone() for k, t in cache.states.stored.items()})
+    try:
+        cache.delete(0, *_CUT)
+    except ValueError as exc:
+        named = "conv/recurrent states" in str(exc)
+    else:
+        return False
+    after = (cache.mapping(0), cache.positions(0), cache.batch, dict(cache.states.row_of), cache.states.stored)
+    same = before[:4] == after[:4] and before[4].keys() == after[4].keys() and all(
+        torch.equal(t, after[4][k]) for k, t in before[4].items())
+    return named and same
 
 
 def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult:
@@ -238,13 +285,17 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
         return ManifoldCache(model.config, max_batch_size=2, max_tokens=256, block_size=4)
 
     result = FamilyResult(model_type, "WRONG", checks={"constructs": True})
+    hybrid = new_cache().states is not None
+    attention = len(new_cache().attention_layers)
     try:
         kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False)
         got = model.generate(past_key_values=new_cache(), **kwargs)
         want = model.generate(past_key_values=DynamicCache(config=model.config), **kwargs)
         result.checks["generate"] = got.tolist() == want.tolist()
-        eager = _steps(model, new_cache(), ids)
-        if rope_layers is None:
+        eager = _steps(model, new_cache(), ids, cut=not hybrid)
+        if hybrid:
+            result.checks["delete"] = "refused" if _delete_refused(model, new_cache(), ids) else False
+        elif rope_layers is None:
             result.checks["delete"] = None
             result.detail = "no module-level apply_rotary_pos_emb to build the reference from"
         else:
@@ -261,11 +312,11 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
             compiled = torch.compile(model, backend=functools.partial(gauge_backend, inner="eager",
                                                                       report_sink=sink))
             runs: list[int] = [0]
-            got = _steps(compiled, new_cache(), ids, runs)
+            got = _steps(compiled, new_cache(), ids, runs, cut=not hybrid)
             result.checks["compiled"] = bool(torch.allclose(got, eager, rtol=_TOL, atol=_TOL))
-            result.checks["rewritten"] = f"{runs[0]}/{model.config.num_hidden_layers}"
+            result.checks["rewritten"] = f"{runs[0]}/{attention}"
             refused = [site.reason for entry in sink for site in entry[0].refused]
-            if refused and runs[0] < model.config.num_hidden_layers:
+            if refused and runs[0] < attention:
                 result.detail = f"not rewritten: {refused[-1][:200]}"
     except Exception as exc:  # noqa: BLE001 -- anything but a refusal at construction is a failure
         result.detail = f"{type(exc).__name__}: {str(exc)[:240]}"
@@ -275,7 +326,7 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
         result.detail = result.detail or "a check disagrees: " + ", ".join(
             k for k, v in result.checks.items() if v is False)
         return result
-    every = result.checks.get("rewritten", "") == f"{model.config.num_hidden_layers}/{model.config.num_hidden_layers}"
+    every = result.checks.get("rewritten", "") == f"{attention}/{attention}"
     result.status = "rewritten" if every and result.checks.get("delete") is not None else "exact"
     return result
 
