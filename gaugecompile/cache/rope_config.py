@@ -107,6 +107,9 @@ def kv_shape_from_config(config) -> KVShape:
             f"config: ManifoldCache caches full and sliding-window attention layers and linear-attention, SSM or "
             f"convolution states, got layer types {odd}"
         )
+    if cross := getattr(config, "cross_attention_layers", None):
+        raise ValueError(f"config: {config.model_type!r} has cross-attention layers {list(cross)}, whose keys and "
+                         "values come from the image encoder, not from the tokens; ManifoldCache does not cache them")
     kinds = tuple(_KINDS[t] for t in types)
     if not any("attention" in k for k in kinds):
         raise ValueError(f"config: {config.model_type!r} has no attention layer among its layer types {types}; "

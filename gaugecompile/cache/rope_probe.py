@@ -91,6 +91,23 @@ def _keys_at(model, position: int) -> list:
     return out
 
 
+def _model_class(config) -> type:
+    """The model class of a config the Auto classes do not map (a multimodal model's text config): its modeling
+    module's causal LM, else its model, whose `config_class` is the config's class."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+               and getattr(c, "config_class", None) is type(config)]
+    for suffix in ("ForCausalLM", "Model"):
+        found = [c for c in classes if c.__name__.endswith(suffix)]
+        if len(found) == 1:
+            return found[0]
+    raise ValueError(f"config: no single model class for {type(config).__name__} in {module.__name__}")
+
+
 def small_model(config, max_params: int = _MAX_PARAMS) -> torch.nn.Module:
     """A float32 model of `config` with seeded random weights (its causal LM, else its base model: a text config
     of a multimodal model may have only that), built only once a meta-device build shows it has at most
@@ -98,12 +115,13 @@ def small_model(config, max_params: int = _MAX_PARAMS) -> torch.nn.Module:
     import transformers
 
     def build():
-        try:
-            return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        except ValueError as exc:
-            if "Unrecognized configuration class" not in str(exc):
-                raise
-            return transformers.AutoModel.from_config(config, dtype=torch.float32)
+        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+            try:
+                return auto.from_config(config, dtype=torch.float32)
+            except ValueError as exc:
+                if "Unrecognized configuration class" not in str(exc):
+                    raise
+        return _model_class(config)._from_config(config, dtype=torch.float32)
 
     with torch.device("meta"):
         size = sum(p.numel() for p in build().parameters())

@@ -46,6 +46,8 @@ _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               eos_token_id=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_local_experts=4,
               num_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_embd=64, n_layer=4, n_head=4,
               rotary_dim=8, n_positions=2048)
+_OTHER_PARTS = dict(depth=1, num_hidden_layers=1, num_layers=1, hidden_size=32, embed_dim=32, intermediate_size=32,
+                    num_heads=2, num_attention_heads=2, out_hidden_size=64, vision_output_dim=64)
 _WINDOW = 6
 _PROMPT = 12
 _CUT = (2, 5)  # off the block boundaries of block size 4
@@ -95,13 +97,38 @@ def _layer_types(config) -> list[str]:
     return list(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
 
 
-def tiny_config(model_type: str):
-    """The type's default config with the sizes above where it has those attributes (windows shrunk to 6), and
-    attention at layers 1 and 3 where its 4 layers would otherwise all be state layers."""
-    defaults = transformers.AutoConfig.for_model(model_type).to_dict()
+def _tiny_sizes(defaults: dict) -> dict:
     kwargs = {k: v for k, v in _SIZES.items() if k in defaults}
     if defaults.get("sliding_window") is not None:
         kwargs["sliding_window"] = _WINDOW
+    return kwargs
+
+
+def _tiny_parts(config) -> dict:
+    """A multimodal config's sub-configs, shrunk: its text config to the sizes above (its layer pattern
+    regenerated for 4 layers), the others (vision, audio, VQ) to one layer of width 32."""
+    from transformers import PretrainedConfig
+
+    parts = {}
+    for name, sub in vars(config).items():
+        if not isinstance(sub, PretrainedConfig):
+            continue
+        part = sub.to_dict()
+        if name == "text_config":
+            part.pop("layer_types", None)
+            part.update(_tiny_sizes(part))
+        else:
+            part.update({k: v for k, v in _OTHER_PARTS.items() if isinstance(part.get(k), int)})
+        parts[name] = part
+    return parts
+
+
+def tiny_config(model_type: str):
+    """The type's default config with the sizes above where it has those attributes (windows shrunk to 6; a
+    multimodal model's text config so, its other parts to one small layer), and attention at layers 1 and 3
+    where its 4 layers would otherwise all be state layers."""
+    default = transformers.AutoConfig.for_model(model_type)
+    kwargs = {**_tiny_sizes(default.to_dict()), **_tiny_parts(default)}
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     if set(_layer_types(config)) == {"linear_attention"}:
         for layout in _ATTENTION_AT_1_AND_3:
@@ -126,7 +153,7 @@ def _build(config):
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
-    n = model.config.num_hidden_layers
+    n = model.config.get_text_config(decoder=True).num_hidden_layers
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
@@ -181,7 +208,7 @@ def _reference(model, module, ids: torch.Tensor, rope_layers: set[int]) -> Dynam
     full = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, past_key_values=full, use_cache=True)
-    types = getattr(model.config, "layer_types", None)
+    types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
     edited = DynamicCache(config=model.config)  # sliding layers keep their last W - 1 tokens, as transformers does
     for i, layer in enumerate(full.layers):
         k, v = layer.keys, layer.values
@@ -276,7 +303,8 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
         return FamilyResult(model_type, "harness", built)
     try:
         module = _modeling(model_type)
-        ids = torch.randint(3, model.config.vocab_size, (1, _PROMPT), generator=torch.Generator().manual_seed(1))
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        ids = torch.randint(3, vocab, (1, _PROMPT), generator=torch.Generator().manual_seed(1))
         rope_layers = _rope_layers(model, module, ids) if hasattr(module, "apply_rotary_pos_emb") else None
     except Exception as exc:  # noqa: BLE001 -- the harness, not the cache
         return FamilyResult(model_type, "harness", f"tiny model: {type(exc).__name__}: {str(exc)[:200]}")
