@@ -666,9 +666,10 @@ class ManifoldCache(Cache):
 
     def _kv_error(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> Exception | None:
         """Why K/V do not fit the pools, or None (static checks: guards, not run-time work, under torch.compile)."""
-        layers, dim = self.shape.num_layers, self.shape.head_dim
+        layers = self.shape.num_layers
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
             return ValueError(f"layer_idx: expected an int in [0, {layers}) (the config's layers), got {layer_idx!r}")
+        dim = self.shape.head_dims[layer_idx]
         if "attention" not in self.shape.kinds[layer_idx]:
             return ValueError(f"layer_idx: layer {layer_idx} is a {self.shape.kinds[layer_idx]} layer (no keys and "
                               f"values); the attention layers are {list(self.attention_layers)}")

@@ -15,6 +15,7 @@ which the cache bounds the layer's view by.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +45,15 @@ class KVShape:
     #: per layer, what it caches: "attention" (keys and values), "state" (a linear-attention, SSM or convolution
     #: layer's conv/recurrent states), "attention+state" (a layer with both) or "none" (no cache: an MLP layer)
     kinds: tuple[str, ...] = ()
+    #: per layer, its head dim (Gemma 4's global layers have wider heads than its sliding ones); `head_dim` is the
+    #: first attention layer's
+    head_dims: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.kinds:
             object.__setattr__(self, "kinds", ("attention",) * self.num_layers)
+        if not self.head_dims:
+            object.__setattr__(self, "head_dims", (self.head_dim,) * self.num_layers)
 
     @property
     def sliding_layers(self) -> list[int]:
@@ -120,14 +126,25 @@ def kv_shape_from_config(config) -> KVShape:
             "its keys join a latent part and a decoupled RoPE part and its values have another width; ManifoldCache "
             "does not cache that form yet"
         )
-    if (v_dim := getattr(config, "v_head_dim", None)) is not None and v_dim != getattr(config, "head_dim", v_dim):
+    head_dims = _layer_head_dims(config)
+    if (v_dim := getattr(config, "v_head_dim", None)) is not None and {v_dim} != set(head_dims):
         raise ValueError(f"config: {config.model_type!r} has values of width v_head_dim={v_dim} and keys of "
-                         f"head_dim={config.head_dim}; ManifoldCache pools keys and values of one width")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+                         f"head_dim={head_dims[0]}; ManifoldCache pools keys and values of one width")
     windows = _layer_windows(config)
     if any(w is not None and (not isinstance(w, int) or w < 1) for w in windows):
         raise ValueError(f"config.sliding_window: expected a positive int per sliding layer, got {windows}")
-    return KVShape(int(config.num_hidden_layers), int(head_dim), windows, kinds)
+    first = next(i for i, k in enumerate(kinds) if "attention" in k)
+    return KVShape(int(config.num_hidden_layers), head_dims[first], windows, kinds, head_dims)
+
+
+def _layer_head_dims(config) -> tuple[int, ...]:
+    """Each layer's head dim: its per-layer config's (transformers' heterogeneous configs), else the config's
+    `head_dim`, else hidden_size / heads."""
+    dims = []
+    for layer in config.per_layer_config:
+        dim = getattr(layer, "head_dim", None) or layer.hidden_size // layer.num_attention_heads
+        dims.append(int(dim))
+    return tuple(dims)
 
 
 def _modeling_module(config):
@@ -218,6 +235,15 @@ def _gptj_rope(config, module, head_dim: int) -> RopeSpec:
     return RopeSpec(inv_freq, rotary_dim, _match_layout(rotated, x, inv_freq, 1.0, "gptj"))
 
 
+def apply_keys_rotation(module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`keys` rotated by the modeling module's own apply_rotary_pos_emb, whichever form it has: (q, k, cos, sin)
+    returning both, or one tensor (x, cos, sin) at a time (Gemma 4)."""
+    fn = module.apply_rotary_pos_emb
+    if list(inspect.signature(fn).parameters)[1] == "cos":
+        return fn(keys, cos, sin)
+    return fn(keys, keys, cos, sin)[1]
+
+
 def _basis(config, module, rotary, layer_type: str | None, head_dim: int) -> RopeSpec:
     """The basis `rotary` (the model's rotary module) gives for `layer_type` (None: its only one)."""
     arch = config.model_type
@@ -239,7 +265,7 @@ def _basis(config, module, rotary, layer_type: str | None, head_dim: int) -> Rop
             f"and head_dim {head_dim}; unsupported layout"
         )
     # Partial-rotary models (NeoX, Phi, ...) rotate the leading rotary_dim dims and pass the rest through.
-    rot, _ = module.apply_rotary_pos_emb(x[..., :rotary_dim], x[..., :rotary_dim], cos.double(), sin.double())
+    rot = apply_keys_rotation(module, x[..., :rotary_dim], cos.double(), sin.double())
     rotated = torch.cat((rot, x[..., rotary_dim:]), dim=-1)
     interleaved = _match_layout(rotated, x, inv_freq, scaling, arch)
     return RopeSpec(inv_freq, rotary_dim, interleaved, attention_factor=scaling)
@@ -280,8 +306,9 @@ def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
         bases = {None: _gptj_rope(config, module, shape.head_dim)}
     else:
         rotary = _rotary_class(module, config)(config=config)
-        # the layer types the model has (a rotary module holds only those bases)
-        bases = {t: _basis(config, module, rotary, t, shape.head_dim) for t in params if t is None or t in types}
+        # the layer types the model has (a rotary module holds only those bases), each read with its head dim
+        dims = {t: shape.head_dims[types.index(t)] if t in types else shape.head_dim for t in params}
+        bases = {t: _basis(config, module, rotary, t, dims[t]) for t in params if t is None or t in types}
     attends = ["attention" in k for k in shape.kinds]  # a state or MLP layer has no keys to rotate
     if None not in bases and any(t not in bases for t, a in zip(types, attends, strict=True) if a):
         raise ValueError(f"config.rope_parameters: no RoPE parameters for layer types "

@@ -67,11 +67,18 @@ def _probe_config(config, head_dim: int):
         for name in ("hidden_size", "n_embd"):
             if isinstance(getattr(probe, name, None), int):
                 setattr(probe, name, new_heads * head_dim)
-        if isinstance(getattr(probe, "head_dim", None), int) and not isinstance(getattr(type(probe), "head_dim", None),
-                                                                                 property):
+        uniform = "head_dim" not in _per_layer_attributes(probe)  # else each layer keeps its own
+        if uniform and isinstance(getattr(probe, "head_dim", None), int) and not isinstance(
+                getattr(type(probe), "head_dim", None), property):
             probe.head_dim = head_dim  # (a property where the config derives it: hidden / heads, kept above)
     probe._attn_implementation = "eager"
     return probe
+
+
+def _per_layer_attributes(config) -> set[str]:
+    """The attributes a heterogeneous config sets per layer (transformers' `per_layer_config` overrides)."""
+    overrides = config.to_dict().get("per_layer_config") or {}
+    return {name for layer in overrides.values() if isinstance(layer, dict) for name in layer}
 
 
 def _keys_at(model, position: int) -> list:

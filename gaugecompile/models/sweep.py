@@ -39,13 +39,15 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from ..cache.rope_config import apply_keys_rotation
+
 __all__ = ["FamilyResult", "check_family", "rotary_causal_lm_types", "tiny_config"]
 
 _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_local_experts=4,
               num_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_embd=64, n_layer=4, n_head=4,
-              rotary_dim=8, n_positions=2048)
+              vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, rotary_dim=8, n_positions=2048)
 _OTHER_PARTS = dict(depth=1, num_hidden_layers=1, num_layers=1, hidden_size=32, embed_dim=32, intermediate_size=32,
                     num_heads=2, num_attention_heads=2, out_hidden_size=64, vision_output_dim=64)
 _WINDOW = 6
@@ -83,6 +85,13 @@ def rotary_causal_lm_types() -> list[str]:
     return out
 
 
+# what a type's config needs beyond the sizes above to build 4 small layers (its own validation's demands)
+_TYPE_FIXES = {
+    "dots1": {"n_shared_experts": 1},  # None by default, multiplied by the expert width
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2},  # None by default, indexed per layer
+    "zaya": {"num_experts_per_tok": 1},  # "ZAYA currently supports num_experts_per_tok=1 only"
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid"] * 2, "hybrid_layer_ids": [1, 3]},
+}
 # how a hybrid config places its attention layers (the first that a type accepts is used)
 _ATTENTION_AT_1_AND_3 = (
     {"layer_types": ["linear_attention", "full_attention"] * 2},
@@ -116,6 +125,7 @@ def _tiny_parts(config) -> dict:
         part = sub.to_dict()
         if name == "text_config":
             part.pop("layer_types", None)
+            part.pop("per_layer_config", None)  # regenerated for 4 layers, like the layer pattern
             part.update(_tiny_sizes(part))
         else:
             part.update({k: v for k, v in _OTHER_PARTS.items() if isinstance(part.get(k), int)})
@@ -128,7 +138,7 @@ def tiny_config(model_type: str):
     multimodal model's text config so, its other parts to one small layer), and attention at layers 1 and 3
     where its 4 layers would otherwise all be state layers."""
     default = transformers.AutoConfig.for_model(model_type)
-    kwargs = {**_tiny_sizes(default.to_dict()), **_tiny_parts(default)}
+    kwargs = {**_tiny_sizes(default.to_dict()), **_tiny_parts(default), **_TYPE_FIXES.get(model_type, {})}
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     if set(_layer_types(config)) == {"linear_attention"}:
         for layout in _ATTENTION_AT_1_AND_3:
@@ -193,13 +203,13 @@ def _rotated(model, module, keys: torch.Tensor, shift: int, layer_type: str | No
     scale = getattr(rotary, f"{layer_type}_attention_scaling" if typed else "attention_scaling", 1.0)
     cos, sin = cos / scale, sin / scale  # a pure rotation: a stored key already carries YaRN's factor
     try:
-        out, _ = module.apply_rotary_pos_emb(keys, keys, cos, sin)
+        out = apply_keys_rotation(module, keys, cos, sin)
         if out.shape == keys.shape:
             return out
     except RuntimeError:
         pass
     width = cos.shape[-1]  # partial rotary: the model rotates the leading dims and passes the rest
-    out, _ = module.apply_rotary_pos_emb(keys[..., :width], keys[..., :width], cos, sin)
+    out = apply_keys_rotation(module, keys[..., :width], cos, sin)
     return torch.cat([out, keys[..., width:]], -1)
 
 
