@@ -220,19 +220,22 @@ def _built_rotaries(config, classes: list[type]) -> list[type]:
 
 
 def _gptj_rope(config, module, head_dim: int) -> RopeSpec:
+    """The basis of a model with GPT-J's sinusoidal table (`create_sinusoidal_positions`, base 10000)."""
     rotary_dim = getattr(config, "rotary_dim", None)
     if not rotary_dim:
-        raise ValueError("config.rotary_dim: GPT-J without rotary_dim rotates over the embedding width; unsupported")
+        raise ValueError(f"config.rotary_dim: {config.model_type!r} without rotary_dim rotates over the embedding "
+                         "width; unsupported")
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64) / rotary_dim))
     table = module.create_sinusoidal_positions(_PROBE_POSITION + 1, rotary_dim)[_PROBE_POSITION]
     sin, cos = table.double().chunk(2)
     angles = _PROBE_POSITION * inv_freq.double()
     if not (torch.allclose(sin, angles.sin(), atol=1e-5) and torch.allclose(cos, angles.cos(), atol=1e-5)):
-        raise ValueError("config: GPT-J sinusoidal table does not match base-10000 frequencies; unsupported variant")
+        raise ValueError(f"config: the sinusoidal table of {config.model_type!r} does not match base-10000 "
+                         "frequencies; unsupported variant")
     x = torch.randn(1, 1, 1, head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     rot = module.apply_rotary_pos_emb(x[..., :rotary_dim], sin[None, None].float(), cos[None, None].float())
     rotated = torch.cat((rot, x[..., rotary_dim:]), dim=-1)
-    return RopeSpec(inv_freq, rotary_dim, _match_layout(rotated, x, inv_freq, 1.0, "gptj"))
+    return RopeSpec(inv_freq, rotary_dim, _match_layout(rotated, x, inv_freq, 1.0, config.model_type))
 
 
 def apply_keys_rotation(module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -302,7 +305,7 @@ def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
     shape = kv_shape_from_config(config)
     module = _modeling_module(config)
     types = _layer_types(config)
-    if config.model_type == "gptj":
+    if hasattr(module, "create_sinusoidal_positions"):  # GPT-J and CodeGen: a sinusoidal table, no rotary module
         bases = {None: _gptj_rope(config, module, shape.head_dim)}
     else:
         rotary = _rotary_class(module, config)(config=config)

@@ -52,12 +52,13 @@ def _shrink(config) -> None:
 
 def _probe_config(config, head_dim: int):
     """A copy of `config` with the same layers, layer types, windows, RoPE parameters and head dim, and at most
-    2 KV heads (GQA kept), a vocabulary of 16, small feed-forwards and 2 experts."""
+    2 KV heads (GQA kept) where it has more than 4 heads (fewer are kept: CodeGen splits them in 4 groups), a
+    vocabulary of 16, small feed-forwards and 2 experts."""
     probe = copy.deepcopy(config)
     _shrink(probe)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
-    if isinstance(heads, int) and isinstance(kv, int) and heads % kv == 0:
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv == 0 and heads > 4:  # (few heads: kept)
         new_kv = min(kv, 2)
         new_heads = new_kv * min(heads // kv, 2)
         for name, value in (("num_attention_heads", new_heads), ("n_head", new_heads),

@@ -193,8 +193,21 @@ def _rope_layers(model, module, ids: torch.Tensor) -> set[int]:
     return seen
 
 
+def _rotated_by_table(model, module, keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """`keys` ([B, H, S, D]) rotated by `shift` positions with a GPT-J-style model's sinusoidal table and its
+    apply_rotary_pos_emb (which takes [B, S, H, D] and the table's sin and cos halves) over its rotary_dim."""
+    width = model.config.rotary_dim
+    sin, cos = module.create_sinusoidal_positions(abs(shift) + 1, width)[abs(shift)].to(keys.dtype).chunk(2)
+    sin = sin if shift >= 0 else -sin  # the table starts at 0: R(-s) is R(s) with sin negated
+    part = keys[..., :width].transpose(1, 2)
+    out = module.apply_rotary_pos_emb(part, sin[None, None], cos[None, None]).transpose(1, 2)
+    return torch.cat([out, keys[..., width:]], -1)
+
+
 def _rotated(model, module, keys: torch.Tensor, shift: int, layer_type: str | None) -> torch.Tensor:
     """`keys` rotated by `shift` positions with the model's rotary module and apply_rotary_pos_emb."""
+    if hasattr(module, "create_sinusoidal_positions"):
+        return _rotated_by_table(model, module, keys, shift)
     rotary = next(m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding"))
     x = torch.zeros(1, 1, 1, keys.shape[-1], dtype=keys.dtype)
     position = torch.tensor([[shift]])
