@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..rope import RopeSpec
-from .rope_probe import probe_layer_rotations
+from .rope_probe import build_model, probe_layer_rotations
 
 __all__ = ["KVShape", "kv_shape_from_config", "layer_ropes_from_config", "rope_from_config", "shared_rope"]
 
@@ -160,8 +160,8 @@ def _rope_params(config) -> dict[str | None, dict]:
     params = getattr(config, "rope_parameters", None) or {}
     if not isinstance(params, dict):
         return {None: {}}
-    if params and "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
-        return dict(params)
+    if params and "rope_type" not in params and all(isinstance(v, dict) or v is None for v in params.values()):
+        return dict(params)  # (None: that layer type has no RoPE, as Beam's full-attention layers)
     return {None: params}
 
 
@@ -205,15 +205,10 @@ def _rotary_class(module, config):
 
 
 def _built_rotaries(config, classes: list[type]) -> list[type]:
-    """Which of `classes` a meta-device build of `config`'s causal LM (else base model) instantiates."""
-    import transformers
-
+    """Which of `classes` a meta-device build of `config`'s model instantiates."""
     try:
         with torch.device("meta"):
-            try:
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            except ValueError:
-                model = transformers.AutoModel.from_config(config)
+            model = build_model(config)
     except Exception:  # noqa: BLE001 -- no build, no answer: the caller refuses
         return classes
     return [c for c in classes if any(type(m) is c for m in model.modules())]
@@ -297,7 +292,7 @@ _LAYER_ROPES: dict[tuple[str, str], tuple[RopeSpec, ...]] = {}  # the probe buil
 def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
     params = _rope_params(config)
     for layer_type, p in params.items():
-        rope_type = p.get("rope_type", "default")
+        rope_type = (p or {}).get("rope_type", "default")
         if rope_type in _DYNAMIC_ROPE:
             where = "" if layer_type is None else f"[{layer_type!r}]"
             raise ValueError(f"config.rope_parameters{where}: rope_type {rope_type!r} cannot be cached by block "
@@ -311,8 +306,11 @@ def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
         rotary = _rotary_class(module, config)(config=config)
         # the layer types the model has (a rotary module holds only those bases), each read with its head dim
         dims = {t: shape.head_dims[types.index(t)] if t in types else shape.head_dim for t in params}
-        bases = {t: _basis(config, module, rotary, t, dims[t]) for t in params if t is None or t in types}
+        bases = {t: _basis(config, module, rotary, t, dims[t]) for t, p in params.items()
+                 if p is not None and (t is None or t in types)}
     attends = ["attention" in k for k in shape.kinds]  # a state or MLP layer has no keys to rotate
+    nope = {t for t, p in params.items() if p is None}
+    attends = [a and t not in nope for t, a in zip(types, attends, strict=True)]  # NoPE types: checked by the probe
     if None not in bases and any(t not in bases for t, a in zip(types, attends, strict=True) if a):
         raise ValueError(f"config.rope_parameters: no RoPE parameters for layer types "
                          f"{sorted({t for t, a in zip(types, attends, strict=True) if a} - set(bases))}")

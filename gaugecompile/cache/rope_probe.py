@@ -18,7 +18,7 @@ import torch
 
 from ..rope import RopeSpec, delta_cos_sin, rotate
 
-__all__ = ["probe_layer_rotations", "small_model"]
+__all__ = ["build_model", "probe_layer_rotations", "small_model"]
 
 _POSITION, _SHIFT = 3, 5
 _TOL = 1e-4  # the probe runs in float32; a rotation by S moves the fast pairs by O(1)
@@ -120,24 +120,27 @@ def small_model(config, max_params: int = _MAX_PARAMS) -> torch.nn.Module:
     """A float32 model of `config` with seeded random weights (its causal LM, else its base model: a text config
     of a multimodal model may have only that), built only once a meta-device build shows it has at most
     `max_params` parameters (ValueError otherwise: a shrink that missed a size must not fill the memory)."""
-    import transformers
-
-    def build():
-        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-            try:
-                return auto.from_config(config, dtype=torch.float32)
-            except ValueError as exc:
-                if "Unrecognized configuration class" not in str(exc):
-                    raise
-        return _model_class(config)._from_config(config, dtype=torch.float32)
 
     with torch.device("meta"):
-        size = sum(p.numel() for p in build().parameters())
+        size = sum(p.numel() for p in build_model(config).parameters())
     if size > max_params:
         raise ValueError(f"config: a copy of {config.model_type!r} would have {size} parameters (more than "
                          f"{max_params})")
     torch.manual_seed(0)
-    return build().eval()
+    return build_model(config).eval()
+
+
+def build_model(config) -> torch.nn.Module:
+    """`config`'s causal LM in float32 (else its base model, else its modeling module's class for it)."""
+    import transformers
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            return auto.from_config(config, dtype=torch.float32)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+    return _model_class(config)._from_config(config, dtype=torch.float32)
 
 
 def probe_layer_rotations(config, candidates: tuple[RopeSpec, ...], shape) -> tuple[RopeSpec, ...]:
