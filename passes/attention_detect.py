@@ -40,7 +40,9 @@ SDPA_FORMS = {
     aten._scaled_dot_product_efficient_attention.default: "sdpa-efficient",
     aten._scaled_dot_product_cudnn_attention.default: "sdpa-cudnn",
 }
-_SOFTMAX = (aten._softmax.default, aten.softmax.int)
+# `_safe_softmax` (SDPA's math decomposition) differs only on rows whose every score is -inf, where it gives 0, not
+# NaN; a rewritten site's masks are checked to show every query at least itself, so it has no such row.
+_SOFTMAX = (aten._softmax.default, aten.softmax.int, aten._safe_softmax.default)
 _MATMUL = (aten.bmm.default, aten.matmul.default)
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
              torch.ops.prims.convert_element_type.default, aten._to_copy.default)
@@ -72,15 +74,27 @@ class AttentionMatch:
 
 
 _REPEAT = frozenset({aten.repeat.default})
+_SCALE = frozenset({aten.mul.Scalar, aten.mul.Tensor})
 
 
-def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Tensor]) -> tuple[fx.Node, bool]:
-    """The deepest 4-D node behind `arg` whose head-repeat (to `heads`) laid out by `final` is `arg`, and whether
-    the repeat tiles the heads (`repeat`: 0, 1, .., 0, 1, ..) rather than interleaving them (0, 0, .., 1, 1, ..)."""
-    path = [arg]
-    while is_call(path[-1], *LAYOUT_OPS, *_REPEAT):
+def _constant_factor(node: fx.Node) -> float | None:
+    """c of `x * c` with c a nonzero constant (SDPA's math decomposition scales q and k by sqrt(scale) each)."""
+    if not is_call(node, *_SCALE):
+        return None
+    c = node.args[1]
+    return float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0 else None
+
+
+def _resolve(arg: fx.Node, heads: int,
+             final: Callable[[torch.Tensor], torch.Tensor]) -> tuple[fx.Node, bool, float]:
+    """The deepest 4-D node behind `arg` whose head-repeat (to `heads`) laid out by `final`, times a constant
+    factor, is `arg`; whether the repeat tiles the heads (`repeat`: 0, 1, .., 0, 1, ..) rather than interleaving
+    them (0, 0, .., 1, 1, ..); and the factor (the product of the constant multiplications on the way)."""
+    path, factors = [arg], [1.0]
+    while is_call(path[-1], *LAYOUT_OPS, *_REPEAT) or _constant_factor(path[-1]) is not None:
+        factors.append(factors[-1] * (_constant_factor(path[-1]) or 1.0))
         path.append(path[-1].args[0])
-    for cand in reversed(path):
+    for cand, factor in reversed(list(zip(path, factors, strict=True))):
         v = val(cand)
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
             continue
@@ -90,20 +104,20 @@ def _resolve(arg: fx.Node, heads: int, final: Callable[[torch.Tensor], torch.Ten
         rep = heads // cand_heads
         for tiled in (False, True) if rep > 1 else (False,):
             try:
-                probe_chain(cand, arg, lambda t, dims, rep=rep, tiled=tiled: final(
-                    t.repeat(1, rep, 1, 1) if tiled else t.repeat_interleave(rep, dim=1)).reshape(dims(arg)),
-                    extra_ops=_REPEAT)
-                return cand, tiled
+                probe_chain(cand, arg, lambda t, dims, rep=rep, tiled=tiled, f=factor: final(
+                    t.repeat(1, rep, 1, 1) if tiled else t.repeat_interleave(rep, dim=1)).mul(f).reshape(dims(arg)),
+                    extra_ops=_REPEAT | _SCALE)
+                return cand, tiled, factor
             except (AnalysisError, RuntimeError):
                 continue
     raise AnalysisError(f"{arg.name} is not a head-repeated view of a [batch, kv_heads, len, head_dim] tensor")
 
 
-def _resolve_own_heads(arg: fx.Node) -> tuple[fx.Node, bool]:
+def _resolve_own_heads(arg: fx.Node) -> tuple[fx.Node, bool, float]:
     """sdpa's k/v: behind a repeat-kv when its head count is static; a symbolic one is taken as is
     (sdpa's own `enable_gqa` grouping is the op's)."""
     heads = as_int(shape(arg)[1])
-    return _resolve(arg, heads, lambda t: t) if isinstance(heads, int) else (arg, False)
+    return _resolve(arg, heads, lambda t: t) if isinstance(heads, int) else (arg, False, 1.0)
 
 
 def _match_sdpa(node: fx.Node) -> AttentionMatch:
@@ -122,9 +136,12 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
     mask = kw.get("attn_mask", kw.get("attn_bias"))
     scale = kw.get("scale")
     scale = 1.0 / float(static_dim(q, -1)) ** 0.5 if scale is None else float(scale)
-    (k_base, k_tiled), (v_base, v_tiled) = _resolve_own_heads(k), _resolve_own_heads(v)
+    (k_base, k_tiled, k_factor), (v_base, v_tiled, v_factor) = _resolve_own_heads(k), _resolve_own_heads(v)
     if k_tiled != v_tiled:
         raise AnalysisError("keys and values are repeated to the query heads in different orders")
+    if v_factor != 1.0:
+        raise AnalysisError(f"the values are scaled by {v_factor} (the output would be; not the op's form)")
+    scale *= k_factor
     return AttentionMatch(out, out, SDPA_FORMS[node.target], q, k_base, v_base, scale,
                           bool(kw.get("is_causal", False)), [mask] if mask is not None else [], problems,
                           tiled_heads=k_tiled)
@@ -290,13 +307,14 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
     try:
         probe_chain(softmax, mm2.args[0], lambda t, dims: t[..., dropped].reshape(dims(mm2.args[0])))
         probe_chain(mm2, out, lambda t, dims: t.reshape(dims(out)))
-        q, _ = _resolve(a1, heads, lambda t: t)
-        k, k_tiled = _resolve(k1, heads, lambda t: t.transpose(-2, -1))
-        v, v_tiled = _resolve(v2, heads, lambda t: t)
+        q, _, q_factor = _resolve(a1, heads, lambda t: t)
+        k, k_tiled, k_factor = _resolve(k1, heads, lambda t: t.transpose(-2, -1))
+        v, v_tiled, v_factor = _resolve(v2, heads, lambda t: t)
     except AnalysisError:
         return None
-    if k_tiled != v_tiled:
+    if k_tiled != v_tiled or v_factor != 1.0:
         return None
+    scale *= q_factor * k_factor  # (SDPA's math decomposition scales both by sqrt(scale))
     if not known_equal(shape(q), shape(out)) or not known_equal(shape(k)[2], kv_len):
         return None
     if others:

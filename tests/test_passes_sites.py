@@ -193,6 +193,30 @@ def test_gqa_by_repeat_rewritten_with_the_heads_regrouped(pool, form):
     assert len(rewritten) == 1 and not refused
 
 
+@pytest.mark.parametrize("form", ["sdpa-bool-mask", "prescaled"])
+def test_multi_query_attention_by_broadcast_with_prescaled_operands_rewritten(form):
+    """Falcon's multi-query SDPA: one KV head broadcast over the query heads and a boolean mask, which torch
+    decomposes into q and k each scaled by sqrt(scale), an `expand` of the head and `_safe_softmax`."""
+    g = torch.Generator().manual_seed(1)
+    kp, vp = torch.randn(9, 4, 1, D, generator=g), torch.randn(9, 4, 1, D, generator=g)
+    table, delta = torch.tensor([[3, 0, 7], [5, 8, 1]]), torch.tensor([[0, -9, 40], [2, 2, 100]])
+    q = torch.randn(B, H, 1, D)
+    visible = torch.ones(1, 1, 1, L, dtype=torch.bool)
+
+    def f(q, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        if form == "sdpa-bool-mask":
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        root = D**-0.25  # the scale split between the two operands
+        w = torch.matmul(q * root, (k * root).expand(B, H, L, D).transpose(2, 3))
+        return torch.matmul(torch.softmax(w, dim=-1), v.expand(B, H, L, D))
+
+    compiled, sink = _compile(f)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta), f(q, kp, vp, table, delta), atol=1e-5, rtol=1e-5)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused
+
+
 class BeamReorder(torch.nn.Module):
     """Reorders its past cache by beam index inside forward, then attends over past + new tokens."""
 
