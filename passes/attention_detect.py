@@ -174,9 +174,19 @@ def _scores_operand(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         s = scores
         while is_call(s, *_RESHAPES, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.tanh.default):
             s = s.args[0]
-        if is_call(s, *_MATMUL):
+        if is_call(s, *_MATMUL) or _zero_based_baddbmm(s) is not None:
             return scores, mask
     return None
+
+
+def _zero_based_baddbmm(node: fx.Node) -> float | None:
+    """alpha of `baddbmm(zeros, a, b, beta, alpha)`, which is alpha * (a @ b) (GPT-NeoX-Japanese's scores), else
+    None."""
+    if not is_call(node, aten.baddbmm.default) or not is_call(node.args[0], aten.zeros.default):
+        return None
+    _, kw = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    alpha = kw.get("alpha", 1)
+    return float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
 
 
 def _last_dim(dims, node: fx.Node) -> bool:
@@ -298,11 +308,14 @@ def _match_eager(softmax: fx.Node, x: fx.Node) -> AttentionMatch | None:
             masks.append(mask)
         else:
             break
-    if not is_call(s, *_MATMUL):
+    if (alpha := _zero_based_baddbmm(s)) is not None:
+        mm1, (a1, k1), scale = s, s.args[1:3], scale * alpha
+    elif is_call(s, *_MATMUL):
+        mm1, (a1, k1) = s, s.args[:2]
+    else:
         return None
-    mm1 = s
     kv_len = shape(mm1)[-1]
-    a1, k1, v2 = mm1.args[0], mm1.args[1], mm2.args[1]
+    v2 = mm2.args[1]
     dropped = slice(0, -1) if sinks is not None else slice(None)  # the sink column is not a key
     try:
         probe_chain(softmax, mm2.args[0], lambda t, dims: t[..., dropped].reshape(dims(mm2.args[0])))

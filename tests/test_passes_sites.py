@@ -217,6 +217,25 @@ def test_multi_query_attention_by_broadcast_with_prescaled_operands_rewritten(fo
     assert len(rewritten) == 1 and not refused
 
 
+def test_scores_through_baddbmm_over_zeros_rewritten(pool):
+    """GPT-NeoX-Japanese: scores = baddbmm(zeros, q, k^T, beta=1, alpha=1/sqrt(D)), which is alpha * q k^T."""
+    kp, vp, table, delta = pool
+    q = torch.randn(B, H, 1, D)
+
+    def f(q, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        k = k.repeat_interleave(H // HKV, dim=1).reshape(B * H, L, D)
+        v = v.repeat_interleave(H // HKV, dim=1)
+        zeros = torch.zeros(B * H, 1, L)
+        w = torch.baddbmm(zeros, q.reshape(B * H, 1, D), k.transpose(1, 2), beta=1.0, alpha=D**-0.5)
+        return torch.matmul(torch.softmax(w.view(B, H, 1, L), dim=-1), v)
+
+    compiled, sink = _compile(f)
+    torch.testing.assert_close(compiled(q, kp, vp, table, delta), f(q, kp, vp, table, delta), atol=1e-5, rtol=1e-5)
+    rewritten, refused = _sites(sink)
+    assert len(rewritten) == 1 and not refused
+
+
 class BeamReorder(torch.nn.Module):
     """Reorders its past cache by beam index inside forward, then attends over past + new tokens."""
 
