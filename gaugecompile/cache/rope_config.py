@@ -189,11 +189,7 @@ def _rotary_class(module, config):
     module defines several (a multimodal model's vision and text rotaries), the one a meta-device build of the
     decoder holds."""
     arch = config.model_type
-    classes = [
-        obj for name, obj in vars(module).items()
-        if name.endswith("RotaryEmbedding") and isinstance(obj, type) and issubclass(obj, torch.nn.Module)
-        and obj.__module__ == module.__name__
-    ]
+    classes = _rotary_classes(module)
     if len(classes) > 1:
         classes = _built_rotaries(config, classes)
     if len(classes) != 1 or not hasattr(module, "apply_rotary_pos_emb"):
@@ -202,6 +198,13 @@ def _rotary_class(module, config):
             f"{arch!r}; ManifoldCache does not know its RoPE layout"
         )
     return classes[0]
+
+
+def _rotary_classes(module) -> list[type]:
+    """The rotary embedding classes a modeling module defines."""
+    return [obj for name, obj in vars(module).items()
+            if name.endswith("RotaryEmbedding") and isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+            and obj.__module__ == module.__name__]
 
 
 def _built_rotaries(config, classes: list[type]) -> list[type]:
@@ -302,6 +305,8 @@ def _compute_layer_ropes(config) -> tuple[RopeSpec, ...]:
     types = _layer_types(config)
     if hasattr(module, "create_sinusoidal_positions"):  # GPT-J and CodeGen: a sinusoidal table, no rotary module
         bases = {None: _gptj_rope(config, module, shape.head_dim)}
+    elif not _rotary_classes(module):  # no rotary code at all (Jamba, Nemotron-H): NoPE layers, if the probe agrees
+        bases, params = {None: RopeSpec.none(shape.head_dim)}, {None: {}}
     else:
         rotary = _rotary_class(module, config)(config=config)
         # the layer types the model has (a rotary module holds only those bases), each read with its head dim
