@@ -72,7 +72,8 @@ class KVShape:
 
 
 # transformers' layer types (cache_utils.get_layer_types_and_kwargs) and what each caches
-_KINDS = {"full_attention": "attention", "sliding_attention": "attention", "linear_attention": "state",
+_KINDS = {"full_attention": "attention", "sliding_attention": "attention", "chunked_attention": "attention",
+          "linear_attention": "state",
           "conv": "state", "hybrid": "attention+state", "hybrid_sliding": "attention+state", "dummy": "none"}
 
 
@@ -86,7 +87,7 @@ def _layer_windows(config) -> tuple[int | None, ...]:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     types, kwargs = get_layer_types_and_kwargs(config)
-    return tuple(k.get("sliding_window") if t in ("sliding_attention", "hybrid_sliding") else None
+    return tuple(k.get("sliding_window") if t in ("sliding_attention", "chunked_attention", "hybrid_sliding") else None
                  for t, k in zip(types, kwargs, strict=True))
 
 
@@ -192,9 +193,10 @@ def _rotary_class(module, config):
     classes = _rotary_classes(module)
     if len(classes) > 1:
         classes = _built_rotaries(config, classes)
-    if len(classes) != 1 or not hasattr(module, "apply_rotary_pos_emb"):
+    if len(classes) != 1 or not any(hasattr(module, f) for f in ("apply_rotary_pos_emb", "apply_rotary_emb")):
         raise ValueError(
-            f"config: cannot find a single rotary embedding class and apply_rotary_pos_emb in the modeling code of "
+            f"config: cannot find a single rotary embedding class and apply_rotary_pos_emb (or apply_rotary_emb) in "
+            f"the modeling code of "
             f"{arch!r}; ManifoldCache does not know its RoPE layout"
         )
     return classes[0]
@@ -236,13 +238,21 @@ def _gptj_rope(config, module, head_dim: int) -> RopeSpec:
     return RopeSpec(inv_freq, rotary_dim, _match_layout(rotated, x, inv_freq, 1.0, config.model_type))
 
 
-def apply_keys_rotation(module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`keys` rotated by the modeling module's own apply_rotary_pos_emb, whichever form it has: (q, k, cos, sin)
-    returning both, or one tensor (x, cos, sin) at a time (Gemma 4)."""
+def apply_keys_rotation(module, keys: torch.Tensor, emb) -> torch.Tensor:
+    """`keys` ([B, H, S, D]) rotated by the modeling module's own code with `emb`, what its rotary module returned:
+    (cos, sin) for apply_rotary_pos_emb, in its (q, k, cos, sin) form or its one-tensor (x, cos, sin) form (Gemma
+    4), or complex `freqs_cis` for apply_rotary_emb (Llama 4, which takes [B, S, H, D])."""
+    if isinstance(emb, torch.Tensor) and emb.is_complex():
+        return module.apply_rotary_emb(keys.transpose(1, 2), keys.transpose(1, 2), emb)[1].transpose(1, 2)
     fn = module.apply_rotary_pos_emb
     if list(inspect.signature(fn).parameters)[1] == "cos":
-        return fn(keys, cos, sin)
-    return fn(keys, keys, cos, sin)[1]
+        return fn(keys, *emb)
+    return fn(keys, keys, *emb)[1]
+
+
+def rotated_width(emb) -> int:
+    """How many leading dims the rotary module's output `emb` rotates (cos per dim, or freqs_cis per pair)."""
+    return 2 * emb.shape[-1] if isinstance(emb, torch.Tensor) and emb.is_complex() else emb[0].shape[-1]
 
 
 def _basis(config, module, rotary, layer_type: str | None, head_dim: int) -> RopeSpec:
@@ -257,16 +267,18 @@ def _basis(config, module, rotary, layer_type: str | None, head_dim: int) -> Rop
                             1.0))
     x = torch.randn(1, 1, 1, head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     position = torch.tensor([[_PROBE_POSITION]])
-    cos, sin = rotary(x, position) if layer_type is None else rotary(x, position, layer_type)
+    emb = rotary(x, position) if layer_type is None else rotary(x, position, layer_type)
     rotary_dim = 2 * inv_freq.numel()
     # cos per rotated dim, or per pair (GPT-OSS: its apply_rotary_pos_emb splits the head in halves itself)
-    if cos.shape[-1] not in (rotary_dim, rotary_dim // 2) or rotary_dim > head_dim:
+    if rotated_width(emb) not in (rotary_dim, rotary_dim // 2) or rotary_dim > head_dim:
         raise ValueError(
-            f"config: {arch!r} rotary module gives cos of width {cos.shape[-1]} for {inv_freq.numel()} frequencies "
-            f"and head_dim {head_dim}; unsupported layout"
+            f"config: {arch!r} rotary module gives a rotation of width {rotated_width(emb)} for {inv_freq.numel()} "
+            f"frequencies and head_dim {head_dim}; unsupported layout"
         )
+    if not (isinstance(emb, torch.Tensor) and emb.is_complex()):
+        emb = tuple(t.double() for t in emb)
     # Partial-rotary models (NeoX, Phi, ...) rotate the leading rotary_dim dims and pass the rest through.
-    rot = apply_keys_rotation(module, x[..., :rotary_dim], cos.double(), sin.double())
+    rot = apply_keys_rotation(module, x[..., :rotary_dim], emb).double()
     rotated = torch.cat((rot, x[..., rotary_dim:]), dim=-1)
     interleaved = _match_layout(rotated, x, inv_freq, scaling, arch)
     return RopeSpec(inv_freq, rotary_dim, interleaved, attention_factor=scaling)

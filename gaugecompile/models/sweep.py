@@ -39,7 +39,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from ..cache.rope_config import apply_keys_rotation
+from ..cache.rope_config import apply_keys_rotation, rotated_width
 
 __all__ = ["FamilyResult", "check_family", "rotary_causal_lm_types", "tiny_config"]
 
@@ -108,8 +108,9 @@ def _layer_types(config) -> list[str]:
 
 def _tiny_sizes(defaults: dict) -> dict:
     kwargs = {k: v for k, v in _SIZES.items() if k in defaults}
-    if defaults.get("sliding_window") is not None:
-        kwargs["sliding_window"] = _WINDOW
+    for window in ("sliding_window", "attention_chunk_size"):
+        if defaults.get(window) is not None:
+            kwargs[window] = _WINDOW
     return kwargs
 
 
@@ -125,7 +126,8 @@ def _tiny_parts(config) -> dict:
         part = sub.to_dict()
         if name == "text_config":
             part.pop("layer_types", None)
-            part.pop("per_layer_config", None)  # regenerated for 4 layers, like the layer pattern
+            for name_ in ("per_layer_config", "no_rope_layers"):  # regenerated for 4 layers, like the layer pattern
+                part.pop(name_, None)
             part.update(_tiny_sizes(part))
         else:
             part.update({k: v for k, v in _OTHER_PARTS.items() if isinstance(part.get(k), int)})
@@ -162,6 +164,9 @@ def _build(config):
     raise RuntimeError("neither sdpa nor eager attention builds")
 
 
+_ROTATIONS = ("apply_rotary_pos_emb", "apply_rotary_emb")  # the modeling module's function that rotates keys
+
+
 def _decoder_layers(model) -> torch.nn.ModuleList:
     n = model.config.get_text_config(decoder=True).num_hidden_layers
     for module in model.modules():
@@ -171,23 +176,25 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def _rope_layers(model, module, ids: torch.Tensor) -> set[int]:
-    """The layers whose forward calls the modeling module's apply_rotary_pos_emb (observed, not inferred)."""
+    """The layers whose forward calls the modeling module's apply_rotary_pos_emb, or apply_rotary_emb (Llama 4's
+    complex form), observed, not inferred."""
+    name = _ROTATIONS[0] if hasattr(module, _ROTATIONS[0]) else _ROTATIONS[1]
     current, seen = [None], set()
     hooks = [layer.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i))
              for i, layer in enumerate(_decoder_layers(model))]
-    original = module.apply_rotary_pos_emb
+    original = getattr(module, name)
 
     @functools.wraps(original)
     def spy(*args, **kwargs):
         seen.add(current[0])
         return original(*args, **kwargs)
 
-    module.apply_rotary_pos_emb = spy
+    setattr(module, name, spy)
     try:
         with torch.no_grad():
             model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
     finally:
-        module.apply_rotary_pos_emb = original
+        setattr(module, name, original)
         for h in hooks:
             h.remove()
     return seen
@@ -212,17 +219,18 @@ def _rotated(model, module, keys: torch.Tensor, shift: int, layer_type: str | No
     x = torch.zeros(1, 1, 1, keys.shape[-1], dtype=keys.dtype)
     position = torch.tensor([[shift]])
     typed = layer_type is not None and "layer_type" in inspect.signature(rotary.forward).parameters
-    cos, sin = rotary(x, position, layer_type) if typed else rotary(x, position)
+    emb = rotary(x, position, layer_type) if typed else rotary(x, position)
     scale = getattr(rotary, f"{layer_type}_attention_scaling" if typed else "attention_scaling", 1.0)
-    cos, sin = cos / scale, sin / scale  # a pure rotation: a stored key already carries YaRN's factor
+    # a pure rotation: a stored key already carries YaRN's factor
+    emb = emb / scale if isinstance(emb, torch.Tensor) else tuple(t / scale for t in emb)
     try:
-        out = apply_keys_rotation(module, keys, cos, sin)
+        out = apply_keys_rotation(module, keys, emb)
         if out.shape == keys.shape:
             return out
     except RuntimeError:
         pass
-    width = cos.shape[-1]  # partial rotary: the model rotates the leading dims and passes the rest
-    out = apply_keys_rotation(module, keys[..., :width], cos, sin)
+    width = rotated_width(emb)  # partial rotary: the model rotates the leading dims and passes the rest
+    out = apply_keys_rotation(module, keys[..., :width], emb)
     return torch.cat([out, keys[..., width:]], -1)
 
 
@@ -328,7 +336,7 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
         module = _modeling(model_type)
         vocab = model.config.get_text_config(decoder=True).vocab_size
         ids = torch.randint(3, vocab, (1, _PROMPT), generator=torch.Generator().manual_seed(1))
-        rope_layers = _rope_layers(model, module, ids) if hasattr(module, "apply_rotary_pos_emb") else None
+        rope_layers = _rope_layers(model, module, ids) if any(hasattr(module, f) for f in _ROTATIONS) else None
     except Exception as exc:  # noqa: BLE001 -- the harness, not the cache
         return FamilyResult(model_type, "harness", f"tiny model: {type(exc).__name__}: {str(exc)[:200]}")
 
@@ -348,7 +356,7 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
             result.checks["delete"] = "refused" if _delete_refused(model, new_cache(), ids) else False
         elif rope_layers is None:
             result.checks["delete"] = None
-            result.detail = "no module-level apply_rotary_pos_emb to build the reference from"
+            result.detail = "no module-level apply_rotary_pos_emb or apply_rotary_emb to build the reference from"
         else:
             try:
                 ref = _steps(model, _reference(model, module, ids, rope_layers), None)
