@@ -173,3 +173,23 @@ def test_sliding_layers_past_the_window_run_the_windowed_op_on_the_pool(family, 
     assert not gathers
     decode = [r for r, *_ in sink if r.rewritten][-1]
     assert len(decode.rewritten) == 4 and not decode.refused
+
+
+def test_bases_read_from_forms_beyond_apply_rotary_pos_emb():
+    """Llama 4's complex form (interleaved pairs, its NoPE layers by flag), Gemma 4's wide global heads with a
+    proportional basis of their own, Jamba's attention with no rotary code at all (every layer NoPE, per the probe)."""
+    from gaugecompile.cache.rope_config import kv_shape_from_config, layer_ropes_from_config
+    from gaugecompile.models.sweep import tiny_config
+
+    llama4 = layer_ropes_from_config(tiny_config("llama4_text"))
+    assert [r.is_identity for r in llama4] == [False, False, False, True]
+    assert all(r.interleaved for r in llama4 if not r.is_identity)
+    gemma4 = tiny_config("gemma4_text")
+    assert kv_shape_from_config(gemma4).head_dims == (16, 16, 16, 512)
+    ropes = layer_ropes_from_config(gemma4)
+    # "proportional": frequencies over the whole head, zero past its rotated quarter (those pairs never turn)
+    assert ropes[0].rotary_dim == 16 and ropes[3].rotary_dim == 512
+    assert int((ropes[3].inv_freq != 0).sum()) == 64
+    jamba = tiny_config("jamba")
+    assert kv_shape_from_config(jamba).kinds == ("state", "attention") * 2
+    assert all(r.is_identity for r in layer_ropes_from_config(jamba))

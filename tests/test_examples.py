@@ -34,6 +34,7 @@ CASES = [
     pytest.param("custom_model.py", [*RANDOM, *EAGER], 300, id="custom_model"),  # its own layer: --random ignored
     pytest.param("geometry_probes.py", RANDOM, 300, id="geometry_probes"),
     pytest.param("learn_positions.py", [*RANDOM, "--steps", "4", "--grid", "0", "8"], 300, id="learn_positions"),
+    pytest.param("hybrid_model.py", [], 300, id="hybrid_model"),  # a tiny random Qwen3-Next by default
     pytest.param("tensor_parallel.py", [*RANDOM, "--new-tokens", "6"], 300, id="tensor_parallel"),  # 2 gloo ranks
     pytest.param("bayesian_wind_tunnel.py", ["--smoke"], 300, id="bayesian_wind_tunnel"),  # trains its own model
 ]

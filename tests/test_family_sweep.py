@@ -23,6 +23,12 @@ EXPECTED = {
     "granite_swa": "rewritten",  # post-attention sink scaling: its logsumexp of the scores is the op's lse
     "mellum": "rewritten",  # a graph break per layer: every layer's kernel run counted at run time
     "deepseek_v3": "refused",  # multi-head latent attention, refused at construction
+    "qwen3_next": "rewritten",  # hybrid: gated delta-rule layers' states kept per sequence, the delete refused
+    "falcon_h1": "rewritten",  # every layer both a Mamba-2 state and attention
+    "falcon": "rewritten",  # multi-query SDPA, decomposed by torch into scaled operands and _safe_softmax
+    "gpt_neox_japanese": "rewritten",  # scores through baddbmm over zeros
+    "llama4_text": "rewritten",  # complex-form RoPE, chunked-attention layers, NoPE layers by flag
+    "gemma4_text": "rewritten",  # per-layer head dims (512 on global layers), a proportional basis
 }
 
 

@@ -16,6 +16,12 @@ _OVERRIDES: dict[str, dict] = {
     "gptj": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=4096, bos_token_id=0,
                  eos_token_id=1, attn_implementation="eager"),
     "phi": dict(intermediate_size=128, num_key_value_heads=4, partial_rotary_factor=0.5),
+    # a hybrid: a gated delta-rule layer (conv + recurrent states, no KV) before a full-attention layer
+    "qwen3_next": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                       layer_types=["linear_attention", "full_attention"], moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=16),
 }
 ARCHITECTURES: tuple[str, ...] = tuple(_OVERRIDES)
 
