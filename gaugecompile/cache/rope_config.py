@@ -99,14 +99,12 @@ def decoder_config(config):
 
 
 def kv_shape_from_config(config) -> KVShape:
-    """Layer count, head dim, windows and layer kinds of a transformers decoder config.  Refused: layer types whose
-    cache is neither attention over every earlier token (possibly through a window the model masks itself) nor a
-    recurrent state (indexed, chunked or compressed attention), layers sharing another layer's KV, and a model
+    """Layer count, head dim, windows and layer kinds of a transformers decoder config.  A layer that reuses another
+    layer's KV (`kv_sharing_modes`, Gemma 3n) caches nothing: the model hands it what the other layer's update
+    returned.  Refused: layer types whose cache is neither attention over every earlier token (possibly through a
+    window or chunk the model masks itself) nor a recurrent state (indexed or compressed attention), and a model
     with no attention layer."""
     config = decoder_config(config)
-    if "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
-        raise ValueError(f"config: {config.model_type!r} shares keys and values between layers (kv_sharing_modes); "
-                         "ManifoldCache caches each attention layer's own")
     types = _layer_types(config)
     odd = sorted({t for t in types if t not in _KINDS})
     if odd:

@@ -88,6 +88,9 @@ def rotary_causal_lm_types() -> list[str]:
 # what a type's config needs beyond the sizes above to build 4 small layers (its own validation's demands)
 _TYPE_FIXES = {
     "dots1": {"n_shared_experts": 1},  # None by default, multiplied by the expert width
+    "dots3_note_text": {"num_key_value_heads": 4},  # "num_key_value_heads must match num_attention_heads"
+    # one sparsity value per layer; the last 2 of the 4 layers share the KV of earlier ones, as its checkpoints do
+    "gemma3n_text": {"activation_sparsity_pattern": [0.0] * 4, "num_kv_shared_layers": 2},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2},  # None by default, indexed per layer
     "zaya": {"num_experts_per_tok": 1},  # "ZAYA currently supports num_experts_per_tok=1 only"
     "zamba2": {"layers_block_type": ["linear_attention", "hybrid"] * 2, "hybrid_layer_ids": [1, 3]},
@@ -125,10 +128,9 @@ def _tiny_parts(config) -> dict:
             continue
         part = sub.to_dict()
         if name == "text_config":
-            part.pop("layer_types", None)
-            for name_ in ("per_layer_config", "no_rope_layers"):  # regenerated for 4 layers, like the layer pattern
+            for name_ in ("layer_types", "per_layer_config", "no_rope_layers"):  # regenerated for 4 layers
                 part.pop(name_, None)
-            part.update(_tiny_sizes(part))
+            part.update({**_tiny_sizes(part), **_TYPE_FIXES.get(part.get("model_type"), {})})
         else:
             part.update({k: v for k, v in _OTHER_PARTS.items() if isinstance(part.get(k), int)})
         parts[name] = part
@@ -243,6 +245,8 @@ def _reference(model, module, ids: torch.Tensor, rope_layers: set[int]) -> Dynam
     edited = DynamicCache(config=model.config)  # sliding layers keep their last W - 1 tokens, as transformers does
     for i, layer in enumerate(full.layers):
         k, v = layer.keys, layer.values
+        if k is None:  # a layer that reuses another's KV caches nothing
+            continue
         later = k[:, :, end:]
         if i in rope_layers:
             later = _rotated(model, module, later, start - end, types[i] if types else None)
