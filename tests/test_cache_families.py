@@ -134,10 +134,10 @@ def test_forms_not_covered_are_refused_at_construction_with_a_reason():
         mistral(input_ids=PROMPT, past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="sliding windows; recompute"):
         cache.recompute(mistral, 0, [(4, PROMPT[:, 4:8])], fraction=1.0)
-    mla = transformers.AutoConfig.for_model("deepseek_v3", vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4)
-    with pytest.raises(ValueError, match="multi-head latent attention"):
-        ManifoldCache(mla, max_batch_size=1, max_tokens=16)
+    mimo = transformers.AutoConfig.for_model("mimo_v2_flash", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, head_dim=16, v_head_dim=8)
+    with pytest.raises(ValueError, match="values of width v_head_dim=8 and keys of head_dim=16"):
+        ManifoldCache(mimo, max_batch_size=1, max_tokens=16)
 
 
 @pytest.mark.parametrize("family", ["mistral", "cohere2", "gemma3_text", "gemma2", "gpt_oss"])

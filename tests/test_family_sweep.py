@@ -22,7 +22,8 @@ EXPECTED = {
     "moshi": "rewritten",  # a window only its cache bounds (no mask): one query over the slice, its own window
     "granite_swa": "rewritten",  # post-attention sink scaling: its logsumexp of the scores is the op's lse
     "mellum": "rewritten",  # a graph break per layer: every layer's kernel run counted at run time
-    "deepseek_v3": "refused",  # multi-head latent attention, refused at construction
+    "deepseek_v3": "exact",  # multi-head latent attention: the latent and RoPE key cached, attention not rewritten
+    "mimo_v2_flash": "refused",  # values of another width than the keys
     "qwen3_next": "rewritten",  # hybrid: gated delta-rule layers' states kept per sequence, the delete refused
     "falcon_h1": "rewritten",  # every layer both a Mamba-2 state and attention
     "falcon": "rewritten",  # multi-query SDPA, decomposed by torch into scaled operands and _safe_softmax

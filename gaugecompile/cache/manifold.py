@@ -477,18 +477,25 @@ class ManifoldCache(Cache):
                 f"the forward was planned for {fwd.rows} x {fwd.q} (layer 0's input)"
             )
         table, delta, lens, slots, sizes = fwd.table, fwd.delta, fwd.lens, fwd.slots, fwd.sizes
+        latent = self.shape.latent_dims[layer_idx]
+        if latent is not None:  # one packed row [k_rot | latent] per token: the rotation on the leading rope dims
+            key_states, value_states = (torch.cat([value_states, key_states.to(value_states.dtype)], -1),) * 2
         if self.storage.k_pools[layer_idx] is None:
             self._allocate(layer_idx, key_states)
         k_pool, v_pool = self.storage.k_pools[layer_idx], self.storage.v_pools[layer_idx]
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
-        v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
+        if v_pool is not k_pool:
+            v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
         k, v = materialize_kv(k_pool, v_pool, table, delta, self.layer_ropes[layer_idx], sizes.shape[1], lens)
         if offset := self._window_offset(layer_idx, sizes.shape[1], key_states.shape[2]):
             k, v = k[:, :, offset:], v[:, :, offset:]
         self._layers_written += 1
         if layer_idx == attention[-1]:
             self._commit_forward()
+        if latent is not None:  # the view's latent (never rotated) and its re-rotated RoPE keys, as the model wrote
+            rope_dim = latent[0]
+            return k[..., rope_dim:].to(key_states.dtype), k[..., :rope_dim].to(value_states.dtype)
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     # ----------------------------------------------------------------- a hybrid model's states (transformers' API)
@@ -560,6 +567,9 @@ class ManifoldCache(Cache):
         from .recompute import choose_tokens
 
         self._refuse_with_states("recompute")
+        if latent := self.shape.latent_layers:
+            raise ValueError(f"model: layers {list(latent)} cache multi-head latent attention; recompute rewrites "
+                             "keys and values in place, which it does not do for a latent (not supported yet)")
         self._settle()
         if sliding := self.shape.sliding_layers:
             raise ValueError(f"model: layers {sliding} have sliding windows; recompute runs its tokens under one "
@@ -670,6 +680,8 @@ class ManifoldCache(Cache):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < layers:
             return ValueError(f"layer_idx: expected an int in [0, {layers}) (the config's layers), got {layer_idx!r}")
         dim = self.shape.head_dims[layer_idx]
+        if (latent := self.shape.latent_dims[layer_idx]) is not None:
+            return self._latent_error(key_states, value_states, layer_idx, latent)
         if "attention" not in self.shape.kinds[layer_idx]:
             return ValueError(f"layer_idx: layer {layer_idx} is a {self.shape.kinds[layer_idx]} layer (no keys and "
                               f"values); the attention layers are {list(self.attention_layers)}")
@@ -691,6 +703,23 @@ class ManifoldCache(Cache):
             return ValueError(
                 f"value_states: expected key_states' shape {tuple(key_states.shape)}, got {tuple(value_states.shape)}"
             )
+        return None
+
+    def _latent_error(self, latent_states, rope_states, layer_idx: int, dims: tuple[int, int]) -> Exception | None:
+        """Why a latent layer's update(latent [batch, 1, q, R], k_rot [batch, 1, q, r]) does not fit, or None."""
+        rope_dim, rank = dims
+        for name, t, width in (("key_states", latent_states, rank), ("value_states", rope_states, rope_dim)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != 1 or t.shape[3] != width:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                return ValueError(f"{name}: layer {layer_idx} caches multi-head latent attention, expected [batch, 1, "
+                                  f"q_len, {width}] (the {'latent' if width == rank else 'RoPE key'}), got {got}")
+            if t.dtype not in _FLOATS:
+                return TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+            if t.device != self.storage.device:
+                return ValueError(f"{name}: expected device {self.storage.device} (the pools'), got {t.device}")
+        if latent_states.shape[:3] != rope_states.shape[:3]:
+            return ValueError(f"value_states: expected key_states' batch and length {tuple(latent_states.shape[:3])}, "
+                              f"got {tuple(rope_states.shape[:3])}")
         return None
 
     # ----------------------------------------------------------------- transactions
@@ -838,7 +867,8 @@ class ManifoldCache(Cache):
         """A layer's first update: its pools take the heads of the keys the model hands it.  Traced inline under
         torch.compile (Dynamo replays the store after the graph): a graph break here would split the layer's
         rotated query from its attention, and the site could not be rewritten."""
-        self.storage.allocate(layer_idx, key_states.shape[1], key_states.shape[3])
+        self.storage.allocate(layer_idx, key_states.shape[1], key_states.shape[3],
+                              packed=self.shape.latent_dims[layer_idx] is not None)
 
     @contextmanager
     def external_step(self, rows: int, q: int, kv_heads: int, head_dim: int) -> Iterator[StepMapping]:
@@ -847,6 +877,9 @@ class ManifoldCache(Cache):
         when the block exits, or rolls back if it raises.  Layers not sized yet get pools of `kv_heads` x
         `head_dim` (the step's, as the file declares them)."""
         self._refuse_with_states("external_step")
+        if latent := self.shape.latent_layers:
+            raise ValueError(f"external_step: layers {list(latent)} cache multi-head latent attention in packed "
+                             "pools, which an exported step does not write")
         self._begin_forward(rows, q)
         try:
             for layer in self.attention_layers:

@@ -46,14 +46,25 @@ class KVShape:
     #: layer's conv/recurrent states), "attention+state" (a layer with both) or "none" (no cache: an MLP layer)
     kinds: tuple[str, ...] = ()
     #: per layer, its head dim (Gemma 4's global layers have wider heads than its sliding ones); `head_dim` is the
-    #: first attention layer's
+    #: first attention layer's.  A latent layer's is its packed row's width, rope part + latent
     head_dims: tuple[int, ...] = ()
+    #: per layer, (rope width, latent width) of a multi-head latent attention layer, or None.  Such a layer's
+    #: `update(latent, k_rot)` caches the latent (one head, never rotated) and the decoupled RoPE key (one head);
+    #: its pool row packs them as [k_rot | latent], the rotation on the leading rope dims
+    latent_dims: tuple[tuple[int, int] | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.kinds:
             object.__setattr__(self, "kinds", ("attention",) * self.num_layers)
         if not self.head_dims:
             object.__setattr__(self, "head_dims", (self.head_dim,) * self.num_layers)
+        if not self.latent_dims:
+            object.__setattr__(self, "latent_dims", (None,) * self.num_layers)
+
+    @property
+    def latent_layers(self) -> tuple[int, ...]:
+        """The multi-head latent attention layers."""
+        return tuple(i for i, d in enumerate(self.latent_dims) if d is not None)
 
     @property
     def sliding_layers(self) -> list[int]:
@@ -119,21 +130,30 @@ def kv_shape_from_config(config) -> KVShape:
     if not any("attention" in k for k in kinds):
         raise ValueError(f"config: {config.model_type!r} has no attention layer among its layer types {types}; "
                          "ManifoldCache is a cache for attention keys and values")
-    if getattr(config, "kv_lora_rank", None) is not None:
-        raise ValueError(
-            f"config: {config.model_type!r} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): "
-            "its keys join a latent part and a decoupled RoPE part and its values have another width; ManifoldCache "
-            "does not cache that form yet"
-        )
-    head_dims = _layer_head_dims(config)
-    if (v_dim := getattr(config, "v_head_dim", None)) is not None and {v_dim} != set(head_dims):
+    latent = _latent_dims(config)
+    head_dims = tuple(sum(d) if d is not None else h for d, h in zip(latent, _layer_head_dims(config), strict=True))
+    if latent[0] is None and (v_dim := getattr(config, "v_head_dim", None)) is not None and {v_dim} != set(head_dims):
         raise ValueError(f"config: {config.model_type!r} has values of width v_head_dim={v_dim} and keys of "
                          f"head_dim={head_dims[0]}; ManifoldCache pools keys and values of one width")
     windows = _layer_windows(config)
     if any(w is not None and (not isinstance(w, int) or w < 1) for w in windows):
         raise ValueError(f"config.sliding_window: expected a positive int per sliding layer, got {windows}")
     first = next(i for i, k in enumerate(kinds) if "attention" in k)
-    return KVShape(int(config.num_hidden_layers), head_dims[first], windows, kinds, head_dims)
+    latent = tuple(d if "attention" in k else None for d, k in zip(latent, kinds, strict=True))
+    return KVShape(int(config.num_hidden_layers), head_dims[first], windows, kinds, head_dims, latent)
+
+
+def _latent_dims(config) -> tuple[tuple[int, int] | None, ...]:
+    """Per layer, (qk_rope_head_dim, kv_lora_rank) where the config has multi-head latent attention (DeepSeek-V2/V3,
+    MiniCPM3, ...: transformers caches the latent and the decoupled RoPE key), else None."""
+    rank = getattr(config, "kv_lora_rank", None)
+    if rank is None:
+        return (None,) * int(config.num_hidden_layers)
+    rope = getattr(config, "qk_rope_head_dim", None)
+    if not (isinstance(rank, int) and isinstance(rope, int) and rank > 0 and rope > 0 and rope % 2 == 0):
+        raise ValueError(f"config: {config.model_type!r} has multi-head latent attention with kv_lora_rank={rank!r} "
+                         f"and qk_rope_head_dim={rope!r}; expected positive ints (an even rope width)")
+    return ((rope, rank),) * int(config.num_hidden_layers)
 
 
 def _layer_head_dims(config) -> tuple[int, ...]:

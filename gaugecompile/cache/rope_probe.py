@@ -31,8 +31,8 @@ def _small(name: str, value: int) -> int:
         return min(value, 16)
     if name.endswith(("intermediate_size", "ffn_hidden_size")) or name == "n_inner":
         return min(value, 8)
-    if name.endswith(("experts_per_tok", "top_k", "topk", "moe_k")):
-        return 1
+    if name.endswith(("experts_per_tok", "top_k", "topk", "moe_k")) or name in ("n_group", "topk_group"):
+        return 1  # (expert groups too: 2 experts in 8 groups would leave none per group)
     if "experts" in name:
         return min(value, 2)
     if name.endswith("token_id"):
@@ -82,9 +82,10 @@ def _per_layer_attributes(config) -> set[str]:
     return {name for layer in overrides.values() if isinstance(layer, dict) for name in layer}
 
 
-def _keys_at(model, position: int) -> list:
+def _keys_at(model, position: int, shape) -> list:
     """Each cache layer of one forward of `model` on one token at `position`: its keys (float64) where it caches
-    them, else whether it holds a conv or recurrent state."""
+    them (a latent layer of `shape`: its row as the cache packs it, [k_rot | latent]), else whether it holds a conv
+    or recurrent state."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -92,8 +93,10 @@ def _keys_at(model, position: int) -> list:
         model(input_ids=torch.ones(1, 1, dtype=torch.long), position_ids=torch.tensor([[position]]),
               past_key_values=cache, use_cache=True)
     out = []
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
+        if shape.latent_dims[i] is not None and isinstance(keys, torch.Tensor):
+            keys = torch.cat([layer.values, keys], -1)
         states = (*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values())
         out.append(keys.double() if isinstance(keys, torch.Tensor) else any(t is not None for t in states))
     return out
@@ -148,8 +151,9 @@ def probe_layer_rotations(config, candidates: tuple[RopeSpec, ...], shape) -> tu
     they do not move; ValueError naming the layer otherwise, when a state layer of `shape` (a `KVShape`) keeps its
     states outside the cache, or when the probe copy cannot be built or run.  Other layers keep their candidate."""
     try:
-        model = small_model(_probe_config(config, shape.head_dim))
-        first, second = _keys_at(model, _POSITION), _keys_at(model, _POSITION + _SHIFT)
+        latent = shape.latent_dims[shape.attention_layers[0]]
+        model = small_model(_probe_config(config, shape.head_dim if latent is None else latent[0]))
+        first, second = _keys_at(model, _POSITION, shape), _keys_at(model, _POSITION + _SHIFT, shape)
     except Exception as exc:  # noqa: BLE001 -- any failure means the layers could not be checked
         raise ValueError(f"config: could not run a small copy of {config.model_type!r} to check which layers apply "
                          f"RoPE ({type(exc).__name__}: {exc})") from exc

@@ -44,11 +44,13 @@ class BlockStorage:
         """The layers whose pools exist."""
         return tuple(i for i, k in enumerate(self.k_pools) if k is not None)
 
-    def allocate(self, layer: int, kv_heads: int, head_dim: int) -> None:
-        """Create layer `layer`'s zeroed pools for `kv_heads` heads of width `head_dim`."""
+    def allocate(self, layer: int, kv_heads: int, head_dim: int, packed: bool = False) -> None:
+        """Create layer `layer`'s zeroed pools for `kv_heads` heads of width `head_dim`; `packed`: one pool serves
+        as both (a latent layer's rows hold its whole cache), so `v_pools[layer] is k_pools[layer]`."""
         shape = (self.num_blocks, self.block_size, kv_heads, head_dim)
         self.k_pools[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_pools[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pools[layer] = self.k_pools[layer] if packed else torch.zeros(shape, dtype=self.dtype,
+                                                                                device=self.device)
 
     def release(self, layers: tuple[int, ...]) -> None:
         """Drop the pools of `layers` (a failed first forward undoes the allocations it made)."""
@@ -58,7 +60,8 @@ class BlockStorage:
     @property
     def bytes_per_block(self) -> int:
         """KV bytes of one block over the allocated layers (keys and values); 0 before the first forward."""
-        return sum(2 * k[0].numel() * k.element_size() for k in self.k_pools if k is not None)
+        return sum((1 if v is k else 2) * k[0].numel() * k.element_size()
+                   for k, v in zip(self.k_pools, self.v_pools, strict=True) if k is not None)
 
     def copy_blocks(self, targets: list[tuple[int, NewBlock]]) -> None:
         """Fill each target block `dst` with its sources' slots, keys re-rotated by (source shift - block sigma)."""
@@ -93,4 +96,5 @@ class BlockStorage:
                 cos, sin = bases[rope]
                 k = rotate(k.to(cdt), cos[:, None], sin[:, None], rope.rotary_dim, rope.interleaved)
             k_flat[dst_t] = k.to(k_flat.dtype)
-            v_flat[dst_t] = v_flat[src_t]
+            if v_pool is not k_pool:  # (a packed pool's rows were copied, re-rotated, with the keys)
+                v_flat[dst_t] = v_flat[src_t]

@@ -47,9 +47,12 @@ _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_local_experts=4,
               num_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_embd=64, n_layer=4, n_head=4,
-              vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, rotary_dim=8, n_positions=2048)
+              vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, rotary_dim=8, n_positions=2048,
+              n_group=1, topk_group=1)
 _OTHER_PARTS = dict(depth=1, num_hidden_layers=1, num_layers=1, hidden_size=32, embed_dim=32, intermediate_size=32,
                     num_heads=2, num_attention_heads=2, out_hidden_size=64, vision_output_dim=64)
+_LATENT = dict(kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+               num_key_value_heads=4)  # its keys are expanded to every head from the latent
 _WINDOW = 6
 _PROMPT = 12
 _CUT = (2, 5)  # off the block boundaries of block size 4
@@ -111,6 +114,8 @@ def _layer_types(config) -> list[str]:
 
 def _tiny_sizes(defaults: dict) -> dict:
     kwargs = {k: v for k, v in _SIZES.items() if k in defaults}
+    if "kv_lora_rank" in defaults:  # multi-head latent attention: its head_dim is its RoPE width
+        kwargs.update({k: v for k, v in _LATENT.items() if k in defaults})
     for window in ("sliding_window", "attention_chunk_size"):
         if defaults.get(window) is not None:
             kwargs[window] = _WINDOW
@@ -166,7 +171,8 @@ def _build(config):
     raise RuntimeError("neither sdpa nor eager attention builds")
 
 
-_ROTATIONS = ("apply_rotary_pos_emb", "apply_rotary_emb")  # the modeling module's function that rotates keys
+# the modeling module's functions that rotate keys (DeepSeek-V3's interleave variant permutes the pairs first)
+_ROTATIONS = ("apply_rotary_pos_emb", "apply_rotary_emb", "apply_rotary_pos_emb_interleave")
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -180,23 +186,27 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
 def _rope_layers(model, module, ids: torch.Tensor) -> set[int]:
     """The layers whose forward calls the modeling module's apply_rotary_pos_emb, or apply_rotary_emb (Llama 4's
     complex form), observed, not inferred."""
-    name = _ROTATIONS[0] if hasattr(module, _ROTATIONS[0]) else _ROTATIONS[1]
+    names = [n for n in _ROTATIONS if hasattr(module, n)]
     current, seen = [None], set()
     hooks = [layer.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i))
              for i, layer in enumerate(_decoder_layers(model))]
-    original = getattr(module, name)
+    originals = {n: getattr(module, n) for n in names}
 
-    @functools.wraps(original)
-    def spy(*args, **kwargs):
-        seen.add(current[0])
-        return original(*args, **kwargs)
+    def spied(original):
+        @functools.wraps(original)
+        def spy(*args, **kwargs):
+            seen.add(current[0])
+            return original(*args, **kwargs)
+        return spy
 
-    setattr(module, name, spy)
+    for n, original in originals.items():
+        setattr(module, n, spied(original))
     try:
         with torch.no_grad():
             model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
     finally:
-        setattr(module, name, original)
+        for n, original in originals.items():
+            setattr(module, n, original)
         for h in hooks:
             h.remove()
     return seen
@@ -241,16 +251,20 @@ def _reference(model, module, ids: torch.Tensor, rope_layers: set[int]) -> Dynam
     full = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, past_key_values=full, use_cache=True)
-    types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    text = model.config.get_text_config(decoder=True)
+    types, latent = getattr(text, "layer_types", None), getattr(text, "kv_lora_rank", None) is not None
     edited = DynamicCache(config=model.config)  # sliding layers keep their last W - 1 tokens, as transformers does
     for i, layer in enumerate(full.layers):
         k, v = layer.keys, layer.values
         if k is None:  # a layer that reuses another's KV caches nothing
             continue
+        if latent:  # multi-head latent attention caches (latent, k_rot): the rotated one is the second
+            k, v = v, k
         later = k[:, :, end:]
         if i in rope_layers:
             later = _rotated(model, module, later, start - end, types[i] if types else None)
-        edited.update(torch.cat([k[:, :, :start], later], 2), torch.cat([v[:, :, :start], v[:, :, end:]], 2), i)
+        k, v = torch.cat([k[:, :, :start], later], 2), torch.cat([v[:, :, :start], v[:, :, end:]], 2)
+        edited.update(*((v, k) if latent else (k, v)), i)
     return edited
 
 

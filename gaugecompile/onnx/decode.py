@@ -98,7 +98,12 @@ class CacheStep(torch.nn.Module):
             if rope_from_config(config) != rope:
                 raise ValueError("rope: differs from the RoPE basis of the model's config (rope theta, scaling, "
                                  "rotary dim or pair layout): build the cache from the model's config")
-            if sliding := kv_shape_from_config(config).sliding_layers:
+            shape = kv_shape_from_config(config)
+            if odd := [i for i, k in enumerate(shape.kinds) if k != "attention"] + list(shape.latent_layers):
+                raise ValueError(f"model: layers {sorted(set(odd))} are not plain attention layers (recurrent "
+                                 "states, shared or latent KV); the exported step takes one pool pair per layer, so "
+                                 "it is not exported (the torch cache handles them)")
+            if sliding := shape.sliding_layers:
                 raise ValueError(f"model: layers {sliding} have sliding windows; the exported step returns every "
                                  "layer the whole view, so it is not exported (the torch cache handles them)")
             nope = [i for i, r in enumerate(layer_ropes_from_config(config)) if r.is_identity]
