@@ -18,6 +18,11 @@ forward that fails or is interrupted in between is rolled back by the next call 
 any cache operation or accessor, or the next forward's `get_mask_sizes`/`update` (a forward whose
 layers never ran is reused as is: it placed tokens only, at the positions the next one gets too).
 
+Layers.  The pools hold the attention layers' keys and values (a multi-head latent attention layer's latent and
+RoPE key packed in one row, `KVShape.latent_dims`); a hybrid model's other layers keep their conv/recurrent
+states per sequence in `states` (`states.py`), which a forward commits with it (at `_settle`) and which refuses
+every edit of the token sequence.
+
 Eagerly `update()` returns `gaugecompile.materialize_kv(...)` of the untouched pools (gather +
 re-rotate), so every attention implementation is exact; compiled with the gauge backend that node is
 what the passes turn into one rotated-query attention over the pools.

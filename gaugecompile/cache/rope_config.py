@@ -211,13 +211,16 @@ def _rotary_class(module, config):
     classes = _rotary_classes(module)
     if len(classes) > 1:
         classes = _built_rotaries(config, classes)
-    if len(classes) != 1 or not any(hasattr(module, f) for f in ("apply_rotary_pos_emb", "apply_rotary_emb")):
+    if len(classes) != 1 or not any(hasattr(module, f) for f in (*_ROTATIONS, "apply_rotary_pos_emb_interleave")):
         raise ValueError(
             f"config: cannot find a single rotary embedding class and apply_rotary_pos_emb (or apply_rotary_emb) in "
             f"the modeling code of "
             f"{arch!r}; ManifoldCache does not know its RoPE layout"
         )
     return classes[0]
+
+
+_ROTATIONS = ("apply_rotary_pos_emb", "apply_rotary_emb")  # functions whose output layout the basis is read from
 
 
 def _rotary_classes(module) -> list[type]:
@@ -293,6 +296,10 @@ def _basis(config, module, rotary, layer_type: str | None, head_dim: int) -> Rop
             f"config: {arch!r} rotary module gives a rotation of width {rotated_width(emb)} for {inv_freq.numel()} "
             f"frequencies and head_dim {head_dim}; unsupported layout"
         )
+    if not any(hasattr(module, f) for f in _ROTATIONS):
+        # only DeepSeek's interleave variant (LongCat, Ling): it permutes each key's pairs, then rotates the halves,
+        # so stored keys differ between positions by a rotate-half rotation; the probe checks it layer by layer
+        return RopeSpec(inv_freq, rotary_dim, False, attention_factor=scaling)
     if not (isinstance(emb, torch.Tensor) and emb.is_complex()):
         emb = tuple(t.double() for t in emb)
     # Partial-rotary models (NeoX, Phi, ...) rotate the leading rotary_dim dims and pass the rest through.

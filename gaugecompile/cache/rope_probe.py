@@ -25,13 +25,16 @@ _TOL = 1e-4  # the probe runs in float32; a rotation by S moves the fast pairs b
 _MAX_PARAMS = 50_000_000  # a probe copy larger than this missed a size to shrink: refuse rather than fill memory
 
 
+_EXPERT_GROUPS = ("n_group", "topk_group", "num_expert_group")
+
+
 def _small(name: str, value: int) -> int:
     """What a size attribute of the probe copy becomes (widths and expert counts shrink; the rest stays)."""
     if name == "vocab_size":
         return min(value, 16)
     if name.endswith(("intermediate_size", "ffn_hidden_size")) or name == "n_inner":
         return min(value, 8)
-    if name.endswith(("experts_per_tok", "top_k", "topk", "moe_k")) or name in ("n_group", "topk_group"):
+    if name.endswith(("experts_per_tok", "top_k", "topk", "moe_k")) or name in _EXPERT_GROUPS:
         return 1  # (expert groups too: 2 experts in 8 groups would leave none per group)
     if "experts" in name:
         return min(value, 2)

@@ -94,6 +94,9 @@ _TYPE_FIXES = {
     "dots3_note_text": {"num_key_value_heads": 4},  # "num_key_value_heads must match num_attention_heads"
     # one sparsity value per layer; the last 2 of the 4 layers share the KV of earlier ones, as its checkpoints do
     "gemma3n_text": {"activation_sparsity_pattern": [0.0] * 4, "num_kv_shared_layers": 2},
+    "bailing_hybrid": {"num_expert_group": 1, "num_experts_per_token": 2, "linear_num_heads": 4, "linear_head_dim": 16},
+    "longcat_flash": {"num_layers": 2, "ffn_hidden_size": 128, "expert_ffn_hidden_size": 32, "zero_expert_num": 2,
+                      "moe_topk": 2, "n_routed_experts": 4},  # (its layers are pairs: 2 of them make 4 caches)
     "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2},  # None by default, indexed per layer
     "zaya": {"num_experts_per_tok": 1},  # "ZAYA currently supports num_experts_per_tok=1 only"
     "zamba2": {"layers_block_type": ["linear_attention", "hybrid"] * 2, "hybrid_layer_ids": [1, 3]},
