@@ -479,7 +479,7 @@ class ManifoldCache(Cache):
             self._settle()
             raise ValueError(
                 f"key_states: layer {layer_idx} got {key_states.shape[0]} rows x {key_states.shape[2]} tokens, but "
-                f"the forward was planned for {fwd.rows} x {fwd.q} (layer 0's input)"
+                f"the forward was planned for {fwd.rows} x {fwd.q} (its first attention layer's input)"
             )
         table, delta, lens, slots, sizes = fwd.table, fwd.delta, fwd.lens, fwd.slots, fwd.sizes
         latent = self.shape.latent_dims[layer_idx]
@@ -700,10 +700,8 @@ class ManifoldCache(Cache):
                     or (pool is not None and t.shape[1] != heads)):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 return ValueError(f"{name}: expected [batch, {heads}, q_len, head_dim={dim}] ({where}), got {got}")
-            if t.dtype not in _FLOATS:
-                return TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-            if t.device != self.storage.device:
-                return ValueError(f"{name}: expected device {self.storage.device} (the pools'), got {t.device}")
+            if (error := self._storage_error(name, t)) is not None:
+                return error
         if value_states.shape != key_states.shape:
             return ValueError(
                 f"value_states: expected key_states' shape {tuple(key_states.shape)}, got {tuple(value_states.shape)}"
@@ -713,18 +711,25 @@ class ManifoldCache(Cache):
     def _latent_error(self, latent_states, rope_states, layer_idx: int, dims: tuple[int, int]) -> Exception | None:
         """Why a latent layer's update(latent [batch, 1, q, R], k_rot [batch, 1, q, r]) does not fit, or None."""
         rope_dim, rank = dims
-        for name, t, width in (("key_states", latent_states, rank), ("value_states", rope_states, rope_dim)):
+        for name, t, width, what in (("key_states", latent_states, rank, "latent"),
+                                     ("value_states", rope_states, rope_dim, "RoPE key")):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != 1 or t.shape[3] != width:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 return ValueError(f"{name}: layer {layer_idx} caches multi-head latent attention, expected [batch, 1, "
-                                  f"q_len, {width}] (the {'latent' if width == rank else 'RoPE key'}), got {got}")
-            if t.dtype not in _FLOATS:
-                return TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-            if t.device != self.storage.device:
-                return ValueError(f"{name}: expected device {self.storage.device} (the pools'), got {t.device}")
+                                  f"q_len, {width}] (the {what}), got {got}")
+            if (error := self._storage_error(name, t)) is not None:
+                return error
         if latent_states.shape[:3] != rope_states.shape[:3]:
             return ValueError(f"value_states: expected key_states' batch and length {tuple(latent_states.shape[:3])}, "
                               f"got {tuple(rope_states.shape[:3])}")
+        return None
+
+    def _storage_error(self, name: str, t: torch.Tensor) -> Exception | None:
+        """Why `t` cannot be stored in the pools (its dtype or device), or None."""
+        if t.dtype not in _FLOATS:
+            return TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        if t.device != self.storage.device:
+            return ValueError(f"{name}: expected device {self.storage.device} (the pools'), got {t.device}")
         return None
 
     # ----------------------------------------------------------------- transactions

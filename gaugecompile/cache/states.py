@@ -71,9 +71,6 @@ class LayerStates:
         """`seq` is freed (its row goes at the next commit if nothing else refers to it)."""
         self.row_of.pop(seq, None)
 
-    def has_history(self, seq: int) -> bool:
-        return seq in self.row_of
-
     # ----------------------------------------------------------------- a forward
     def begin(self, batch: list[int], carried: dict[_Key, torch.Tensor] | None = None) -> None:
         """Start a forward over the sequences `batch` (row order); ValueError if some have a history and others
