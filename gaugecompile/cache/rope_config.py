@@ -84,8 +84,8 @@ class KVShape:
 
 # transformers' layer types (cache_utils.get_layer_types_and_kwargs) and what each caches
 _KINDS = {"full_attention": "attention", "sliding_attention": "attention", "chunked_attention": "attention",
-          "linear_attention": "state",
-          "conv": "state", "hybrid": "attention+state", "hybrid_sliding": "attention+state", "dummy": "none"}
+          "linear_attention": "state", "conv": "state", "hybrid": "attention+state",
+          "hybrid_sliding": "attention+state", "dummy": "none"}
 
 
 def _layer_types(config) -> list[str]:
