@@ -56,13 +56,16 @@ def run_on_graph(graph: fx.Graph, *, strict: bool = False, owner: torch.nn.Modul
     """The passes on a bare FX graph (Inductor's post-grad hook hands one over)."""
     report = PassReport()
     owner = owner if owner is not None else graph.owning_module
-    for found in find_attention(graph):
+    found_all = find_attention(graph)
+    outs = [n for m in found_all if isinstance(m, AttentionMatch) and m.out is not None for n in (m.out, *m.lse_users)]
+    for found in found_all:
         if not isinstance(found, AttentionMatch):
             node, reason = found
             report.add(Site(node.name, str(node.target), "?", "?", location(node), False, reason))
             continue
         if found.out is None:
             continue
+        found.peers = [n for n in outs if n is not found.out and n not in found.lse_users]
         record, is_site = _site(graph, found, owner, run_time_masks)
         if not is_site:
             report.plain_attention += 1

@@ -183,8 +183,10 @@ def _windowed_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, run_tim
 
 
 def _check_gathers_vanish(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> None:
-    """AnalysisError when a gather the rewrite removes is also used elsewhere (so it would stay)."""
-    dead = dead_after(graph, site.out, *site.lse_users)
+    """AnalysisError when a gather the rewrite removes is also used elsewhere (so it would stay).  The graph's other
+    attention sites (`site.peers`) count as removed: a view that several layers read (Gemma 3n's KV-sharing layers
+    attend over another layer's view) goes once all of them are rewritten."""
+    dead = dead_after(graph, site.out, *site.lse_users, *site.peers)
     alive = [n.name for n in plan.gather_nodes if n not in dead]
     if alive:
         raise AnalysisError(f"the gathered/concatenated cache ({', '.join(alive)}) is also used elsewhere "

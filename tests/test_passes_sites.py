@@ -148,6 +148,35 @@ def test_sliced_view_rewritten_with_a_window(pool, masked):
     assert rewritten[0].gather == "materialize_kv+window-slice"
 
 
+@pytest.mark.parametrize("returned", [False, True])
+def test_view_read_by_two_layers_rewritten_in_both(pool, returned):
+    """KV sharing (Gemma 3n): a second layer attends over the first layer's view with its own queries.  Both sites
+    become the op and the gather goes; a view also returned (as a new cache would be) stays, so neither is made."""
+    kp, vp, table, delta = pool
+    q1, q2 = torch.randn(B, H, 1, D), torch.randn(B, H, 1, D)
+
+    def f(q1, q2, kp, vp, table, delta):
+        k, v = gaugecompile.materialize_kv(kp, vp, table, delta, ROPE, L)
+        a = torch.nn.functional.scaled_dot_product_attention(q1, k, v, enable_gqa=True)
+        b = _eager_attention(q2, k, v)
+        return (a, b, k) if returned else (a, b)
+
+    sink: list = []
+    torch._dynamo.reset()
+    backend = functools.partial(gauge_backend, inner="eager", report_sink=sink, keep_graphs=True)
+    compiled = torch.compile(f, backend=backend, dynamic=False)
+    for got, want in zip(compiled(q1, q2, kp, vp, table, delta), f(q1, q2, kp, vp, table, delta), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    rewritten, refused = _sites(sink)
+    after = sink[0][2]
+    if returned:
+        assert not rewritten and len(refused) == 2
+        assert all("also used elsewhere" in s.reason for s in refused)
+    else:
+        assert len(rewritten) == 2 and not refused
+        assert "materialize_kv" not in after and after.count("gauge.rotated_query_attention") == 2
+
+
 @pytest.mark.parametrize("mask_input", [False, True])
 def test_post_attention_sink_scaling_reads_the_ops_lse(pool, mask_input):
     """Granite's sinks: `sigmoid(logsumexp(scores + mask) - sink)` scales the attention output; the model's

@@ -13,9 +13,9 @@ the type has windows, small experts) and four checks:
    (whose sliding layers keep their last W - 1 tokens);
    (a hybrid model's cache, whose linear-attention, SSM or convolution layers keep recurrent states, must refuse
    the delete instead, with a ValueError that names them, and be left exactly as it was: "refused");
-4. the same steps compiled with `backend="gauge"` equal eager, counting the attention layers that ran the
-   rotated-query kernel in the last step (at run time: a layer compiled in a graph of its own counts too, and a
-   rewritten site whose run-time mask check fell back to the gather does not).
+4. the same steps compiled with `backend="gauge"` equal eager, counting the attention layers (KV-sharing ones
+   too) that ran the rotated-query kernel in the last step (at run time: a layer compiled in a graph of its own
+   counts too, and a rewritten site whose run-time mask check fell back to the gather does not).
 A hybrid type whose default layer pattern puts no attention layer among the first 4 gets attention at layers 1
 and 3 (its config's own attribute for the pattern).
 Status: "rewritten" (all four, every layer ran the kernel), "exact" (all equal, some sites left as they were),
@@ -366,7 +366,9 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
 
     result = FamilyResult(model_type, "WRONG", checks={"constructs": True})
     hybrid = new_cache().states is not None
-    attention = len(new_cache().attention_layers)
+    text = model.config.get_text_config(decoder=True)
+    reusing = sum(mode == "reuse" for mode in getattr(text, "kv_sharing_modes", None) or ())
+    attention = len(new_cache().attention_layers) + reusing  # a KV-sharing layer attends over another's cache
     try:
         kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False)
         got = model.generate(past_key_values=new_cache(), **kwargs)
