@@ -8,7 +8,7 @@ up to 128 rad and a float64 product of ~2e-7 rad.  Here the product is split int
 float64 products (the offset into 16-bit halves, the frequency into two 26-bit halves by
 Veltkamp splitting); each is reduced modulo 2*pi with a three-part Cody-Waite constant, whose
 first two parts have 24 bits so that `k * C` is exact for every k < 2^29.  The result is accurate
-to about 1e-15 rad for -2^31 <= delta < 2^31 (`MAX_ABS_DELTA`) and inv_freq <= 1, using only float64 tensor ops, so it
+to about 1e-15 rad for -2^31 <= delta < 2^31 (`MAX_ABS_DELTA`) and |inv_freq| <= 1, using only float64 tensor ops, so it
 traces, compiles and exports like any other tensor code.
 """
 
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 #: The one offset bound: every delta lies in [-2^31, 2^31) (an int32), where `reduced_angles` is exact to
-#: ~1e-15 rad (measured 1.3e-15 at the bound, inv_freq <= 1).  The kernels reject deltas outside it, and
+#: ~1e-15 rad (measured 1.3e-15 at the bound, |inv_freq| <= 1).  The kernels reject deltas outside it, and
 #: ManifoldCache keeps its positions inside it.
 MAX_ABS_DELTA = 2**31
 
@@ -130,7 +130,8 @@ def rotation_tangent(x: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int, i
 class RopeSpec:
     """A static rotary basis: frequencies, how many dims rotate, and how pairs are formed.
 
-    `inv_freq` is the per-pair angular frequency (already scaled: linear, NTK, Llama-3, YaRN);
+    `inv_freq` is the per-pair angular frequency (already scaled: linear, NTK, Llama-3, YaRN), negative for a
+    model that rotates by -theta (NanoChat: its rotate_half flips the signs);
     `attention_factor` is YaRN's cos/sin multiplier, which the model applies when it rotates and
     which the op therefore never needs (rotations by deltas are pure rotations).
     """
@@ -145,8 +146,8 @@ class RopeSpec:
         inv = torch.as_tensor(self.inv_freq).detach().to("cpu", torch.float64).reshape(-1).clone()
         if inv.numel() == 0:
             raise ValueError("RopeSpec.inv_freq: expected a non-empty 1-D tensor of frequencies")
-        if not torch.isfinite(inv).all() or (inv < 0).any():
-            raise ValueError("RopeSpec.inv_freq: expected finite, non-negative frequencies")
+        if not torch.isfinite(inv).all():
+            raise ValueError("RopeSpec.inv_freq: expected finite frequencies")
         rotary_dim = 2 * inv.numel() if self.rotary_dim is None else int(self.rotary_dim)
         if rotary_dim != 2 * inv.numel():
             raise ValueError(

@@ -29,6 +29,7 @@ EXPECTED = {
     "falcon": "rewritten",  # multi-query SDPA, decomposed by torch into scaled operands and _safe_softmax
     "gpt_neox_japanese": "rewritten",  # scores through baddbmm over zeros
     "llama4_text": "rewritten",  # complex-form RoPE, chunked-attention layers, NoPE layers by flag
+    "nanochat": "rewritten",  # rotates by -theta (its rotate_half flips the signs): negated frequencies
     "gemma4_text": "rewritten",  # per-layer head dims (512 on global layers), a proportional basis
 }
 

@@ -19,7 +19,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_case(draw_or_rng, *, batch, heads, group, q_len, head_dim, rotary_dim, block_size, blocks_per_seq,
-              pool_blocks, dtype, table_kind, delta_range, seed):
+              pool_blocks, dtype, table_kind, delta_range, seed, negated=False):
     g = torch.Generator().manual_seed(seed)
     kv_heads = heads // group
     q = torch.randn(batch, heads, q_len, head_dim, generator=g, dtype=torch.float64)
@@ -44,6 +44,8 @@ def make_case(draw_or_rng, *, batch, heads, group, q_len, head_dim, rotary_dim, 
         lens = torch.randint(0, block_size + 1, (batch, blocks_per_seq), generator=g)
         lens[lens.sum(1) < q_len] = block_size
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    if negated:  # a model that rotates by -theta (NanoChat)
+        inv_freq = -inv_freq
     return [t.to(dtype) for t in (q, k_pool, v_pool)] + [table, delta, lens], inv_freq
 
 
@@ -64,6 +66,7 @@ def cases(draw, dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.floa
         dtype=draw(st.sampled_from(dtypes)),
         table_kind=draw(st.sampled_from(["random", "shared", "contiguous", "beams", "ragged"])),
         delta_range=(-(2**31), 2**31) if big else (-64, 64), seed=draw(st.integers(0, 2**31)),
+        negated=draw(st.booleans()),
     ), draw(st.booleans()), draw(st.booleans())
 
 
@@ -127,6 +130,17 @@ def test_edge_cases(override, interleaved):
     for causal in (True, False):
         check(params, interleaved, causal)
         check(params, interleaved, causal, impl="loop")
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_negated_frequencies_rotate_by_minus_theta(interleaved):
+    """A basis with negated frequencies (a model rotating by -theta) rotates x to p as the basis rotates it to -p,
+    also past 2^31 rad, where the angles are reduced exactly."""
+    rope = gc.RopeSpec.from_base(10000.0, 32, interleaved=interleaved)
+    minus = gc.RopeSpec(-rope.inv_freq, 32, interleaved)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    positions = torch.tensor([7, 123_456, 2**31 - 1])
+    torch.testing.assert_close(minus.apply(x, positions), rope.apply(x, -positions), atol=1e-12, rtol=0)
 
 
 def test_query_rotation_equals_key_rerotation_in_closed_form():

@@ -184,21 +184,24 @@ def _rope_params(config) -> dict[str | None, dict]:
     return {None: params}
 
 
-def _match_layout(rotated: torch.Tensor, x: torch.Tensor, inv_freq: torch.Tensor, scaling: float, arch: str) -> bool:
-    """True if `rotated` is `x` rotated to _PROBE_POSITION with interleaved pairs, False if rotate-half."""
+def _matched_basis(rotated: torch.Tensor, x: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                   arch: str) -> RopeSpec:
+    """The basis under which `rotated` is `x` rotated to _PROBE_POSITION: rotate-half or interleaved pairs, by
+    +theta or by -theta (negated frequencies: NanoChat's rotate_half flips the signs).  Exactly one must match."""
     rotary_dim = 2 * inv_freq.numel()
     pos = torch.tensor([_PROBE_POSITION])
     matches = []
-    for interleaved in (False, True):
-        spec = RopeSpec(inv_freq, rotary_dim, interleaved)
-        expect = spec.apply(x, pos)
-        expect = torch.cat((expect[..., :rotary_dim] * scaling, expect[..., rotary_dim:]), dim=-1)
-        if torch.allclose(rotated, expect, atol=1e-5, rtol=1e-5):
-            matches.append(interleaved)
+    for sign in (1.0, -1.0):
+        for interleaved in (False, True):
+            spec = RopeSpec(sign * inv_freq, rotary_dim, interleaved, attention_factor=scaling)
+            expect = spec.apply(x, pos)
+            expect = torch.cat((expect[..., :rotary_dim] * scaling, expect[..., rotary_dim:]), dim=-1)
+            if torch.allclose(rotated, expect, atol=1e-5, rtol=1e-5):
+                matches.append(spec)
     if len(matches) != 1:
         raise ValueError(
-            f"config: the rotary embedding of {arch!r} matches neither rotate-half nor interleaved pairs over "
-            f"rotary_dim={rotary_dim}; refusing to guess its layout"
+            f"config: the rotary embedding of {arch!r} matches neither rotate-half nor interleaved pairs (by theta "
+            f"or -theta) over rotary_dim={rotary_dim}; refusing to guess its layout"
         )
     return matches[0]
 
@@ -231,12 +234,14 @@ def _rotary_classes(module) -> list[type]:
 
 
 def _built_rotaries(config, classes: list[type]) -> list[type]:
-    """Which of `classes` a meta-device build of `config`'s model instantiates."""
+    """Which of `classes` a meta-device build of `config`'s model instantiates (ValueError naming the build's error
+    when the model does not build)."""
     try:
         with torch.device("meta"):
             model = build_model(config)
-    except Exception:  # noqa: BLE001 -- no build, no answer: the caller refuses
-        return classes
+    except Exception as exc:  # noqa: BLE001 -- any failure of the model's own code
+        raise ValueError(f"config: cannot build {config.model_type!r} to find which of its rotary embedding classes "
+                         f"{[c.__name__ for c in classes]} the decoder uses ({type(exc).__name__}: {exc})") from exc
     return [c for c in classes if any(type(m) is c for m in model.modules())]
 
 
@@ -256,7 +261,7 @@ def _gptj_rope(config, module, head_dim: int) -> RopeSpec:
     x = torch.randn(1, 1, 1, head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     rot = module.apply_rotary_pos_emb(x[..., :rotary_dim], sin[None, None].float(), cos[None, None].float())
     rotated = torch.cat((rot, x[..., rotary_dim:]), dim=-1)
-    return RopeSpec(inv_freq, rotary_dim, _match_layout(rotated, x, inv_freq, 1.0, config.model_type))
+    return _matched_basis(rotated, x, inv_freq, 1.0, config.model_type)
 
 
 def apply_keys_rotation(module, keys: torch.Tensor, emb) -> torch.Tensor:
@@ -305,8 +310,7 @@ def _basis(config, module, rotary, layer_type: str | None, head_dim: int) -> Rop
     # Partial-rotary models (NeoX, Phi, ...) rotate the leading rotary_dim dims and pass the rest through.
     rot = apply_keys_rotation(module, x[..., :rotary_dim], emb).double()
     rotated = torch.cat((rot, x[..., rotary_dim:]), dim=-1)
-    interleaved = _match_layout(rotated, x, inv_freq, scaling, arch)
-    return RopeSpec(inv_freq, rotary_dim, interleaved, attention_factor=scaling)
+    return _matched_basis(rotated, x, inv_freq, scaling, arch)
 
 
 def layer_ropes_from_config(config) -> tuple[RopeSpec, ...]:

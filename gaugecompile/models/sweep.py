@@ -90,6 +90,8 @@ def rotary_causal_lm_types() -> list[str]:
 
 # what a type's config needs beyond the sizes above to build 4 small layers (its own validation's demands)
 _TYPE_FIXES = {
+    # its default rope_parameters are empty, and its rotary module reads one entry per layer type
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "dots1": {"n_shared_experts": 1},  # None by default, multiplied by the expert width
     "dots3_note_text": {"num_key_value_heads": 4},  # "num_key_value_heads must match num_attention_heads"
     # one sparsity value per layer; the last 2 of the 4 layers share the KV of earlier ones, as its checkpoints do
