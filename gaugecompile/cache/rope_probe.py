@@ -34,8 +34,10 @@ def _small(name: str, value: int) -> int:
         return min(value, 16)
     if name.endswith(("intermediate_size", "ffn_hidden_size")) or name == "n_inner":
         return min(value, 8)
-    if name.endswith(("experts_per_tok", "top_k", "topk", "moe_k")) or name in _EXPERT_GROUPS:
-        return 1  # (expert groups too: 2 experts in 8 groups would leave none per group)
+    if name in _EXPERT_GROUPS:
+        return 1  # 2 experts in 8 groups would leave none per group
+    if name.endswith(("experts_per_tok", "top_k", "topk", "moe_k")):
+        return min(value, 2)  # (not 1: LongCat's expert loop squeezes its top-k axis away when it is 1)
     if "experts" in name:
         return min(value, 2)
     if name.endswith("token_id"):
@@ -149,13 +151,25 @@ def build_model(config) -> torch.nn.Module:
     return _model_class(config)._from_config(config, dtype=torch.float32)
 
 
+def _unzeroed(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every all-zero parameter drawn at random (seeded): a parameter a model initialises to zero
+    (ZAYA's key-norm temperature scales every key by it) would zero the keys the probe compares, and a trained
+    model's is not zero.  The probe reads which layers rotate, not what the weights are."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+    return model
+
+
 def probe_layer_rotations(config, candidates: tuple[RopeSpec, ...], shape) -> tuple[RopeSpec, ...]:
     """Each attention layer's basis: its candidate (from the rotary module) if its keys rotate by it, no rotation if
     they do not move; ValueError naming the layer otherwise, when a state layer of `shape` (a `KVShape`) keeps its
     states outside the cache, or when the probe copy cannot be built or run.  Other layers keep their candidate."""
     try:
         latent = shape.latent_dims[shape.attention_layers[0]]
-        model = small_model(_probe_config(config, shape.head_dim if latent is None else latent[0]))
+        model = _unzeroed(small_model(_probe_config(config, shape.head_dim if latent is None else latent[0])))
         first, second = _keys_at(model, _POSITION, shape), _keys_at(model, _POSITION + _SHIFT, shape)
     except Exception as exc:  # noqa: BLE001 -- any failure means the layers could not be checked
         raise ValueError(f"config: could not run a small copy of {config.model_type!r} to check which layers apply "

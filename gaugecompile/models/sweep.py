@@ -184,12 +184,19 @@ def _build(config):
 _ROTATIONS = ("apply_rotary_pos_emb", "apply_rotary_emb", "apply_rotary_pos_emb_interleave")
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    """The modules whose forward runs each cache layer: the decoder's ModuleList, else (LongCat's decoder layers
+    hold two attention modules each) the innermost modules that carry a `layer_idx`, when they number 0 .. n-1."""
     n = model.config.get_text_config(decoder=True).num_hidden_layers
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise RuntimeError(f"no ModuleList of {n} decoder layers")
+            return list(module)
+    indexed = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    inner = sorted((m for m in indexed if not any(o is not m and o in indexed for o in m.modules())),
+                   key=lambda m: m.layer_idx)
+    if [m.layer_idx for m in inner] == list(range(len(inner))) and inner:
+        return inner
+    raise RuntimeError(f"no ModuleList of {n} decoder layers, nor modules with layer_idx 0 .. k-1")
 
 
 def _rope_layers(model, module, ids: torch.Tensor) -> set[int]:
@@ -244,6 +251,14 @@ def _rotated(model, module, keys: torch.Tensor, shift: int, layer_type: str | No
     scale = getattr(rotary, f"{layer_type}_attention_scaling" if typed else "attention_scaling", 1.0)
     # a pure rotation: a stored key already carries YaRN's factor
     emb = emb / scale if isinstance(emb, torch.Tensor) else tuple(t / scale for t in emb)
+    if not any(hasattr(module, f) for f in _ROTATIONS[:2]):
+        # only DeepSeek's interleave variant (LongCat), which pairs its input's dims (2i, 2i+1) and writes halves:
+        # the stored keys' halves are paired back first
+        width = rotated_width(emb)
+        part = keys[..., :width]
+        pairs = torch.stack((part[..., :width // 2], part[..., width // 2:]), -1).flatten(-2)
+        out = module.apply_rotary_pos_emb_interleave(pairs, pairs, *emb)[1]
+        return torch.cat([out, keys[..., width:]], -1)
     try:
         out = apply_keys_rotation(module, keys, emb)
         if out.shape == keys.shape:
