@@ -50,7 +50,8 @@ _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
               vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, rotary_dim=8, n_positions=2048,
               n_group=1, topk_group=1)
 _OTHER_PARTS = dict(depth=1, num_hidden_layers=1, num_layers=1, hidden_size=32, embed_dim=32, intermediate_size=32,
-                    num_heads=2, num_attention_heads=2, out_hidden_size=64, vision_output_dim=64)
+                    num_heads=2, num_attention_heads=2, out_hidden_size=64, vision_output_dim=64,
+                    adapter_in_dim=32, adapter_input_size=32, adapter_out_dim=64)  # adapters: part width -> text
 _LATENT = dict(kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                num_key_value_heads=4)  # its keys are expanded to every head from the latent
 _WINDOW = 6
@@ -92,6 +93,11 @@ def rotary_causal_lm_types() -> list[str]:
 _TYPE_FIXES = {
     # its default rope_parameters are empty, and its rotary module reads one entry per layer type
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    # its own names for the sizes; its attention reads attn_config.rope_theta (then unused: RoPE comes from
+    # rope_parameters), and clamps by clip_qkv, whose default None fails clamp(None, None)
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 4,
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
     "dots1": {"n_shared_experts": 1},  # None by default, multiplied by the expert width
     "dots3_note_text": {"num_key_value_heads": 4},  # "num_key_value_heads must match num_attention_heads"
     # one sparsity value per layer; the last 2 of the 4 layers share the KV of earlier ones, as its checkpoints do
@@ -142,11 +148,14 @@ def _tiny_parts(config) -> dict:
             continue
         part = sub.to_dict()
         if name == "text_config":
-            for name_ in ("layer_types", "per_layer_config", "no_rope_layers"):  # regenerated for 4 layers
-                part.pop(name_, None)
+            for name_ in ("layer_types", "mlp_layer_types", "per_layer_config", "no_rope_layers"):  # regenerated
+                part.pop(name_, None)                                                              # for 4 layers
             part.update({**_tiny_sizes(part), **_TYPE_FIXES.get(part.get("model_type"), {})})
         else:
             part.update({k: v for k, v in _OTHER_PARTS.items() if isinstance(part.get(k), int)})
+            if isinstance(part.get("mlp_layer_types"), list):  # one entry per layer: the ones left (dots3's)
+                part["mlp_layer_types"] = part["mlp_layer_types"][:part["num_hidden_layers"]]
+                part.pop("per_layer_config", None)  # (its overrides name layers past those)
         parts[name] = part
     return parts
 
@@ -158,7 +167,11 @@ def tiny_config(model_type: str):
     default = transformers.AutoConfig.for_model(model_type)
     kwargs = {**_tiny_sizes(default.to_dict()), **_tiny_parts(default), **_TYPE_FIXES.get(model_type, {})}
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
-    if set(_layer_types(config)) == {"linear_attention"}:
+    try:
+        types = set(_layer_types(config))
+    except AttributeError:  # no layer count where transformers' caches look (BLT): the cache's own check says why
+        return config
+    if types == {"linear_attention"}:
         for layout in _ATTENTION_AT_1_AND_3:
             with contextlib.suppress(Exception):
                 hybrid = transformers.AutoConfig.for_model(model_type, **kwargs, **layout)
@@ -184,34 +197,26 @@ def _build(config):
 _ROTATIONS = ("apply_rotary_pos_emb", "apply_rotary_emb", "apply_rotary_pos_emb_interleave")
 
 
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    """The modules whose forward runs each cache layer: the decoder's ModuleList, else (LongCat's decoder layers
-    hold two attention modules each) the innermost modules that carry a `layer_idx`, when they number 0 .. n-1."""
-    n = model.config.get_text_config(decoder=True).num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return list(module)
-    indexed = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    inner = sorted((m for m in indexed if not any(o is not m and o in indexed for o in m.modules())),
-                   key=lambda m: m.layer_idx)
-    if [m.layer_idx for m in inner] == list(range(len(inner))) and inner:
-        return inner
-    raise RuntimeError(f"no ModuleList of {n} decoder layers, nor modules with layer_idx 0 .. k-1")
-
-
 def _rope_layers(model, module, ids: torch.Tensor) -> set[int]:
-    """The layers whose forward calls the modeling module's apply_rotary_pos_emb, or apply_rotary_emb (Llama 4's
-    complex form), observed, not inferred."""
+    """The cache layers whose keys the modeling module's apply_rotary_pos_emb, or apply_rotary_emb (Llama 4's
+    complex form), rotated: a call of it marks the layer of the cache update that follows, observed, not inferred
+    (by cache layer, not by module: HRM reuses its layer stacks over cycles, LongCat pairs attention modules)."""
     names = [n for n in _ROTATIONS if hasattr(module, n)]
-    current, seen = [None], set()
-    hooks = [layer.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i))
-             for i, layer in enumerate(_decoder_layers(model))]
+    rotated, seen = [False], set()
+
+    class Spy(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if rotated[0]:
+                seen.add(layer_idx)
+            rotated[0] = False
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     originals = {n: getattr(module, n) for n in names}
 
     def spied(original):
         @functools.wraps(original)
         def spy(*args, **kwargs):
-            seen.add(current[0])
+            rotated[0] = True
             return original(*args, **kwargs)
         return spy
 
@@ -219,12 +224,10 @@ def _rope_layers(model, module, ids: torch.Tensor) -> set[int]:
         setattr(module, n, spied(original))
     try:
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+            model(input_ids=ids, past_key_values=Spy(config=model.config), use_cache=True)
     finally:
         for n, original in originals.items():
             setattr(module, n, original)
-        for h in hooks:
-            h.remove()
     return seen
 
 
