@@ -71,7 +71,7 @@ class AttentionMatch:
     sinks: fx.Node | None = None  # per-row sink logits [B, H, Q, 1]: an extra term in the softmax denominator
     tiled_heads: bool = False  # GQA by `repeat`: query head h reads KV head h % num_kv_heads (not h // group)
     lse_users: list[fx.Node] = field(default_factory=list)  # logsumexp(scores + masks, -1): the op's lse
-    peers: list[fx.Node] = field(default_factory=list)  # set by the pipeline: the graph's other sites' outputs
+    peers: list[fx.Node] = field(default_factory=list)  # set by the pipeline: every site's outputs in the graph
 
 
 _REPEAT = frozenset({aten.repeat.default})

@@ -65,7 +65,7 @@ def run_on_graph(graph: fx.Graph, *, strict: bool = False, owner: torch.nn.Modul
             continue
         if found.out is None:
             continue
-        found.peers = [n for n in outs if n is not found.out and n not in found.lse_users]
+        found.peers = outs
         record, is_site = _site(graph, found, owner, run_time_masks)
         if not is_site:
             report.plain_attention += 1

@@ -184,7 +184,7 @@ def _windowed_flags(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, run_tim
 
 def _check_gathers_vanish(graph: fx.Graph, site: AttentionMatch, plan: KVPlan) -> None:
     """AnalysisError when a gather the rewrite removes is also used elsewhere (so it would stay).  The graph's other
-    attention sites (`site.peers`) count as removed: a view that several layers read (Gemma 3n's KV-sharing layers
+    attention sites (in `site.peers`) count as removed: a view that several layers read (Gemma 3n's KV-sharing layers
     attend over another layer's view) goes once all of them are rewritten."""
     dead = dead_after(graph, site.out, *site.lse_users, *site.peers)
     alive = [n.name for n in plan.gather_nodes if n not in dead]

@@ -148,8 +148,9 @@ def _tiny_parts(config) -> dict:
             continue
         part = sub.to_dict()
         if name == "text_config":
-            for name_ in ("layer_types", "mlp_layer_types", "per_layer_config", "no_rope_layers"):  # regenerated
-                part.pop(name_, None)                                                              # for 4 layers
+            # per-layer lists, regenerated for 4 layers
+            for name_ in ("layer_types", "mlp_layer_types", "per_layer_config", "no_rope_layers"):
+                part.pop(name_, None)
             part.update({**_tiny_sizes(part), **_TYPE_FIXES.get(part.get("model_type"), {})})
         else:
             part.update({k: v for k, v in _OTHER_PARTS.items() if isinstance(part.get(k), int)})
