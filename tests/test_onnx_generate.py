@@ -107,6 +107,33 @@ def test_a_step_failing_in_onnxruntime_changes_nothing(ort_lm, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(pools, cache.k_pools, strict=True))
 
 
+def test_steps_write_the_cache_pools_in_place(ort_lm):
+    """Each pool output is bound to the pool itself: over a prefill and two decode steps the cache keeps the same
+    buffers, holding what the torch model writes into its twin's."""
+    caches, buffers = [_cache(), _cache()], []
+    with torch.no_grad():
+        for ids in (PROMPT, torch.tensor([[5]]), torch.tensor([[7]])):
+            for lm, cache in zip((ort_lm, MODEL), caches, strict=True):
+                lm(input_ids=ids, past_key_values=cache, use_cache=True)
+            buffers.append([p.data_ptr() for p in (*caches[0].k_pools, *caches[0].v_pools)])
+    assert buffers[0] == buffers[1] == buffers[2]
+    for got, want in zip((*caches[0].k_pools, *caches[0].v_pools), (*caches[1].k_pools, *caches[1].v_pools),
+                         strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_file_whose_pools_cannot_be_written_in_place_is_refused(ort_lm, tmp_path):
+    """A node reading a pool before its update (here an Identity the scatter then reads) would see the rows being
+    written: such a file is refused by name rather than run over a bound buffer."""
+    model = onnx.load(ort_lm.path)
+    scatter = next(n for n in model.graph.node if n.op_type == "ScatterND" and n.input[0] == "k_pools_0")
+    scatter.input[0] = "k_pools_0_copy"
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", ["k_pools_0"], ["k_pools_0_copy"]))
+    onnx.save(model, tmp_path / "copying.onnx")
+    with pytest.raises(ValueError, match=r"path: pools \['k_pools_0'\] are not updated by one ScatterND"):
+        OrtCausalLM(tmp_path / "copying.onnx", MODEL.config)
+
+
 def test_bad_arguments_name_the_argument(ort_lm, tmp_path):
     with pytest.raises(TypeError, match="past_key_values: expected a gaugecompile ManifoldCache"):
         ort_lm(input_ids=PROMPT, past_key_values=None)

@@ -6,24 +6,27 @@ the file returns back into the cache's before committing the forward; a forward 
 any other.  So greedy search, sampling, beam search (through `reorder_cache`) and the cache's edits between
 calls (delete, splice of a prefilled chunk, set_window streaming) work as with the torch model.  Chunks to
 splice are prefilled with the torch model (`cache.prefill`), since the file has no entry for a detached
-forward.  The CPU provider by default, with IO binding: the inputs are read in place and the updated pools
-are written into spare buffers that then become the cache's pools (no pool copied outside onnxruntime).  With
+forward.  The CPU provider by default, with IO binding: the inputs are read in place and each layer's pool
+output is bound to the pool itself, so the step's one ScatterND per pool writes the new tokens' rows and
+nothing else (no pool is copied, inside onnxruntime or out; `in_place.py`).  The rows a failed step wrote lie in
+the slots its rollback frees, as in the torch path's in-place writes.  With
 `fused=True` the gauge nodes run the native kernel (`fused.py`) instead of their standard-op function.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from transformers import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..cache import ManifoldCache
+from .in_place import in_place_pool_outputs
 from .runtime import _check_mapping, _feeds
 
 __all__ = ["OrtCausalLM"]
@@ -59,8 +62,7 @@ class OrtCausalLM(GenerationMixin):
         else:
             self.session = ort.InferenceSession(path, providers=list(providers or ["CPUExecutionProvider"]))
         self.path = path  # the file the session runs
-        #: per cache, the buffers its next step writes its pools to (dropped with the cache)
-        self._spares: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._check_in_place(path)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         pool = next((i for i in self.session.get_inputs() if i.name.startswith("k_pool")), None)
@@ -68,6 +70,19 @@ class OrtCausalLM(GenerationMixin):
             raise ValueError(f"path: expected an exported CacheStep with k_pools inputs [blocks, block_size, kv_heads, "
                              f"head_dim], got {pool.shape if pool is not None else 'none'}")
         self._pool_shape = tuple(pool.shape[2:])  # (kv_heads, head_dim): sizes a fresh cache's pools
+
+    def _check_in_place(self, path: str) -> None:
+        """ValueError unless every pool output of the file is its pool input updated by one ScatterND that nothing
+        else reads before (what `_run`'s binding of each output to its input's buffer needs)."""
+        graph = onnx.load(path, load_external_data=False).graph
+        pools = [i.name for i in self.session.get_inputs() if i.name.startswith(("k_pools", "v_pools"))]
+        outputs = [o.name for o in self.session.get_outputs()][1:]
+        if len(outputs) != len(pools):
+            raise ValueError(f"path: expected one pool output per pool input ({len(pools)}), got {len(outputs)}")
+        unsafe = sorted(set(pools) - set(in_place_pool_outputs(graph, pools, outputs)))
+        if unsafe:
+            raise ValueError(f"path: pools {unsafe} are not updated by one ScatterND into their outputs (a file "
+                             "export_onnx did not write, or of an older version): export it again")
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, path: str | os.PathLike[str], *, block_size: int = 16,
@@ -128,23 +143,14 @@ class OrtCausalLM(GenerationMixin):
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def _run(self, feeds: dict[str, np.ndarray], cache: ManifoldCache) -> torch.Tensor:
-        """Run the step with IO binding: inputs read in place, each layer's updated pool written into a spare
-        buffer of the same shape, which then becomes the cache's pool (the old one is the next spare), so no
-        pool is copied outside onnxruntime; returns the logits."""
-        pools = [*cache.storage.k_pools, *cache.storage.v_pools]
-        spares = self._spares.get(cache)
-        if spares is None or [s.shape for s in spares] != [p.shape for p in pools]:
-            spares = self._spares[cache] = [torch.empty_like(p) for p in pools]
+        """Run the step with IO binding: inputs read in place, each layer's pool output bound to the cache's pool
+        (the feed is a view of it), so the pools are updated in place; returns the logits."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         outputs = [o.name for o in self.session.get_outputs()]
         binding.bind_output(outputs[0])
-        for name, spare in zip(outputs[1:], spares, strict=True):
-            binding.bind_output(name, "cpu", 0, _NUMPY[spare.dtype], list(spare.shape), spare.data_ptr())
+        for name, pool in zip(outputs[1:], [*cache.storage.k_pools, *cache.storage.v_pools], strict=True):
+            binding.bind_output(name, "cpu", 0, _NUMPY[pool.dtype], list(pool.shape), pool.data_ptr())
         self.session.run_with_iobinding(binding)
-        logits = torch.from_numpy(binding.get_outputs()[0].numpy())
-        layers = len(cache.storage.k_pools)
-        cache.storage.k_pools[:], cache.storage.v_pools[:] = spares[:layers], spares[layers:]
-        self._spares[cache] = pools
-        return logits
+        return torch.from_numpy(binding.get_outputs()[0].numpy())

@@ -4,9 +4,10 @@
 cannot be traced.  For export, that bookkeeping is done once, eagerly, and its result -- block
 table, per-block deltas, the slots the new tokens are written to -- becomes graph inputs, together
 with every layer's pools.  `PoolView` is the cache the model sees while being traced: `update()`
-writes the new keys/values into the pools (out of place, so the updated pools are outputs) and
-returns `materialize_kv` of them, which is exactly the site the gauge passes rewrite into one
-rotated-query attention per layer.
+writes the new keys/values into the pools (out of place, so the updated pools are outputs: one
+`ScatterND` from each pool input to its output, which a runtime may run in place by binding the
+output to the input's buffer) and returns `materialize_kv` of them, which is exactly the site the
+gauge passes rewrite into one rotated-query attention per layer.
 
 Nothing of one step's state is baked into the graph: the view length is a dimension of the input
 `view_sizes` (an empty `[0, length]` tensor), so one export serves every length, block-table width,
@@ -47,7 +48,9 @@ class PoolView(Cache):
         super().__init__(layers=[])
         self.rope, self.length, self.q_len = rope, length, q_len
         self.block_table, self.block_delta, self.block_lens = block_table, block_delta, block_lens
-        self.slots = slots.reshape(-1)
+        slots = slots.reshape(-1)
+        block_size = k_pools[0].shape[1]
+        self.slot_index = (slots // block_size, slots % block_size)  # (block, offset) of each new token
         self.k_pools, self.v_pools = list(k_pools), list(v_pools)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -65,11 +68,13 @@ class PoolView(Cache):
         return True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write the new K/V ([batch, kv_heads, q, head_dim]) at `slots`; return the materialised view."""
+        """Write the new K/V ([batch, kv_heads, q, head_dim]) at `slots`; return the materialised view.  The write
+        indexes the pool as it is ([blocks, block_size, ...], no reshape around it), so that it exports as one
+        ScatterND from the pool input to the pool output."""
         pools = []
         for pool, new in ((self.k_pools[layer_idx], key_states), (self.v_pools[layer_idx], value_states)):
             rows = _cast(new.transpose(1, 2).reshape(-1, *pool.shape[2:]), pool.dtype)
-            pools.append(pool.flatten(0, 1).index_copy(0, self.slots, rows).view(pool.shape))
+            pools.append(pool.index_put(self.slot_index, rows))
         self.k_pools[layer_idx], self.v_pools[layer_idx] = pools
         k, v = materialize_kv(pools[0], pools[1], self.block_table, self.block_delta, self.rope, self.length,
                               self.block_lens)

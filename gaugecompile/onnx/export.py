@@ -23,6 +23,7 @@ import torch
 
 from .decompositions import DECOMPOSITIONS
 from .function import DOMAIN, MIN_OPSET, function_proto
+from .in_place import drop_identity_transposes
 from .rope_checks import settle_rope_checks
 
 __all__ = ["export_onnx", "DEFAULT_OPSET"]
@@ -112,7 +113,9 @@ def _resolve_opset(opset: int | None) -> int:
 
 
 def _finish(model: onnx.ModelProto, opset: int, inline: bool) -> onnx.ModelProto:
-    """Attach the function that defines the node, or inline it; drop the domain import if unused."""
+    """Drop the exporter's identity Transposes (copies in onnxruntime), attach the function that defines the
+    node, or inline it; drop the domain import if unused."""
+    drop_identity_transposes(model.graph)
     uses_op = any(n.domain == DOMAIN for n in model.graph.node)
     if uses_op:
         ours = function_proto(opset)
@@ -151,8 +154,8 @@ def export_onnx(
     new tokens for a file that serves every step).
 
     Pipeline: `torch.export` -> gauge passes -> custom node per `rotated_query_attention` ->
-    `torch.onnx.export(optimize=False)` -> model-local function defining the node in standard
-    ops (opset `opset`, default 20, at least 18).  `inline=True` writes the standard-op body in
+    `torch.onnx.export(optimize=False)` -> identity Transposes dropped -> model-local function defining the
+    node in standard ops (opset `opset`, default 20, at least 18).  `inline=True` writes the standard-op body in
     place of each node (no custom domain left).  `dynamic_shapes` is passed to `torch.export`.
     A site the passes refuse is exported in standard ops with a warning; `strict=True` raises
     `gaugecompile.passes.GaugeRefusedError` instead.
