@@ -5,7 +5,8 @@ ManifoldCache: pools, tables, deltas, token counts and write slots as inputs) an
 is transformers' own (greedy, beam search here), the cache's bookkeeping stays on the host, and the cache's
 edits between calls (a delete, a streaming window) work as with the torch model. Every output is compared with
 the torch model over a twin cache.
-Run: `python examples/onnx_generate.py` (SmolLM2-135M-Instruct) or `--random llama`.
+Run: `python examples/onnx_generate.py` (SmolLM2-135M-Instruct) or `--random llama`; `--fused` runs the `ai.gauge`
+nodes with the native kernel (onnxruntime-extensions) instead of their function in standard ops.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--new-tokens", type=int, default=12, help="tokens per generate() call (default 12)")
     parser.add_argument("--window", type=int, default=32, help="streaming window in tokens (default 32)")
+    parser.add_argument("--fused", action="store_true",
+                        help="run the ai.gauge nodes with the native kernel (needs onnxruntime-extensions)")
     parser.add_argument("--out", type=Path, help="keep the exported file here (default: a temporary directory)")
     args = parser.parse_args(argv)
     model, tok = model_from_args(args)
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return [ManifoldCache(model.config, max_batch_size=4, max_tokens=1024, block_size=16) for _ in range(2)]
 
     with tempfile.TemporaryDirectory() as tmp:
-        ort_lm = OrtCausalLM.from_model(model, args.out or Path(tmp) / "step.onnx")
+        ort_lm = OrtCausalLM.from_model(model, args.out or Path(tmp) / "step.onnx", fused=args.fused)
         ok = True
         for name, mode in (("greedy", dict(do_sample=False)), ("4 beams", dict(num_beams=4, do_sample=False))):
             outs = [lm.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=args.new_tokens, **mode)

@@ -39,6 +39,7 @@ from gaugecompile.cli.demo import (
     text_ids,
 )
 from gaugecompile.models import add_model_arguments, model_from_args
+from gaugecompile.models.smollm import fetch_gguf
 from gaugecompile.rope import delta_cos_sin, rotate
 
 
@@ -496,6 +497,73 @@ def scenario_perplexity(model, quick: bool) -> dict:
                 baseline="-", rows=rows)
 
 
+def gguf_of(args: argparse.Namespace) -> Path | None:
+    """The GGUF file the model was loaded from (the default model's, or `--model FILE.gguf`); None otherwise."""
+    if args.random:
+        return None
+    if not args.model:
+        return fetch_gguf()
+    path = Path(args.model).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
+def scenario_llama_cpp(model, gguf: Path | None, quick: bool) -> dict:
+    """llama.cpp on the same GGUF file (`gaugecompile.bench.llama_cpp`): a greedy decode step after a long prompt,
+    and StreamingLLM steps over a full window, its context shift against a `set_window` step."""
+    from gaugecompile.bench import llama_cpp
+
+    prompt_len, steps, warm = (64 if quick else 4096), (4 if quick else 16), 3
+    window, stream_steps, block = (32 if quick else 4096), (48 if quick else 256), 16
+    title = (f"llama.cpp on the same GGUF file: greedy decode after {prompt_len} tokens ({steps} steps after "
+             f"{warm}), StreamingLLM {window} window, {stream_steps} steps")
+    reason = llama_cpp.unavailable() or (None if gguf else "the model was not loaded from a GGUF file")
+    if reason:
+        return dict(title=title, baseline="llama.cpp", skipped=reason)
+    threads = torch.get_num_threads()
+    cpp = llama_cpp.LlamaCppModel(gguf, n_ctx=max(prompt_len, window + 2 * block) + warm + steps + 64, threads=threads)
+    ids = text_ids(TOKENIZER, model.config.vocab_size, prompt_len)
+    log(f"llama.cpp: decode after {prompt_len} tokens ({threads} threads)")
+    cpp_tokens, cpp_times = cpp.decode(ids[0].tolist(), warm + steps)
+    log("llama.cpp: the same with gauge + ManifoldCache")
+    eager = model.__class__.forward.__get__(model)
+    with torch.no_grad():
+        greedy(gauge_forward(model), ids, shared_cache(model), warm, prefill=eager)
+        gauge_tokens, gauge_times = greedy(gauge_forward(model), ids, shared_cache(model), warm + steps, prefill=eager)
+    pairs = zip(cpp_tokens, gauge_tokens, strict=True)
+    same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(cpp_tokens))  # tokens equal up to here
+    reads = llama_cpp.bytes_per_token(gguf, model, prompt_len)
+    gauge_s, cpp_s = statistics.median(gauge_times[1 + warm:]), statistics.median(cpp_times[warm:])
+    rows = [dict(measure="decode step", tokens=prompt_len, gauge_s=gauge_s, baseline_s=cpp_s,
+                 ratio=ratio(cpp_s, gauge_s), same_leading_tokens=f"{same}/{warm + steps}",
+                 gauge_reads_MB=reads["gauge"] / 1e6, baseline_reads_MB=reads["llama_cpp"] / 1e6)]
+    text = text_ids(TOKENIZER, model.config.vocab_size, block + window + stream_steps, seed=1)
+    log(f"llama.cpp: streaming, first block kept + {window} window, {stream_steps} steps, a context shift per {block}")
+    cpp_stream, cpp_shifted = cpp.stream(text[0].tolist(), keep=block, window=window, block=block)
+    log("llama.cpp: the same stream with gauge + ManifoldCache (set_window)")
+    _, g_times, lengths = stream_gauge(gauge_forward(model), model, text, sink=block, window=window + 1,
+                                       cache=shared_cache(model), block_size=block)
+    g_stream = g_times[1:]  # the prefill (the first `block + window` tokens, as for llama.cpp) is not a step
+    g_evicted = [now < before for before, now in zip(lengths, lengths[1:], strict=False)]
+    skip = min(16, stream_steps // 4)  # the first steps (the decode graph may compile for a new length)
+    g_plain, g_shift = llama_cpp.median_plain_and_shift(g_stream[skip:], g_evicted[skip:])
+    c_plain, c_shift = llama_cpp.median_plain_and_shift(cpp_stream[skip:], cpp_shifted[skip:])
+    rows += [
+        dict(measure="stream step, no eviction (median)", tokens=window, gauge_s=g_plain, baseline_s=c_plain,
+             ratio=ratio(c_plain, g_plain)),
+        dict(measure=f"stream step evicting {block} tokens (median)", tokens=window, gauge_s=g_shift,
+             baseline_s=c_shift, ratio=ratio(c_shift, g_shift)),
+        dict(measure="eviction alone (evicting step - plain step; below the noise where <= 0)", tokens=window,
+             gauge_s=g_shift - g_plain, baseline_s=c_shift - c_plain,
+             ratio=ratio(c_shift - c_plain, g_shift - g_plain) if min(c_shift - c_plain, g_shift - g_plain) > 0
+             else None),
+        dict(measure="stream, mean per step", tokens=window, gauge_s=statistics.mean(g_stream[skip:]),
+             baseline_s=statistics.mean(cpp_stream[skip:]),
+             ratio=ratio(statistics.mean(cpp_stream[skip:]), statistics.mean(g_stream[skip:]))),
+    ]
+    return dict(title=title, baseline=f"llama.cpp (llama-cpp-python {cpp.version}, {threads} threads, f16 KV)",
+                rows=rows)
+
+
 # ----------------------------------------------------------------------------- output
 
 TOKENIZER = None
@@ -517,6 +585,9 @@ def print_tables(results: dict) -> None:
         print(f"\n## {key}: {scenario['title']}  (baseline: {scenario['baseline']})")
         if "error" in scenario:
             print(f"  failed: {scenario['error']}")
+            continue
+        if "skipped" in scenario:
+            print(f"  skipped: {scenario['skipped']}")
             continue
         rows = scenario["rows"]
         cols = list(dict.fromkeys(c for row in rows for c in row))
@@ -587,8 +658,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized runs (random Llama unless --model)")
     parser.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 9), metavar="N",
-                        help="run only these scenarios (1-8)")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 10), metavar="N",
+                        help="run only these scenarios (1-9)")
     add_model_arguments(parser)
     return parser
 
@@ -611,6 +682,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         6: ("6_decode_attention", lambda: scenario_decode(args.quick)),
         7: ("7_perplexity", lambda: scenario_perplexity(model, args.quick)),
         8: ("8_chat_decode", lambda: scenario_chat(model, args.quick)),
+        9: ("9_llama_cpp", lambda: scenario_llama_cpp(model, gguf_of(args), args.quick)),
     }
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=args.quick,
