@@ -1,5 +1,6 @@
 """The llama.cpp comparison's parts that run without llama.cpp: what each side reads, the medians, the skip."""
 
+import importlib.util
 import json
 import math
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from gaugecompile.bench.llama_cpp import bytes_per_token, median_plain_and_shift
+from gaugecompile.bench.llama_cpp import bytes_per_token, median_plain_and_shift, unavailable
 from gaugecompile.cli import main
 from gaugecompile.models.random_configs import random_model
 
@@ -44,3 +45,11 @@ def test_the_suite_skips_llama_cpp_with_its_reason_for_a_model_without_a_gguf_fi
     scenario = json.loads((tmp_path / "results.json").read_text())["scenarios"]["9_llama_cpp"]
     assert rc == 0
     assert "GGUF" in scenario["skipped"] or "llama-cpp-python" in scenario["skipped"]
+
+
+def test_unavailable_says_why_llama_cpp_cannot_run_a_file(tmp_path):
+    reason = unavailable(tmp_path / "missing.gguf")
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert "llama-cpp-python is not installed" in reason
+    else:  # the child process cannot load it
+        assert "failed a probe decode of missing.gguf" in reason

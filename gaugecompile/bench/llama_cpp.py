@@ -12,7 +12,10 @@ block of 16 tokens kept, the oldest 16-token block evicted when the window is fu
 from __future__ import annotations
 
 import importlib.util
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,11 +25,25 @@ import torch
 __all__ = ["unavailable", "LlamaCppModel", "bytes_per_token", "median_plain_and_shift"]
 
 
-def unavailable() -> str | None:
-    """Why llama.cpp cannot run here (None when it can)."""
+# Load the file and decode a few tokens: a build whose kernels do not run on this CPU crashes the process.
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval([1, 2, 3, 4])
+"""
+
+
+def unavailable(gguf: Path) -> str | None:
+    """Why llama.cpp cannot run `gguf` here (None when it can), asked of a child process first."""
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install -e \".[bench]\" builds it, minutes on 2 cores)"
-    return None
+    probe = subprocess.run([sys.executable, "-c", _PROBE, str(gguf)], capture_output=True, text=True, timeout=600)
+    if probe.returncode == 0:
+        return None
+    how = f"signal {signal.Signals(-probe.returncode).name}" if probe.returncode < 0 else f"exit {probe.returncode}"
+    tail = probe.stderr.strip().splitlines()[-1:] or [""]
+    return (f"llama.cpp failed a probe decode of {gguf.name} ({how}{': ' + tail[0] if tail[0] else ''}); rebuild "
+            "llama-cpp-python for this CPU (README: 'llama.cpp beside the gauge backend')")
 
 
 class LlamaCppModel:

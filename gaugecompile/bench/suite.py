@@ -516,7 +516,7 @@ def scenario_llama_cpp(model, gguf: Path | None, quick: bool) -> dict:
     window, stream_steps, block = (32 if quick else 4096), (48 if quick else 256), 16
     title = (f"llama.cpp on the same GGUF file: greedy decode after {prompt_len} tokens ({steps} steps after "
              f"{warm}), StreamingLLM {window} window, {stream_steps} steps")
-    reason = llama_cpp.unavailable() or (None if gguf else "the model was not loaded from a GGUF file")
+    reason = llama_cpp.unavailable(gguf) if gguf else "the model was not loaded from a GGUF file"
     if reason:
         return dict(title=title, baseline="llama.cpp", skipped=reason)
     threads = torch.get_num_threads()
