@@ -25,6 +25,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, StaticCache
 
 import gaugecompile
+from gaugecompile.bench import llama_cpp
 from gaugecompile.bench.baselines import RerotatingSinkCache, append_rerotated, rope_of_model
 from gaugecompile.cache import ManifoldCache, rope_from_config
 from gaugecompile.cli.demo import (
@@ -510,8 +511,6 @@ def gguf_of(args: argparse.Namespace) -> Path | None:
 def scenario_llama_cpp(model, gguf: Path | None, quick: bool) -> dict:
     """llama.cpp on the same GGUF file (`gaugecompile.bench.llama_cpp`): a greedy decode step after a long prompt,
     and StreamingLLM steps over a full window, its context shift against a `set_window` step."""
-    from gaugecompile.bench import llama_cpp
-
     prompt_len, steps, warm = (64 if quick else 4096), (4 if quick else 16), 3
     window, stream_steps, block = (32 if quick else 4096), (48 if quick else 256), 16
     title = (f"llama.cpp on the same GGUF file: greedy decode after {prompt_len} tokens ({steps} steps after "

@@ -1,16 +1,16 @@
 """`OrtCausalLM`: an exported decode step that generates, with transformers' `generate()` over a ManifoldCache.
 
 The host bookkeeping stays the cache's: each forward asks it to place the new tokens (blocks, copy-on-write,
-tables, write slots), feeds the file the mapping and the pools (`CacheStep`'s inputs), and writes the pools
-the file returns back into the cache's before committing the forward; a forward that fails rolls back like
-any other.  So greedy search, sampling, beam search (through `reorder_cache`) and the cache's edits between
-calls (delete, splice of a prefilled chunk, set_window streaming) work as with the torch model.  Chunks to
-splice are prefilled with the torch model (`cache.prefill`), since the file has no entry for a detached
-forward.  The CPU provider by default, with IO binding: the inputs are read in place and each layer's pool
-output is bound to the pool itself, so the step's one ScatterND per pool writes the new tokens' rows and
-nothing else (no pool is copied, inside onnxruntime or out; `in_place.py`).  The rows a failed step wrote lie in
-the slots its rollback frees, as in the torch path's in-place writes.  With
-`fused=True` the gauge nodes run the native kernel (`fused.py`) instead of their standard-op function.
+tables, write slots), feeds the file the mapping and the pools (`CacheStep`'s inputs), which the file updates in
+place, and commits the forward; a forward that fails rolls back like any other. So greedy search, sampling, beam
+search (through `reorder_cache`) and the cache's edits between calls (delete, splice of a prefilled chunk,
+set_window streaming) work as with the torch model. Chunks to splice are prefilled with the torch model
+(`cache.prefill`), since the file has no entry for a detached forward. The CPU provider by default, with IO
+binding: the inputs are read in place and each layer's pool output is bound to the pool itself, so the step's
+one ScatterND per pool writes the new tokens' rows and nothing else (no pool is copied, inside onnxruntime or
+out; `in_place.py`). The rows a failed step wrote lie in the slots its rollback frees, as in the torch path's
+in-place writes. With `fused=True` the gauge nodes run the native kernel (`fused.py`) instead of their
+standard-op function.
 """
 
 from __future__ import annotations
