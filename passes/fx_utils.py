@@ -25,7 +25,7 @@ LAYOUT_OPS = {
     aten.flatten.using_ints, aten.to.dtype, aten.type_as.default,
 }
 #: Conversions (identity on values for the proofs; layout_root only walks through dtype-preserving ones).
-_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default)
+CONVERTS = (prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default)
 
 
 class AnalysisError(Exception):
@@ -256,7 +256,7 @@ def _probe_once(root, node, expected, extra_ops, env) -> None:
             raise AnalysisError(f"{n.name} ({n.target}) is not a pure layout op")
         args = ev(list(n.args))
         kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "layout", "device", "pin_memory")}
-        if n.target in _CONVERTS:
+        if n.target in CONVERTS:
             out = args[0]
         else:
             out = n.target(*args, **kwargs)
@@ -269,14 +269,14 @@ def _probe_once(root, node, expected, extra_ops, env) -> None:
 
 
 @real_mode
-def const_eval(node, owner: torch.nn.Module | None, env: dict | None = None):
+def const_eval(node, owner: torch.nn.Module | None, env: dict | None = None, given: dict | None = None):
     """Evaluate a node whose inputs are all constants (iota, full, arange, get_attr, sizes), sizes taken
-    under the assignment `env` (see `size_envs`).
+    under the assignment `env` (see `size_envs`), or the values `given` for some of its nodes (a probe).
 
     Raises AnalysisError naming the runtime input it depends on.
     """
     env = env or {}
-    memo: dict = {}
+    memo: dict = dict(given or {})
 
     def ev(n):
         if not isinstance(n, fx.Node):
@@ -291,6 +291,8 @@ def const_eval(node, owner: torch.nn.Module | None, env: dict | None = None):
         if n.op == "placeholder":
             raise RuntimeValueError(f"the mask depends on the runtime input {n.name}")
         if n.op == "get_attr":
+            if owner is None:
+                raise AnalysisError(f"{n.name} reads an attribute of a module that is not at hand")
             out = operator.attrgetter(n.target)(owner)
         elif n.op == "call_function":
             out = n.target(*ev(list(n.args)), **{k: ev(v) for k, v in n.kwargs.items()})

@@ -87,7 +87,8 @@ def run_passes(gm: fx.GraphModule, *, strict: bool = False, run_time_masks: bool
     GaugeRefusedError quoting the failed condition.  A mask only known at run time over a
     `materialize_kv` view becomes `gauge::rotated_query_attention_masked` (rotated-query attention
     when the mask is causal, masked attention otherwise); `run_time_masks=False` refuses such sites
-    instead (ONNX export: the exported graph has no fallback path).
+    instead (ONNX export: the exported graph has no fallback path), and those whose keys a token index
+    gathers (the rewrite checks that index's range at run time, as `index_select` does).
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"gm: expected a torch.fx.GraphModule, got {type(gm).__name__}")

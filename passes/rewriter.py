@@ -23,13 +23,15 @@ from .fx_utils import (
     concrete,
     concrete_shape,
     const_eval,
+    is_call,
     known_equal,
     layout_root,
+    location,
     shape,
     size_envs,
     val,
 )
-from .kv_detect import KVPlan
+from .kv_detect import KVPlan, Piece
 from .rope_detect import match_rope
 
 RQA = torch.ops.gauge.rotated_query_attention.default
@@ -209,6 +211,9 @@ def check_rewrite(
     """
     if site.problems:
         raise AnalysisError("; ".join(site.problems))
+    if not run_time_masks and any(p.tokens is not None for p in plan.pieces):
+        raise AnalysisError("keys gathered by a token index need a run-time range check (run-time checks are off "
+                            "here)")
     if site.tiled_heads and (site.sinks is not None or any(
             len(shape(m)) == 4 and not known_equal(shape(m)[1], 1) for m in site.masks)):
         raise AnalysisError("GQA by repeat with per-head masks or sinks (the rewrite regroups the query heads)")
@@ -245,11 +250,19 @@ def _size(b: Builder, node: fx.Node, dim: int):
     return d if isinstance(d, int) else b(aten.sym_size.int, node, dim)
 
 
+def _piece_length(b: Builder, piece: Piece):
+    """The tokens a piece attends to, as an int or a size node read from what the rewrite keeps (the pool or the
+    token index, not the gather it removes)."""
+    if piece.materialize is not None:
+        return piece.materialize.args[8]
+    return _size(b, piece.tokens, 0) if piece.tokens is not None else _size(b, piece.k, piece.seq_dim)
+
+
 def _kv_length(b: Builder, plan: KVPlan):
     """The keys' total length as an int or a size node."""
     total = None
     for piece in plan.pieces:
-        length = piece.materialize.args[8] if piece.materialize is not None else _size(b, piece.k, 2)
+        length = _piece_length(b, piece)
         total = length if total is None else b(operator.add, total, length)
     return total
 
@@ -320,34 +333,13 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
                      flags: list[bool]) -> tuple[fx.Node, fx.Node]:
     """One rotated-query attention per piece of the plan, merged through the log-sum-exp: (out, lse)."""
     bsz = _size(b, q, 0)
-    dev = val(q).device
-    i64 = dict(dtype=torch.int64, device=dev)
     outs = []
     for piece, causal in zip(plan.pieces, flags, strict=True):
         if piece.materialize is not None:
             args = list(piece.materialize.args[:8])  # pools, table, deltas, counts, rope: read in place
             args[5] = _checked_inv_freq(b, site, args[5])
         else:
-            kp = b(aten.permute.default, piece.k, [0, 2, 1, 3])
-            vp = b(aten.permute.default, piece.v, [0, 2, 1, 3])
-            rows = piece.table
-            if rows is None:
-                rows = b(torch.ops.prims.iota.default, bsz, start=0, step=1, requires_grad=False, **i64)
-            table = b(aten.reshape.default, rows, [bsz, 1])
-            if piece.shift is None:
-                delta = b(aten.full.default, [bsz, 1], 0, **i64)
-                inv_freq = b(aten.full.default, [1], 0.0, dtype=torch.float64, device=dev)
-            else:
-                shift = b(aten.reshape.default, piece.shift, [-1, 1])
-                delta = b(aten.expand.default, b(torch.ops.prims.convert_element_type.default, shift, torch.int64),
-                          [bsz, 1])
-                inv_freq = b(torch.ops.prims.convert_element_type.default,
-                             b(aten.reshape.default, piece.inv_freq, [-1]), torch.float64)
-                if val(inv_freq).shape[0] * 2 != piece.rotary_dim:
-                    raise AnalysisError("the re-rotation's inv_freq does not match its rotary width")
-            # each row's cache is one block holding all its tokens
-            lens = b(aten.full.default, [bsz, 1], _size(b, piece.k, 2), **i64)
-            args = (kp, vp, table, delta, lens, inv_freq, piece.rotary_dim, piece.interleaved)
+            args = _pool_args(b, piece, bsz)
         window = 0
         if site.window_by_slice:  # the last length - first tokens of the view
             window = b(operator.sub, piece.materialize.args[8], piece.first)
@@ -372,6 +364,56 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
         new_out = b(torch.ops.prims.convert_element_type.default, acc, val(q).dtype)
         lse = b(aten.add.Tensor, top, b(aten.log.default, total))
     return new_out, lse
+
+
+def _pool_args(b: Builder, piece: Piece, bsz) -> tuple:
+    """The op's (pools, table, deltas, counts, rope) for a piece that is not a `materialize_kv` view: its cache seen
+    in place as one block per row ([B', len, Hkv, D]: table = the row, delta = the row's shift), or, over a token
+    index, as blocks of one token ([B' * len, 1, Hkv, D]: table = row * len + token, delta = the token's shift)."""
+    dev = val(piece.k).device
+    i64 = dict(dtype=torch.int64, device=dev)
+    kp, vp = piece.k, piece.v
+    if piece.seq_dim == 2:
+        kp, vp = b(aten.permute.default, kp, [0, 2, 1, 3]), b(aten.permute.default, vp, [0, 2, 1, 3])
+    rows = piece.table
+    if rows is None:
+        rows = b(torch.ops.prims.iota.default, bsz, start=0, step=1, requires_grad=False, **i64)
+    rows = b(aten.reshape.default, rows, [bsz, 1])
+    width = 1
+    if piece.tokens is None:
+        table, lens = rows, b(aten.full.default, [bsz, 1], _size(b, kp, 1), **i64)
+    else:
+        kp, vp, table = _token_blocks(b, kp, vp, rows, piece.tokens)
+        width = _size(b, piece.tokens, 0)
+        lens = b(aten.full.default, [bsz, width], 1, **i64)
+    if piece.shift is None:
+        delta = b(aten.full.default, [bsz, width], 0, **i64)
+        inv_freq = b(aten.full.default, [1], 0.0, dtype=torch.float64, device=dev)
+    else:
+        shift = b(aten.reshape.default, piece.shift, [1, -1] if piece.per_token else [-1, 1])
+        delta = b(aten.expand.default, b(torch.ops.prims.convert_element_type.default, shift, torch.int64),
+                  [bsz, width])
+        inv_freq = b(torch.ops.prims.convert_element_type.default,
+                     b(aten.reshape.default, piece.inv_freq, [-1]), torch.float64)
+        if val(inv_freq).shape[0] * 2 != piece.rotary_dim:
+            raise AnalysisError("the re-rotation's inv_freq does not match its rotary width")
+    return kp, vp, table, delta, lens, inv_freq, piece.rotary_dim, piece.interleaved
+
+
+def _token_blocks(b: Builder, kp: fx.Node, vp: fx.Node, rows: fx.Node, tokens: fx.Node) -> tuple:
+    """Pools [B', len, Hkv, D] as blocks of one token [B' * len, 1, Hkv, D] (a view: the detector checked that the
+    batch and sequence dims merge) and the table rows * len + tokens, after a run-time check that every token index
+    is in [0, len) (index_select raises there; past a row's end the table would read the next row)."""
+    length = _size(b, kp, 1)
+    flat = [b(operator.mul, _size(b, kp, 0), length), 1, _size(b, kp, 2), _size(b, kp, 3)]
+    idx = b(torch.ops.prims.convert_element_type.default, b(aten.reshape.default, tokens, [1, -1]), torch.int64)
+    outside = b(aten.logical_or.default, b(aten.lt.Scalar, idx, 0), b(aten.ge.Scalar, idx, length))
+    gathers = [u for u in tokens.users if is_call(u, aten.index_select.default, aten.index.Tensor)]
+    where = location(gathers[0]) if gathers else tokens.name
+    b(aten._assert_async.msg, b(aten.logical_not.default, b(aten.any.default, outside)),
+      f"gauge: the token index of the cache gather at {where} is out of range [0, {shape(kp)[1]})")
+    table = b(aten.add.Tensor, b(aten.mul.Tensor, rows, length), idx)
+    return b(aten.view.default, kp, flat), b(aten.view.default, vp, flat), table
 
 
 def _checked_inv_freq(b: Builder, site: AttentionMatch, cache_inv_freq: fx.Node) -> fx.Node:

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .fx_utils import AnalysisError, aten, is_call, layout_root, prims, probe_chain, val
+from .fx_utils import CONVERTS, AnalysisError, aten, is_call, layout_root, probe_chain, val
 
 _ROT_OPS = frozenset({aten.neg.default, aten.cat.default, aten.stack.default, aten.flatten.using_ints,
                       aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, operator.getitem})
-#: dtype conversions: post-grad/AOT graphs use prims/_to_copy, pre-dispatch (torch.export) graphs aten.to
-_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default)
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _TABLE_OPS = (aten.index.Tensor, aten.index_select.default, aten.gather.default, aten.embedding.default)
 
 
@@ -87,14 +86,24 @@ def _match_pairs(node) -> RopeMatch | None:
     return None
 
 
+def _pairs_of(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(*t.shape[:-1], -1, 2)
+
+
 def _match_complex(node) -> RopeMatch | None:
+    """`view_as_real(view_as_complex(x as [..., d/2, 2]) * freqs)`: consecutive elements pair up (interleaved), which
+    the probe proves of the layout ops between x and `view_as_complex`."""
     real = layout_root(node)
     if not is_call(real, aten.view_as_real.default) or not is_call(real.args[0], aten.mul.Tensor):
         return None
     for c, freqs in _mul_operands(real.args[0]):
         if is_call(c, aten.view_as_complex.default):
-            x = layout_root(c.args[0])
-            return RopeMatch(node, x, freqs, None, int(val(x).shape[-1]), True, "complex")
+            x = c.args[0]
+            while is_call(x, *_RESHAPES):
+                x = x.args[0]
+            if x is c.args[0] or not _proves(x, c.args[0], _pairs_of):
+                return None
+            return RopeMatch(real, x, freqs, None, int(val(x).shape[-1]), True, "complex")
     return None
 
 
@@ -129,7 +138,7 @@ def _strip_scale(node) -> tuple[fx.Node, float]:
             node = node.args[0]
         elif is_call(node, aten.cat.default) and len({layout_root(a) for a in node.args[0]}) == 1:
             node = node.args[0][0]  # cat((freqs, freqs)) of rotate-half
-        elif is_call(node, *_CONVERTS):  # cos.to(q.dtype): the rotary module computes in float32
+        elif is_call(node, *CONVERTS):  # cos.to(q.dtype): the rotary module computes in float32
             node = node.args[0]
         else:
             return node, factor
@@ -137,7 +146,7 @@ def _strip_scale(node) -> tuple[fx.Node, float]:
 
 def _integer_root(node):
     root = layout_root(node)
-    while is_call(root, *_CONVERTS):
+    while is_call(root, *CONVERTS):
         root = layout_root(root.args[0])
     if isinstance(val(root), torch.Tensor) and not val(root).is_floating_point():
         return root
@@ -146,7 +155,7 @@ def _integer_root(node):
 
 def _constant_like(node) -> bool:
     root = layout_root(node)
-    while is_call(root, *_CONVERTS):
+    while is_call(root, *CONVERTS):
         root = layout_root(root.args[0])
     return isinstance(root, fx.Node) and root.op in ("placeholder", "get_attr")
 

@@ -32,6 +32,7 @@ CASES = [
     pytest.param("edit_and_generate.py", [*RANDOM, "--new-tokens", "8"], 300, id="edit_and_generate"),
     pytest.param("recompute_spliced.py", RANDOM, 300, id="recompute_spliced"),
     pytest.param("custom_model.py", [*RANDOM, *EAGER], 300, id="custom_model"),  # its own layer: --random ignored
+    pytest.param("streaming_llama_code.py", [*RANDOM, *EAGER], 300, id="streaming_llama_code"),  # its own layer too
     pytest.param("geometry_probes.py", RANDOM, 300, id="geometry_probes"),
     pytest.param("learn_positions.py", [*RANDOM, "--steps", "4", "--grid", "0", "8"], 300, id="learn_positions"),
     pytest.param("hybrid_model.py", [], 300, id="hybrid_model"),  # a tiny random Qwen3-Next by default
