@@ -1,6 +1,6 @@
 """Every causal LM with rotary embeddings in the installed transformers, checked the way a new user would.
 
-    python -m gaugecompile.models.sweep [--only llama cohere2 ...] [--out DIR]
+    python -m gaugecompile.models.sweep [--only llama cohere2 ...] [--out DIR] [--jobs N]
 
 Each model type gets a tiny random config (4 layers, 4 heads / 2 KV heads of 16 dims, a window of 6 where
 the type has windows, small experts) and four checks:
@@ -26,11 +26,13 @@ Status: "rewritten" (all four, every layer ran the kernel), "exact" (all equal, 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import importlib
 import inspect
 import json
+import multiprocessing
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ import transformers
 from transformers import DynamicCache
 
 from ..cache.rope_config import apply_keys_rotation, rotated_width
+from .families import SWEEP_STATUS
 
 __all__ = ["FamilyResult", "check_family", "rotary_causal_lm_types", "tiny_config"]
 
@@ -439,22 +442,48 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
     return result
 
 
+def _worker_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _checked(types: list[str], jobs: int):
+    """(model type, result) as each check finishes: in this process, or in `jobs` worker processes that share the
+    cores (each check builds and compiles its own models, so they are independent)."""
+    if jobs == 1:
+        for model_type in types:
+            yield model_type, check_family(model_type)
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no Dynamo or fork state shared
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_threads,
+                                                initargs=(threads,)) as pool:
+        futures = {pool.submit(check_family, t): t for t in types}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model types (default: every rotary causal LM)")
     parser.add_argument("--out", type=Path, help="write sweep.json and sweep.md there")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes sharing the cores (default 1)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected a number of processes >= 1, got {args.jobs}")
     types = args.only or rotary_causal_lm_types()
-    results = []
-    for i, model_type in enumerate(types, 1):
-        r = check_family(model_type)
-        results.append(r)
+    done = {}
+    for i, (model_type, r) in enumerate(_checked(types, args.jobs), 1):
+        done[model_type] = r
         print(f"[{i}/{len(types)}] {model_type}: {r.status} {r.checks} {r.detail}", file=sys.stderr, flush=True)
+    results = [done[t] for t in types]
     counts = {s: sum(r.status == s for r in results) for s in ("rewritten", "exact", "refused", "WRONG", "harness")}
     lines = [f"transformers {transformers.__version__}, torch {torch.__version__}: {len(results)} model types; "
              + ", ".join(f"{n} {s}" for s, n in counts.items()), "",
              "| model type | status | checks | detail |", "|---|---|---|---|"]
     lines += [f"| {r.model_type} | {r.status} | {r.checks} | {r.detail.replace('|', '/')} |" for r in results]
+    moved = [f"{r.model_type}: {SWEEP_STATUS.get(r.model_type, 'not listed')} -> {r.status}" for r in results
+             if SWEEP_STATUS.get(r.model_type) != r.status]
+    lines += ["", "Moved against the list in gaugecompile/models/families.py: " + ("; ".join(moved) or "none")]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
