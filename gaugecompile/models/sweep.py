@@ -302,32 +302,36 @@ def _reference(model, module, ids: torch.Tensor, rope_layers: set[int]) -> Dynam
 @contextlib.contextmanager
 def _counting_kernel_runs(runs: list[int]):
     """Count, into runs[0], the rotated-query attention kernel's runs on the CPU (the op and the masked op's fast
-    path both reach `cpu_attention`; the custom op's body is opaque to Dynamo, so compiled graphs count too)."""
-    from ..ops import attention
+    path both reach `cpu_attention`; the custom op's body is opaque to Dynamo, so compiled graphs count too), and
+    into runs[1] the masked op's runs that handed the step back to masked attention over the view."""
+    from ..ops import attention, masked_attention
 
-    original = attention.cpu_attention
+    kernel, fallback = attention.cpu_attention, masked_attention._masked_view_attention
 
-    def counted(*args, **kwargs):
-        runs[0] += 1
-        return original(*args, **kwargs)
+    def counting(fn, i):
+        def counted(*args, **kwargs):
+            runs[i] += 1
+            return fn(*args, **kwargs)
+        return counted
 
-    attention.cpu_attention = counted
+    attention.cpu_attention = counting(kernel, 0)
+    masked_attention._masked_view_attention = counting(fallback, 1)
     try:
         yield
     finally:
-        attention.cpu_attention = original
+        attention.cpu_attention, masked_attention._masked_view_attention = kernel, fallback
 
 
 def _steps(model, cache, ids: torch.Tensor | None, last_step_runs: list[int] | None = None,
            cut: bool = True) -> torch.Tensor:
     """Logits of the steps after the prompt `ids` and the cut (None: `cache` holds the cut prompt already; `cut`
-    False: no cut); `last_step_runs` gets the kernel's runs in the last step."""
+    False: no cut); `last_step_runs` gets the kernel's runs and the masked op's fallbacks in the last step."""
     with torch.no_grad():
         if ids is not None:
             model(input_ids=ids, past_key_values=cache, use_cache=True)
             if cut:
                 cache.delete(0, *_CUT)
-        logits, runs = [], [0]
+        logits, runs = [], [0, 0]
         for i, t in enumerate(_STEPS):
             counting = last_step_runs is not None and i == len(_STEPS) - 1
             with _counting_kernel_runs(runs) if counting else contextlib.nullcontext():
@@ -354,6 +358,27 @@ def _delete_refused(model, cache, ids: torch.Tensor) -> bool:
     same = before[:4] == after[:4] and before[4].keys() == after[4].keys() and all(
         torch.equal(t, after[4][k]) for k, t in before[4].items())
     return named and same
+
+
+def _why_not_rewritten(reports: list, fallbacks: int) -> str:
+    """Why some attention layers did not run the kernel in the last step, from the compiled graphs' pass reports
+    and the masked op's fallbacks in that step."""
+    refused = [site.reason for report in reports for site in report.refused]
+    if refused:
+        return f"not rewritten: {refused[-1][:200]}"
+    if fallbacks:
+        return (f"not run: {fallbacks} rewritten site(s) handed the last step back to masked attention over the "
+                "view (their run-time check found a mask other than the causal or sliding-window one)")
+    if any(report.rewritten for report in reports):
+        return ("not run: the last step did not reach the rewritten graphs (Dynamo ran it eagerly, e.g. past its "
+                "recompile limit)")
+    plain = sum(report.plain_attention for report in reports)
+    if plain:
+        return (f"not rewritten: the passes found {plain} attention(s) over keys computed from the cache rather than "
+                "the cache itself (e.g. a projection of a latent), left as they are")
+    if reports:
+        return f"not rewritten: the passes matched no attention site in the {len(reports)} compiled graph(s)"
+    return "not compiled: no graph reached the passes"
 
 
 def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult:
@@ -421,14 +446,13 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
             torch._dynamo.reset()
             compiled = torch.compile(model, backend=functools.partial(gauge_backend, inner="eager",
                                                                       report_sink=sink))
-            runs: list[int] = [0]
+            runs: list[int] = [0, 0]
             with torch._dynamo.config.patch(_DYNAMO_CONFIG.get(model_type, {})):
                 got = _steps(compiled, new_cache(), ids, runs, cut=not hybrid)
             result.checks["compiled"] = bool(torch.allclose(got, eager, rtol=_TOL, atol=_TOL))
             result.checks["rewritten"] = f"{runs[0]}/{attention}"
-            refused = [site.reason for entry in sink for site in entry[0].refused]
-            if refused and runs[0] < attention:
-                result.detail = f"not rewritten: {refused[-1][:200]}"
+            if runs[0] < attention:
+                result.detail = _why_not_rewritten([entry[0] for entry in sink], runs[1])
     except Exception as exc:  # noqa: BLE001 -- anything but a refusal at construction is a failure
         result.detail = f"{type(exc).__name__}: {str(exc)[:240]}"
         return result
