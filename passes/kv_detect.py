@@ -165,13 +165,12 @@ def _strip_casts(node):
     return node
 
 
-def _per_row(rope, k: fx.Node) -> bool:
-    """A RoPE that can be a re-rotation: one angle per row (cos [.., 1, 1, F]) of keys laid out as `k` is.
-    Otherwise (per-token positions, another layout) it is the rotation that made these keys, kept as it is."""
+def _per_row(rope) -> bool:
+    """A RoPE that can be a re-rotation of whole rows: one angle per row (cos [.., 1, 1, F]).  Otherwise (per-token
+    positions) it is the rotation that made these keys, kept as it is, unless a token index gathered them."""
     cos_shape = tuple(val(rope.cos).shape)
-    per_row = len(cos_shape) >= 2 and known_equal(cos_shape[-2], 1) and (
+    return len(cos_shape) >= 2 and known_equal(cos_shape[-2], 1) and (
         len(cos_shape) < 3 or known_equal(cos_shape[-3], 1))
-    return per_row and known_equal(shape(rope.x), shape(k))
 
 
 def _expected_angles(rope: RopeMatch, pos: torch.Tensor, inv: torch.Tensor, target: tuple[int, ...],
@@ -235,7 +234,7 @@ def _rerotation(k: fx.Node, seq_dim: int) -> tuple[RopeMatch, fx.Node, fx.Node |
     gathered = _cached_tokens(x, seq_dim)
     if gathered is not None and _rows_of_cache(gathered[0]):
         tokens = gathered[1]
-    elif _is_cache_source(x) and _per_row(rope, k):
+    elif _is_cache_source(x) and _per_row(rope):
         tokens = None
     else:
         return None

@@ -381,10 +381,10 @@ def _pool_args(b: Builder, piece: Piece, bsz) -> tuple:
     rows = b(aten.reshape.default, rows, [bsz, 1])
     width = 1
     if piece.tokens is None:
-        table, lens = rows, b(aten.full.default, [bsz, 1], _size(b, kp, 1), **i64)
+        table, lens = rows, b(aten.full.default, [bsz, 1], _piece_length(b, piece), **i64)
     else:
         kp, vp, table = _token_blocks(b, kp, vp, rows, piece.tokens)
-        width = _size(b, piece.tokens, 0)
+        width = _piece_length(b, piece)
         lens = b(aten.full.default, [bsz, width], 1, **i64)
     if piece.shift is None:
         delta = b(aten.full.default, [bsz, width], 0, **i64)
