@@ -20,10 +20,13 @@ Design of `attention` (one call per layer):
   row by log-sum-exp.  An item walks its blocks token by token over all KV heads, so it reads each pool
   block front to back (the pool is [blocks, tokens, heads, dim]): a fragmented table costs a jump per block,
   not one per row of every head.
-- Where the accumulation is float32 (float32, float16 and bfloat16 pools) and the head dim is whole 16-lane
-  vectors, a tile scores 4 keys against up to 4 query rows (one transposing reduction for 16 dot products) and
-  the weighted values of a head's rows are added together (a value row is loaded once per head, not once per
-  query row); float64 and other head dims take a row at a time.
+- Where the accumulation is float32 (float32, float16 and bfloat16 pools) and the head dim is whole registers
+  (16 lanes on AVX-512, 8 on AVX2: the source is compiled for the machine it runs on), a tile scores W / 4 keys
+  against up to 4 query rows (one transposing reduction for W dot products) and the weighted values of a head's
+  rows are added together (a value row is loaded once per head, not once per query row); the tile shapes keep
+  every accumulator in a register on either width.  float64 and other head dims take a row at a time.
+- The next chunk's K and V rows are prefetched while the current one is scored (the hardware prefetchers follow
+  neither the table to the next block nor the values' head-major walk).
 - The extension is built with -fopenmp: `at::parallel_for` is an inline `#pragma omp parallel` in ATen's header.
 - Blocks are read in place through the block table (no gather copy).  The query rows are rotated by
   R(-delta) when the delta changes from one block to the next (once per run of equal deltas, not at all
@@ -62,6 +65,7 @@ namespace {
 constexpr int64_t D = $head_dim;
 // value rows of a chunk held as pointers at once (heads beyond it take another pass over the chunk)
 constexpr int64_t MAX_KV_HEADS_PER_PASS = 16;
+constexpr int64_t CHUNK = 64;  // keys per softmax update (a whole number of registers of any width below)
 
 template <typename S> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -96,24 +100,6 @@ template <typename S, typename A> inline const A* row(const S* src, A* buf) {
   }
 }
 
-// exp for x <= 0 (scores minus their running max), vectorisable: Cephes' polynomial, 2 ulp; exp(-inf) = 0.
-inline float exp_acc(float x) {
-  x = std::max(x, -88.0f);
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
-}
-inline double exp_acc(double x) { return std::exp(x); }
 
 // out[n] = q_n . k for N query rows (rows D apart), N independent accumulator chains.
 template <int N, typename A> inline void dot_n(const A* q, const A* k, A* out) {
@@ -134,16 +120,30 @@ template <int N, typename A> inline void dot_n(const A* q, const A* k, A* out) {
   }
 }
 
-// Ask for one row of D elements (every cache line of it) to be brought towards the core.
+// Ask for one row of D elements (every cache line of it) to be brought into L2.  An asm statement, not
+// __builtin_prefetch: GCC 12's dead code elimination drops the builtin from this kernel's loops (the object then
+// held no prefetch instruction at all), and a volatile asm is never dropped.
 template <typename S> inline void prefetch_row(const S* p) {
   constexpr int64_t LINE = 64 / sizeof(S);
-  for (int64_t d = 0; d < D; d += LINE) __builtin_prefetch(p + d, 0, 2);
+  for (int64_t d = 0; d < D; d += LINE) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht1 %0" : : "m"(p[d]));
+#elif defined(__aarch64__)
+    asm volatile("prfm pldl2keep, %0" : : "Q"(p[d]));
+#else
+    __builtin_prefetch(p + d, 0, 2);
+#endif
+  }
 }
 
-// Register vectors of 64 bytes (GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones).
-template <typename A> struct Vec;
-template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); };
-template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); };
+// One register of the machine the source is compiled for (-march=native): AVX-512 has 32 registers of 64 bytes,
+// AVX2 16 of 32 bytes.  The tiles below are sized from these two numbers, so neither spills to the stack.
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#else
+constexpr int VBYTES = 32;
+#endif
+template <typename A> struct Vec { typedef A type __attribute__((vector_size(VBYTES))); };
 
 // a <- alpha * a + sum_t p[t] * v_t for one query row: the row's D accumulators stay in registers while the
 // chunk's value rows stream past (one store per row and chunk, not one per token).
@@ -190,34 +190,109 @@ template <typename F> inline void in_fours(int64_t rows, F&& tile) {
   }
 }
 
-// float32 tiles, for head dims that are whole 16-lane vectors: `score_tile` computes R query rows against 4 keys
-// (4R accumulators of 16 lanes over the head dim, then one transposing reduction of all of them), and
-// `value_tile` adds R rows' weighted values in slices of 4 vectors, so a value row is loaded once for the R
-// rows of its head instead of once per row.
-using V16 = Vec<float>::type;
-typedef int32_t I16 __attribute__((vector_size(64)));
-constexpr bool FLOAT_TILES = D % 16 == 0;
+// float32 tiles, for head dims that are whole registers of W lanes: `score_tile` computes R query rows against
+// K = W / 4 keys (4K = W accumulators over the head dim, then one transposing reduction of all of them into one
+// register of W dot products), and `value_tile` adds R rows' weighted values in slices of SLICE registers, so a
+// value row is loaded once for the R rows of its head instead of once per row.  Registers in use: 4K + K + 1
+// for the scores, 4 * SLICE + SLICE for the values (AVX-512: 21 and 20 of 32; AVX2: 11 and 15 of 16).
+using VF = Vec<float>::type;
+constexpr int W = VBYTES / 4;
+constexpr int TILE_KEYS = W / 4;
+typedef int32_t VI __attribute__((vector_size(VBYTES)));
+constexpr bool FLOAT_TILES = D % W == 0;
+// The widest slice (at most 4 registers on AVX-512, 3 on AVX2) that divides the head dim's registers evenly, so
+// every loop over a slice has a compile-time trip count and its accumulators stay in registers.
+constexpr int slice_registers() {
+  for (int s = W == 16 ? 4 : 3; s > 1; --s) {
+    if ((D / W) % s == 0) return s;
+  }
+  return 1;
+}
+constexpr int SLICE = slice_registers();
 
-inline V16 load16(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof(V16));
+inline VF loadf(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(VF));
   return v;
+}
+
+// exp of W lanes, each x <= 0 (scores minus their running max): Cephes' polynomial, 2 ulp.  x is clamped to -88,
+// where the exponent bits below come out as those of +0, so exp(-inf) = 0 exactly.
+inline VF exp_lanes(VF x) {
+  const VF lowest = VF{} - 88.0f;
+  x = x < lowest ? lowest : x;
+  const VF y = x * 1.44269504088896341f + 0.5f;
+  VF n = __builtin_convertvector(__builtin_convertvector(y, VI), VF);  // truncated toward zero, then floored
+  n = n > y ? n - 1.0f : n;
+  const VF r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  VF p = VF{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof(VF));
+  return p * scale;
+}
+inline float exp_acc(float x) { return exp_lanes(VF{} + x)[0]; }
+inline double exp_acc(double x) { return std::exp(x); }
+
+// One query row's probabilities over a chunk, in place of its scores: exp(s - m_new) for the visible keys
+// [lo, hi), 0 for the others (and, in float32, for the padding up to whole registers: the score rows are CHUNK
+// long).  Returns m_new, the larger of m_old and the visible scores, and adds the probabilities to `total`.
+template <typename A> inline A chunk_probs(A* s, int64_t lo, int64_t hi, int64_t nc, A m_old, A& total) {
+  constexpr A neg_inf = -std::numeric_limits<A>::infinity();
+  if constexpr (std::is_same_v<A, float>) {
+    const int64_t padded = (nc + W - 1) / W * W;
+    std::fill(s, s + lo, neg_inf);
+    std::fill(s + hi, s + padded, neg_inf);
+    VF mv = VF{} + m_old;
+    for (int64_t t = 0; t < padded; t += W) {
+      const VF x = loadf(s + t);
+      mv = x > mv ? x : mv;
+    }
+    float m_new = mv[0];
+    for (int i = 1; i < W; ++i) m_new = std::max(m_new, mv[i]);
+    VF sum = {};
+    for (int64_t t = 0; t < padded; t += W) {
+      const VF e = exp_lanes(loadf(s + t) - m_new);
+      std::memcpy(s + t, &e, sizeof(VF));
+      sum += e;
+    }
+    for (int i = 0; i < W; ++i) total += sum[i];
+    return m_new;
+  } else {
+    A m_new = m_old;
+    for (int64_t t = lo; t < hi; ++t) m_new = std::max(m_new, s[t]);
+    for (int64_t t = lo; t < hi; ++t) {
+      s[t] = exp_acc(s[t] - m_new);
+      total += s[t];
+    }
+    std::fill(s, s + lo, A(0));
+    std::fill(s + hi, s + nc, A(0));
+    return m_new;
+  }
 }
 
 // Two-source lane shuffles with literal lane lists (GCC and Clang spell them differently).
 #if defined(__clang__)
 #define SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
+#define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
 #endif
 // One halving step over N vectors: vector i of the result holds, lane by lane, partial sums of the lanes of
-// v[2i] (its first half of lanes) and of v[2i + 1] (its second half).  After 4 steps, lane i of the one vector
-// left is the sum of the lanes of input i.
+// v[2i] (its first half of lanes) and of v[2i + 1] (its second half).  After log2(W) steps, lane i of the one
+// vector left is the sum of the lanes of input i.
 #define FOLD(N, LO, HI) \
   for (int i = 0; i < (N) / 2; ++i) v[i] = SHUFFLE2(v[2 * i], v[2 * i + 1], LO) + SHUFFLE2(v[2 * i], v[2 * i + 1], HI)
 #define L(...) __VA_ARGS__
 
-inline V16 reduce16(V16* v) {
+// Lane i of the result: the sum of the W lanes of v[i] (v: W registers, overwritten).
+inline VF reduce_lanes(VF* v) {
+#if defined(__AVX512F__)
   FOLD(16, L(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
        L(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
   FOLD(8, L(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
@@ -226,29 +301,32 @@ inline V16 reduce16(V16* v) {
        L(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
   FOLD(2, L(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
        L(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+#else
+  FOLD(8, L(0, 1, 2, 3, 8, 9, 10, 11), L(4, 5, 6, 7, 12, 13, 14, 15));
+  FOLD(4, L(0, 1, 4, 5, 8, 9, 12, 13), L(2, 3, 6, 7, 10, 11, 14, 15));
+  FOLD(2, L(0, 2, 4, 6, 8, 10, 12, 14), L(1, 3, 5, 7, 9, 11, 13, 15));
+#endif
   return v[0];
 }
 #undef L
 #undef FOLD
 #undef SHUFFLE2
 
-// out[r * out_stride + t] = q_r . k_t for R rows (D apart) and the first `tn` of 4 keys.
+// out[r * out_stride + t] = q_r . k_t for R rows (D apart) and the first `tn` of TILE_KEYS keys.
 template <int R>
 inline void score_tile(const float* q, const float* const* k, int64_t tn, float* out, int64_t out_stride) {
-  V16 acc[16] = {};
-  for (int64_t d = 0; d < D; d += 16) {
-    const V16 k0 = load16(k[0] + d), k1 = load16(k[1] + d), k2 = load16(k[2] + d), k3 = load16(k[3] + d);
-    for (int r = 0; r < R; ++r) {
-      const V16 qv = load16(q + r * D + d);
-      acc[4 * r] += qv * k0;
-      acc[4 * r + 1] += qv * k1;
-      acc[4 * r + 2] += qv * k2;
-      acc[4 * r + 3] += qv * k3;
+  VF acc[W] = {};
+  for (int64_t d = 0; d < D; d += W) {
+    VF qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = loadf(q + r * D + d);
+    for (int t = 0; t < TILE_KEYS; ++t) {
+      const VF kv = loadf(k[t] + d);
+      for (int r = 0; r < R; ++r) acc[TILE_KEYS * r + t] += qv[r] * kv;
     }
   }
-  const V16 sums = reduce16(acc);
+  const VF sums = reduce_lanes(acc);
   for (int r = 0; r < R; ++r) {
-    for (int64_t t = 0; t < tn; ++t) out[r * out_stride + t] = sums[4 * r + t];
+    for (int64_t t = 0; t < tn; ++t) out[r * out_stride + t] = sums[TILE_KEYS * r + t];
   }
 }
 
@@ -261,27 +339,26 @@ inline void score_rows(const float* q, int64_t rows, const float* const* k, int6
 }
 
 // a_r <- alpha_r * a_r + sum_t p_r[t] * v_t for R rows of one head (accumulators D apart, probabilities
-// p_stride apart), the value rows of the chunk read once per slice of 4 vectors.
+// p_stride apart), the value rows of the chunk read once per slice of SLICE registers.
 template <int R>
 inline void value_tile(float* a, const float* alpha, const float* p, int64_t p_stride, const float* const* vrows,
                        int64_t nc, int64_t stride, int64_t h) {
-  for (int64_t s0 = 0; s0 < D; s0 += 64) {
-    const int64_t nv = std::min<int64_t>(4, (D - s0) / 16);
-    V16 acc[R][4];
+  for (int64_t s0 = 0; s0 < D; s0 += SLICE * W) {
+    VF acc[R][SLICE];
     for (int r = 0; r < R; ++r) {
-      for (int64_t i = 0; i < nv; ++i) acc[r][i] = load16(a + r * D + s0 + 16 * i) * alpha[r];
+      for (int i = 0; i < SLICE; ++i) acc[r][i] = loadf(a + r * D + s0 + W * i) * alpha[r];
     }
     for (int64_t t = 0; t < nc; ++t) {
       const float* vr = vrows[t * stride + h] + s0;
-      V16 v[4];
-      for (int64_t i = 0; i < nv; ++i) v[i] = load16(vr + 16 * i);
+      VF v[SLICE];
+      for (int i = 0; i < SLICE; ++i) v[i] = loadf(vr + W * i);
       for (int r = 0; r < R; ++r) {
         const float pt = p[r * p_stride + t];
-        for (int64_t i = 0; i < nv; ++i) acc[r][i] += pt * v[i];
+        for (int i = 0; i < SLICE; ++i) acc[r][i] += pt * v[i];
       }
     }
     for (int r = 0; r < R; ++r) {
-      for (int64_t i = 0; i < nv; ++i) std::memcpy(a + r * D + s0 + 16 * i, &acc[r][i], sizeof(V16));
+      for (int i = 0; i < SLICE; ++i) std::memcpy(a + r * D + s0 + W * i, &acc[r][i], sizeof(VF));
     }
   }
 }
@@ -320,6 +397,12 @@ struct Item {
   int64_t seg;     // segment index
   int64_t j0, j1;  // logical block range
   int64_t part;    // offset of its partial results (rows * (D + 2) accumulators)
+};
+
+template <typename S> struct Chunk {
+  const S* k;  // its first K row (token 0, head 0)
+  const S* v;  // its first V row
+  int64_t n;   // its tokens
 };
 
 struct Segment {
@@ -463,12 +546,11 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
   }
   std::vector<A> parts(part_size);
   const A neg_inf = -std::numeric_limits<A>::infinity();
-  constexpr int64_t CHUNK = 64;  // keys per softmax update
 
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    std::vector<A> qs, qr, sc, scale_by, kb(4 * D), vb;  // kb/vb: rows widened from float16/bfloat16 pools
+    std::vector<A> qs, qr, sc, scale_by, kb(TILE_KEYS * D), vb;  // kb/vb: rows widened from float16/bfloat16 pools
     if constexpr (!std::is_same_v<S, A>) vb.resize(CHUNK * std::min<int64_t>(Hkv, MAX_KV_HEADS_PER_PASS) * D);
     std::vector<char> live;
     for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
@@ -503,6 +585,28 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       const A* qcur = nullptr;
       int64_t cur_delta = 0;
       const int64_t length = s.length, q0 = length - Q;
+      // The chunk after (j, c0) in this item (its K and V rows from `ahead.k` / `ahead.v`, n tokens; n = 0 at
+      // the item's end), and the prefetch of one token's K and V row of a head.
+      const int64_t* row_lens = lp + s.rep * width;
+      const auto next_chunk = [&](int64_t j, int64_t c0) -> Chunk<S> {
+        if (c0 + CHUNK < row_lens[j]) {
+          const int64_t phys = tp[s.rep * width + j];
+          return {kp + phys * ks0 + (c0 + CHUNK) * ks1, vp + phys * vs0 + (c0 + CHUNK) * vs1,
+                  std::min(CHUNK, row_lens[j] - c0 - CHUNK)};
+        }
+        for (int64_t jn = j + 1; jn < item.j1; ++jn) {
+          if (row_lens[jn] == 0) continue;
+          const int64_t phys = tp[s.rep * width + jn];
+          return {kp + phys * ks0, vp + phys * vs0, std::min(CHUNK, row_lens[jn])};
+        }
+        return {nullptr, nullptr, 0};
+      };
+      const auto prefetch_token = [&](const S* k, const S* v, int64_t t, int64_t h) {
+        prefetch_row(k + t * ks1 + h * ks2);
+        prefetch_row(v + t * vs1 + h * vs2);
+      };
+      int64_t first_used = item.j0;
+      while (first_used < item.j1 && row_lens[first_used] == 0) ++first_used;
       for (int64_t j = item.j0; j < item.j1; ++j) {
         const int64_t tok0 = views.start[s.rep * width + j];
         const int64_t n_tok = lp[s.rep * width + j];
@@ -526,27 +630,33 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
         const S* vblk = vp + phys * vs0;
         for (int64_t c0 = 0; c0 < n_tok; c0 += CHUNK) {
           const int64_t nc = std::min(CHUNK, n_tok - c0);
-          // The values are read head by head below (a 4 KB stride the hardware prefetcher does not follow):
-          // ask for the chunk's value rows now, in address order, so they arrive while the scores are computed.
-          for (int64_t t = 0; t < nc; ++t) {
-            for (int64_t h = 0; h < Hkv; ++h) prefetch_row(vblk + (c0 + t) * vs1 + h * vs2);
+          // The next chunk's K and V rows are asked for while this one is scored, a token and head at a time
+          // (the hardware prefetchers neither follow the table to the next block nor the values' head-major
+          // walk); the item's first chunk is asked for here, before its first use.
+          const Chunk<S> ahead = next_chunk(j, c0);
+          if (j == first_used && c0 == 0) {
+            for (int64_t t = 0; t < nc; ++t) {
+              for (int64_t h = 0; h < Hkv; ++h) prefetch_token(kblk, vblk, c0 + t, h);
+            }
           }
           // scores, token-major: each K row (all heads of a token are adjacent in the pool) is read once
           if constexpr (std::is_same_v<A, float> && FLOAT_TILES) {
-            for (int64_t t0 = 0; t0 < nc; t0 += 4) {  // 4 tokens at a time, every head
-              const int64_t tn = std::min<int64_t>(4, nc - t0);
+            for (int64_t t0 = 0; t0 < nc; t0 += TILE_KEYS) {  // TILE_KEYS tokens at a time, every head
+              const int64_t tn = std::min<int64_t>(TILE_KEYS, nc - t0);
               for (int64_t h = 0; h < Hkv; ++h) {
-                const float* k4[4];
-                for (int64_t t = 0; t < 4; ++t) {  // a short tile repeats its last key (its scores are not stored)
+                const float* kt[TILE_KEYS];
+                for (int64_t t = 0; t < TILE_KEYS; ++t) {  // a short tile repeats its last key (scores not stored)
                   const S* src = kblk + (c0 + t0 + std::min(t, tn - 1)) * ks1 + h * ks2;
-                  k4[t] = row(src, kb.data() + t * D);
+                  kt[t] = row(src, kb.data() + t * D);
+                  if (t0 + t < ahead.n) prefetch_token(ahead.k, ahead.v, t0 + t, h);
                 }
-                score_rows(qcur + h * per_head * D, per_head, k4, tn, sc.data() + h * per_head * CHUNK + t0, CHUNK);
+                score_rows(qcur + h * per_head * D, per_head, kt, tn, sc.data() + h * per_head * CHUNK + t0, CHUNK);
               }
             }
           } else {
             for (int64_t t = 0; t < nc; ++t) {
               for (int64_t h = 0; h < Hkv; ++h) {
+                if (t < ahead.n) prefetch_token(ahead.k, ahead.v, t, h);
                 const A* krow = row(kblk + (c0 + t) * ks1 + h * ks2, kb.data());
                 dots(qcur + h * per_head * D, per_head, krow, sc.data() + h * per_head * CHUNK + t, CHUNK);
               }
@@ -570,19 +680,9 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
               const A c = static_cast<A>(softcap), inv_c = A(1) / c;
               for (int64_t t = lo; t < hi; ++t) srow[t] = c * std::tanh(srow[t] * inv_c);
             }
-            A mx = srow[lo];
-            for (int64_t t = lo + 1; t < hi; ++t) mx = std::max(mx, srow[t]);
-            const A m_new = std::max(m[r], mx);
-            const A alpha = exp_acc(m[r] - m_new);
             A total = 0;
-#pragma omp simd reduction(+ : total)
-            for (int64_t t = lo; t < hi; ++t) {
-              const A p = exp_acc(srow[t] - m_new);
-              srow[t] = p;
-              total += p;
-            }
-            for (int64_t t = 0; t < lo; ++t) srow[t] = 0;
-            for (int64_t t = hi; t < nc; ++t) srow[t] = 0;
+            const A m_new = chunk_probs(srow, lo, hi, nc, m[r], total);
+            const A alpha = exp_acc(m[r] - m_new);
             l[r] = l[r] * alpha + total;
             m[r] = m_new;
             scale_by[r] = alpha;
