@@ -35,7 +35,7 @@ __all__ = ["native_attention", "native_materialize", "native_available", "native
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 _LOCK = threading.Lock()
-_LIBS: dict[str, object] = {}
+_LIBS: dict[int, object] = {}  # head dim -> its loaded library (one specialisation per head dim: native_key)
 _STATE: dict[str, str | None] = {}  # "reason": why no native kernel runs here (None: it runs), once looked up
 
 
@@ -80,15 +80,14 @@ def native_source(spec: KernelSpec) -> str:
 
 def native_library(spec: KernelSpec):
     """The loaded `torch.ops` namespace holding `attention` and `materialize` for `spec` (compiled on first use)."""
-    key = native_key(spec)
-    lib = _LIBS.get(key)
+    lib = _LIBS.get(spec.head_dim)
     if lib is not None:
         return lib
     with _LOCK:
-        lib = _LIBS.get(key)
+        lib = _LIBS.get(spec.head_dim)
         if lib is not None:
             return lib
-        namespace = f"gauge_cpu_{key}"
+        namespace = f"gauge_cpu_{native_key(spec)}"
         text = render_cpp(spec, namespace=namespace)
         stamp = "\n".join([text, *_FLAGS, *_LDFLAGS, torch.__version__, _cpu_flags()])
         digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
@@ -103,7 +102,7 @@ def native_library(spec: KernelSpec):
         load(name=name, sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
              build_directory=str(build), is_python_module=False, verbose=False)
         lib = getattr(torch.ops, namespace)
-        _LIBS[key] = lib
+        _LIBS[spec.head_dim] = lib
         return lib
 
 
@@ -114,7 +113,8 @@ def _table(t: Tensor) -> Tensor:
 def _delta_keys(block_delta: Tensor) -> Tensor:
     """The deltas as the kernel reads them: int64 values it compares (a run of equal deltas rotates the query once,
     delta 0 not at all) and range-checks.  The angles themselves come in cos/sin, so real-valued (learnable) deltas,
-    checked by the caller, become the rank of their value among the distinct ones, with 0 kept as 0."""
+    checked by the caller, become the rank of their value among the distinct ones, with 0 kept as 0; integer ones
+    are their own keys (converted to int64 by the kernel)."""
     if not block_delta.is_floating_point():
         return _table(block_delta)
     _, rank = torch.unique(block_delta.detach(), return_inverse=True)
@@ -142,18 +142,12 @@ def native_attention(
     cos/sin: [batch, max_blocks, rotary_dim // 2] in the accumulation dtype, or None when every delta is 0.
     Returns out (q's dtype, contiguous) and lse (float32, float64 for float64 inputs).
     """
-    acc = accumulation_dtype(q.dtype)
-    out = torch.empty(q.shape, dtype=q.dtype)
-    lse = torch.empty(q.shape[:3], dtype=acc)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    _check_real_deltas(block_table, block_delta, block_lens, k_pool, q.shape[2])
-    empty = q.new_empty((0,), dtype=acc)
-    lib = native_library(spec_for(q, k_pool, rotary_dim, interleaved, causal))
-    lib.attention(q.contiguous(), k_pool, v_pool, _table(block_table), _delta_keys(block_delta), _table(block_lens),
-                  empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
-                  float(scale), bool(causal), int(window), float(softcap), bool(interleaved), out, lse)
-    return out, lse
+    lib = _LIBS.get(q.shape[-1]) or native_library(spec_for(q, k_pool, rotary_dim, interleaved, causal))
+    if block_delta.is_floating_point():
+        _check_real_deltas(block_table, block_delta, block_lens, k_pool, q.shape[2])
+        block_delta = _delta_keys(block_delta)
+    return lib.attention(q, k_pool, v_pool, block_table, block_delta, block_lens, cos, sin, float(scale),
+                         bool(causal), int(window), float(softcap), bool(interleaved))
 
 
 def native_materialize(

@@ -430,7 +430,7 @@ def decode_rows(heads: int, kv_heads: int, dim: int, layers: int, length: int, g
     rope = gaugecompile.RopeSpec.from_base(1e4, dim)
     pools = [[torch.randn(blocks, block, kv_heads, dim, generator=gen) for _ in range(2)] for _ in range(layers)]
     q = torch.randn(1, heads, 1, dim, generator=gen)
-    seq = torch.tensor([length])
+    seq = torch.full((1, blocks), block)  # tokens per table entry, as ManifoldCache hands them to the op
     kv_bytes = sum(p.nbytes for pair in pools for p in pair)
     floor = read_floor([p for pair in pools for p in pair])
     contiguous = [[p.reshape(1, length, kv_heads, dim).transpose(1, 2) for p in pair] for pair in pools]
