@@ -25,8 +25,8 @@ Design of `attention` (one call per layer):
   against up to 4 query rows (one transposing reduction for W dot products) and the weighted values of a head's
   rows are added together (a value row is loaded once per head, not once per query row); the tile shapes keep
   every accumulator in a register on either width.  float64 and other head dims take a row at a time.
-- The next chunk's K and V rows are prefetched while the current one is scored (the hardware prefetchers follow
-  neither the table to the next block nor the values' head-major walk).
+- The next chunk's V rows are prefetched while the current one is scored (the hardware prefetchers do not follow
+  the values' head-major walk; they do follow the keys, read front to back).
 - The extension is built with -fopenmp: `at::parallel_for` is an inline `#pragma omp parallel` in ATen's header.
 - Blocks are read in place through the block table (no gather copy).  The query rows are rotated by
   R(-delta) when the delta changes from one block to the next (once per run of equal deltas, not at all
@@ -403,8 +403,7 @@ struct Item {
 };
 
 template <typename S> struct Chunk {
-  const S* k;  // its first K row (token 0, head 0)
-  const S* v;  // its first V row
+  const S* v;  // its first V row (token 0, head 0)
   int64_t n;   // its tokens
 };
 
@@ -588,26 +587,22 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       const A* qcur = nullptr;
       int64_t cur_delta = 0;
       const int64_t length = s.length, q0 = length - Q;
-      // The chunk after (j, c0) in this item (its K and V rows from `ahead.k` / `ahead.v`, n tokens; n = 0 at
-      // the item's end), and the prefetch of one token's K and V row of a head.
+      // The chunk after (j, c0) in this item (its V rows from `ahead.v`, n tokens; n = 0 at the item's end), and
+      // the prefetch of one token's V row of a head.
       const int64_t* row_lens = lp + s.rep * width;
       const auto next_chunk = [&](int64_t j, int64_t c0) -> Chunk<S> {
         if (c0 + CHUNK < row_lens[j]) {
           const int64_t phys = tp[s.rep * width + j];
-          return {kp + phys * ks0 + (c0 + CHUNK) * ks1, vp + phys * vs0 + (c0 + CHUNK) * vs1,
-                  std::min(CHUNK, row_lens[j] - c0 - CHUNK)};
+          return {vp + phys * vs0 + (c0 + CHUNK) * vs1, std::min(CHUNK, row_lens[j] - c0 - CHUNK)};
         }
         for (int64_t jn = j + 1; jn < item.j1; ++jn) {
           if (row_lens[jn] == 0) continue;
           const int64_t phys = tp[s.rep * width + jn];
-          return {kp + phys * ks0, vp + phys * vs0, std::min(CHUNK, row_lens[jn])};
+          return {vp + phys * vs0, std::min(CHUNK, row_lens[jn])};
         }
-        return {nullptr, nullptr, 0};
+        return {nullptr, 0};
       };
-      const auto prefetch_token = [&](const S* k, const S* v, int64_t t, int64_t h) {
-        prefetch_row(k + t * ks1 + h * ks2);
-        prefetch_row(v + t * vs1 + h * vs2);
-      };
+      const auto prefetch_value = [&](const S* v, int64_t t, int64_t h) { prefetch_row(v + t * vs1 + h * vs2); };
       int64_t first_used = item.j0;
       while (first_used < item.j1 && row_lens[first_used] == 0) ++first_used;
       for (int64_t j = item.j0; j < item.j1; ++j) {
@@ -633,13 +628,14 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
         const S* vblk = vp + phys * vs0;
         for (int64_t c0 = 0; c0 < n_tok; c0 += CHUNK) {
           const int64_t nc = std::min(CHUNK, n_tok - c0);
-          // The next chunk's K and V rows are asked for while this one is scored, a token and head at a time
-          // (the hardware prefetchers neither follow the table to the next block nor the values' head-major
-          // walk); the item's first chunk is asked for here, before its first use.
+          // The next chunk's V rows are asked for while this one is scored, a token and head at a time: the values
+          // are read head by head (a stride of a token's heads, which the hardware prefetchers do not follow), the
+          // keys front to back, which they do (prefetching the keys too measured slower); the item's first chunk
+          // is asked for here, before its first use.
           const Chunk<S> ahead = next_chunk(j, c0);
           if (j == first_used && c0 == 0) {
             for (int64_t t = 0; t < nc; ++t) {
-              for (int64_t h = 0; h < Hkv; ++h) prefetch_token(kblk, vblk, c0 + t, h);
+              for (int64_t h = 0; h < Hkv; ++h) prefetch_value(vblk, c0 + t, h);
             }
           }
           // scores, token-major: each K row (all heads of a token are adjacent in the pool) is read once
@@ -651,7 +647,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
                 for (int64_t t = 0; t < TILE_KEYS; ++t) {  // a short tile repeats its last key (scores not stored)
                   const S* src = kblk + (c0 + t0 + std::min(t, tn - 1)) * ks1 + h * ks2;
                   kt[t] = row(src, kb.data() + t * D);
-                  if (t0 + t < ahead.n) prefetch_token(ahead.k, ahead.v, t0 + t, h);
+                  if (t0 + t < ahead.n) prefetch_value(ahead.v, t0 + t, h);
                 }
                 score_rows(qcur + h * per_head * D, per_head, kt, tn, sc.data() + h * per_head * CHUNK + t0, CHUNK);
               }
@@ -659,7 +655,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
           } else {
             for (int64_t t = 0; t < nc; ++t) {
               for (int64_t h = 0; h < Hkv; ++h) {
-                if (t < ahead.n) prefetch_token(ahead.k, ahead.v, t, h);
+                if (t < ahead.n) prefetch_value(ahead.v, t, h);
                 const A* krow = row(kblk + (c0 + t) * ks1 + h * ks2, kb.data());
                 dots(qcur + h * per_head * D, per_head, krow, sc.data() + h * per_head * CHUNK + t, CHUNK);
               }
