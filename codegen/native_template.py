@@ -103,7 +103,6 @@ template <typename S, typename A> inline const A* row(const S* src, A* buf) {
   }
 }
 
-
 // out[n] = q_n . k for N query rows (rows D apart), N independent accumulator chains.
 template <int N, typename A> inline void dot_n(const A* q, const A* k, A* out) {
   A s[N][8] = {};
@@ -607,7 +606,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       while (first_used < item.j1 && row_lens[first_used] == 0) ++first_used;
       for (int64_t j = item.j0; j < item.j1; ++j) {
         const int64_t tok0 = views.start[s.rep * width + j];
-        const int64_t n_tok = lp[s.rep * width + j];
+        const int64_t n_tok = row_lens[j];
         if (n_tok == 0) continue;
         const int64_t phys = tp[s.rep * width + j];
         const int64_t dl = dp[s.rep * width + j];
