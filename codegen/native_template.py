@@ -382,16 +382,28 @@ template <typename A> inline void dots(const A* q, int64_t rows, const A* k, A* 
   });
 }
 
-// y <- R(sign * angle) x on the rotary pairs: rotate-half (f, f + F) or interleaved (2f, 2f + 1); the rest is
-// copied.  The query is rotated back (sign -1), a materialised key forward to its logical position (sign +1).
+// y <- R(sign * angle) x on the rotary pairs: rotate-half (f, f + F) or interleaved (2f, 2f + 1), both within the
+// first 2F dims; the rest is copied.  The query is rotated back (sign -1), a materialised key forward to its logical
+// position (sign +1).  One loop per pairing, so each vectorises (a fragmented table rotates every block's rows).
 template <typename A>
 inline void rotate(const A* x, A* y, const A* cs, const A* sn, int64_t half, bool interleaved, A sign) {
-  std::memcpy(y, x, sizeof(A) * D);
-  for (int64_t f = 0; f < half; ++f) {
-    const int64_t i1 = interleaved ? 2 * f : f, i2 = interleaved ? 2 * f + 1 : f + half;
-    const A s = sign * sn[f];
-    y[i1] = x[i1] * cs[f] - x[i2] * s;
-    y[i2] = x[i2] * cs[f] + x[i1] * s;
+  std::memcpy(y + 2 * half, x + 2 * half, sizeof(A) * (D - 2 * half));
+  if (interleaved) {
+#pragma omp simd
+    for (int64_t f = 0; f < half; ++f) {
+      const A a = x[2 * f], b = x[2 * f + 1], s = sign * sn[f];
+      y[2 * f] = a * cs[f] - b * s;
+      y[2 * f + 1] = b * cs[f] + a * s;
+    }
+  } else {
+    const A* x2 = x + half;
+    A* y2 = y + half;
+#pragma omp simd
+    for (int64_t f = 0; f < half; ++f) {
+      const A s = sign * sn[f];
+      y[f] = x[f] * cs[f] - x2[f] * s;
+      y2[f] = x2[f] * cs[f] + x[f] * s;
+    }
   }
 }
 
