@@ -414,8 +414,10 @@ struct Item {
 };
 
 template <typename S> struct Chunk {
-  const S* v;  // its first V row (token 0, head 0)
+  const S* k;  // its first K row (token 0, head 0)
+  const S* v;  // its first V row
   int64_t n;   // its tokens
+  bool jump;   // its keys do not follow the current chunk's in memory (the hardware prefetchers lose the stream)
 };
 
 struct Segment {
@@ -598,22 +600,27 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       const A* qcur = nullptr;
       int64_t cur_delta = 0;
       const int64_t length = s.length, q0 = length - Q;
-      // The chunk after (j, c0) in this item (its V rows from `ahead.v`, n tokens; n = 0 at the item's end), and
-      // the prefetch of one token's V row of a head.
+      // The chunk after (j, c0) in this item (n tokens; n = 0 at the item's end), and the prefetch of one token's
+      // rows of a head in it: the V row always, the K row where the keys jump (another block than the next one).
       const int64_t* row_lens = lp + s.rep * width;
       const auto next_chunk = [&](int64_t j, int64_t c0) -> Chunk<S> {
+        const int64_t phys = tp[s.rep * width + j];
         if (c0 + CHUNK < row_lens[j]) {
-          const int64_t phys = tp[s.rep * width + j];
-          return {vp + phys * vs0 + (c0 + CHUNK) * vs1, std::min(CHUNK, row_lens[j] - c0 - CHUNK)};
+          const int64_t c1 = c0 + CHUNK;
+          return {kp + phys * ks0 + c1 * ks1, vp + phys * vs0 + c1 * vs1, std::min(CHUNK, row_lens[j] - c1), false};
         }
         for (int64_t jn = j + 1; jn < item.j1; ++jn) {
           if (row_lens[jn] == 0) continue;
-          const int64_t phys = tp[s.rep * width + jn];
-          return {vp + phys * vs0, std::min(CHUNK, row_lens[jn])};
+          const int64_t next = tp[s.rep * width + jn];
+          const bool follows = next == phys + 1 && ks0 == bs * ks1 && c0 + CHUNK >= bs;
+          return {kp + next * ks0, vp + next * vs0, std::min(CHUNK, row_lens[jn]), !follows};
         }
-        return {nullptr, 0};
+        return {nullptr, nullptr, 0, false};
       };
-      const auto prefetch_value = [&](const S* v, int64_t t, int64_t h) { prefetch_row(v + t * vs1 + h * vs2); };
+      const auto prefetch_ahead = [&](const Chunk<S>& c, int64_t t, int64_t h) {
+        prefetch_row(c.v + t * vs1 + h * vs2);
+        if (c.jump) prefetch_row(c.k + t * ks1 + h * ks2);
+      };
       int64_t first_used = item.j0;
       while (first_used < item.j1 && row_lens[first_used] == 0) ++first_used;
       for (int64_t j = item.j0; j < item.j1; ++j) {
@@ -639,14 +646,16 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
         const S* vblk = vp + phys * vs0;
         for (int64_t c0 = 0; c0 < n_tok; c0 += CHUNK) {
           const int64_t nc = std::min(CHUNK, n_tok - c0);
-          // The next chunk's V rows are asked for while this one is scored, a token and head at a time: the values
+          // The next chunk's rows are asked for while this one is scored, a token and head at a time: the values
           // are read head by head (a stride of a token's heads, which the hardware prefetchers do not follow), the
-          // keys front to back, which they do (prefetching the keys too measured slower); the item's first chunk
-          // is asked for here, before its first use.
+          // keys front to back, which they do within a run of adjacent blocks (prefetching those keys too measured
+          // slower), so keys are asked for only where the table jumps; the item's first chunk is asked for here,
+          // before its first use.
           const Chunk<S> ahead = next_chunk(j, c0);
           if (j == first_used && c0 == 0) {
+            const Chunk<S> first{kblk, vblk, nc, true};
             for (int64_t t = 0; t < nc; ++t) {
-              for (int64_t h = 0; h < Hkv; ++h) prefetch_value(vblk, c0 + t, h);
+              for (int64_t h = 0; h < Hkv; ++h) prefetch_ahead(first, t, h);
             }
           }
           // scores, token-major: each K row (all heads of a token are adjacent in the pool) is read once
@@ -658,7 +667,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
                 for (int64_t t = 0; t < TILE_KEYS; ++t) {  // a short tile repeats its last key (scores not stored)
                   const S* src = kblk + (c0 + t0 + std::min(t, tn - 1)) * ks1 + h * ks2;
                   kt[t] = row(src, kb.data() + t * D);
-                  if (t0 + t < ahead.n) prefetch_value(ahead.v, t0 + t, h);
+                  if (t0 + t < ahead.n) prefetch_ahead(ahead, t0 + t, h);
                 }
                 score_rows(qcur + h * per_head * D, per_head, kt, tn, sc.data() + h * per_head * CHUNK + t0, CHUNK);
               }
@@ -666,7 +675,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
           } else {
             for (int64_t t = 0; t < nc; ++t) {
               for (int64_t h = 0; h < Hkv; ++h) {
-                if (t < ahead.n) prefetch_value(ahead.v, t, h);
+                if (t < ahead.n) prefetch_ahead(ahead, t, h);
                 const A* krow = row(kblk + (c0 + t) * ks1 + h * ks2, kb.data());
                 dots(qcur + h * per_head * D, per_head, krow, sc.data() + h * per_head * CHUNK + t, CHUNK);
               }
