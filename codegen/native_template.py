@@ -31,7 +31,8 @@ Design of `attention` (one call per layer):
 - The extension is built with -fopenmp: `at::parallel_for` is an inline `#pragma omp parallel` in ATen's header.
 - Blocks are read in place through the block table (no gather copy).  The query rows are rotated by
   R(-delta) when the delta changes from one entry to the next (once per run of equal deltas, not at all
-  at delta 0, one vectorised loop per pairing), with the cos/sin of the exact float64 angle reduction computed once per forward in Python.
+  at delta 0, one vectorised loop per pairing), with the cos/sin of the exact float64 angle reduction computed
+  once per forward in Python.
 """
 
 from __future__ import annotations
