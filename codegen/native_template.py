@@ -72,6 +72,7 @@ constexpr int64_t D = $head_dim;
 // value rows of a chunk held as pointers at once (heads beyond it take another pass over the chunk)
 constexpr int64_t MAX_KV_HEADS_PER_PASS = 16;
 constexpr int64_t CHUNK = 64;  // keys per softmax update (a whole number of registers of any width below)
+constexpr int64_t CHUNK_BYTES = 256 << 10;
 
 template <typename S> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -547,6 +548,12 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
     }
   }
 
+  // Tokens per chunk: about CHUNK_BYTES of K and V rows, at most CHUNK (the next chunk is prefetched into L2 while one
+  // is read; a longer lookahead measured slower).
+  const int64_t token_bytes = 2 * Hkv * D * static_cast<int64_t>(sizeof(S));
+  int64_t chunk_len = CHUNK;
+  while (chunk_len > 8 && chunk_len * token_bytes > CHUNK_BYTES) chunk_len /= 2;
+
   // KV splits: enough items for every thread to take several, none shorter than MIN_SPLIT_TOKENS keys.
   constexpr int64_t MIN_SPLIT_TOKENS = 256;
   int64_t total_work = 0;
@@ -618,14 +625,14 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       int64_t cj = item.j0, cc = 0;
       const auto fill = [&](ChunkRows<S>& ch) {
         ch.n = ch.runs = 0;
-        while (cj < item.j1 && ch.n < CHUNK) {
+        while (cj < item.j1 && ch.n < chunk_len) {
           if (cc >= row_lens[cj]) {
             ++cj;
             cc = 0;
             continue;
           }
           if (ch.n == 0) ch.pos = views.start[s.rep * width + cj] + cc;
-          const int64_t take = std::min(CHUNK - ch.n, row_lens[cj] - cc);
+          const int64_t take = std::min(chunk_len - ch.n, row_lens[cj] - cc);
           const S* k0 = kp + row_table[cj] * ks0 + cc * ks1;
           const S* v0 = vp + row_table[cj] * vs0 + cc * vs1;
           if (ch.runs == 0 || row_delta[cj] != row_delta[ch.run_entry[ch.runs - 1]]) ch.run_entry[ch.runs++] = cj;
