@@ -60,3 +60,31 @@ def test_rope_spec_validates():
     with pytest.raises(ValueError, match="inv_freq"):
         RopeSpec(torch.tensor([]))
     assert RopeSpec(torch.ones(4)).rotary_dim == 8
+
+
+def test_block_angles_follow_in_place_edits_of_the_same_tensors():
+    """The per-forward cache of cos/sin compares values: an in-place edit of the very same deltas is seen, also one
+    that bumps no version counter (through `.data`, as gradcheck perturbs its inputs, or a shared numpy array) and
+    one of an inference tensor (which has none)."""
+    from gaugecompile.ops.angles import block_angles
+
+    inv_freq = RopeSpec.from_base(1e4, 8).inv_freq
+    delta = torch.zeros(2, 4, dtype=torch.int64)
+    assert block_angles(delta, inv_freq, torch.float32) == (None, None)
+    assert block_angles(delta, inv_freq, torch.float32) == (None, None)
+    delta[1, 2] = -70_000
+    cos, sin = block_angles(delta, inv_freq, torch.float32)
+    want_cos, want_sin = delta_cos_sin(delta, inv_freq, torch.float32)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin) and float(sin[1, 2].abs().max()) > 0
+    cos64, _ = block_angles(delta, inv_freq, torch.float64)
+    assert cos64.dtype == torch.float64
+    delta.zero_()
+    assert block_angles(delta, inv_freq, torch.float32) == (None, None)
+    version = delta._version
+    delta.data[0, 0] = 3
+    assert delta._version == version and block_angles(delta, inv_freq, torch.float32)[0] is not None
+    with torch.inference_mode():
+        frozen = torch.full((1, 3), 5, dtype=torch.int64)
+        first = block_angles(frozen, inv_freq, torch.float32)
+        frozen.fill_(0)
+        assert first[0] is not None and block_angles(frozen, inv_freq, torch.float32) == (None, None)
