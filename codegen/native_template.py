@@ -17,10 +17,10 @@ Design of `attention` (one call per layer):
 - Each segment is cut into KV splits by block ranges; (segment, split) items are taken by the threads of
   `at::parallel_for` from an atomic counter (the items differ in cost), each keeping an online softmax
   (running max, sum, weighted values) per query row, and a final pass merges the partial results of each
-  row by log-sum-exp.  An item walks its view in chunks of up to 64 consecutive tokens, cut across table entries
-  (so the softmax update and the rescale are paid per 64 tokens, not per block), scoring each chunk token by token
-  over all KV heads: it reads each pool block front to back (the pool is [blocks, tokens, heads, dim]), and a
-  fragmented table costs a jump per block, not one per row of every head.
+  row by log-sum-exp.  An item walks its view in chunks of up to 64 consecutive tokens (about 256 KB of K and V
+  rows), cut across table entries (so the softmax update and the rescale are paid per chunk, not per block), scoring
+  each chunk token by token over all KV heads: it reads each pool block front to back (the pool is [blocks, tokens,
+  heads, dim]), and a fragmented table costs a jump per block, not one per row of every head.
 - Where the accumulation is float32 (float32, float16 and bfloat16 pools) and the head dim is whole registers
   (16 lanes on AVX-512, 8 on AVX2: the source is compiled for the machine it runs on), a tile scores W / 4 keys
   against up to 4 query rows (one transposing reduction for W dot products) and the weighted values of a head's
@@ -72,7 +72,7 @@ constexpr int64_t D = $head_dim;
 // value rows of a chunk held as pointers at once (heads beyond it take another pass over the chunk)
 constexpr int64_t MAX_KV_HEADS_PER_PASS = 16;
 constexpr int64_t CHUNK = 64;  // keys per softmax update (a whole number of registers of any width below)
-constexpr int64_t CHUNK_BYTES = 256 << 10;
+constexpr int64_t CHUNK_BYTES = 256 << 10;  // K and V bytes a chunk aims at (fewer tokens where rows are wide)
 
 template <typename S> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -616,7 +616,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       const A* qcur = nullptr;
       int64_t cur_delta = 0;
       const int64_t q0 = s.length - Q;
-      // Chunks of up to CHUNK consecutive view tokens, cut across table entries (the softmax update, the rescale
+      // Chunks of up to chunk_len consecutive view tokens, cut across table entries (the softmax update, the rescale
       // and the accumulators' loads and stores are paid once per chunk, not once per block): `fill` takes the
       // next one from the cursor (entry cj, token cc of it); n = 0 at the item's end.
       const int64_t* row_lens = lp + s.rep * width;
