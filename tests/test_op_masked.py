@@ -153,3 +153,73 @@ def test_opcheck(kind):
     args = (q, kp, vp, table, delta, lens, rope.inv_freq, 16, False, 11, 0.25, mask)
     result = torch.library.opcheck(OP, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@st.composite
+def padded_cases(draw):
+    """A padded batch's view as ManifoldCache lays it out: per row, runs of real entries and of entries on the pool's
+    last block (its padding block), any mix of left, right and middle padding, and the mask transformers builds for
+    it (causal over the columns, padding hidden): the op must give masked attention over that mask, where a query
+    that sees no key gives 0."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    bs, hkv, groups, d = draw(st.sampled_from([1, 4])), draw(st.sampled_from([1, 2])), draw(st.sampled_from(
+        [1, 3])), 16
+    batch, q_len = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    num_blocks = 40
+    pad = num_blocks - 1
+    rows = []
+    for _ in range(batch):
+        row = []  # (block, count) entries
+        for _ in range(draw(st.integers(1, 4))):
+            real = draw(st.booleans())
+            for n in draw(ragged_counts(draw(st.integers(1, 9)), bs)):
+                row.append((pad if not real else int(torch.randint(0, pad, (1,), generator=g)), n))
+        rows.append(row)
+    length = max(sum(n for _, n in row) for row in rows)
+    for row in rows:  # every row spans the same columns: pad the short ones on the left
+        missing = length - sum(n for _, n in row)
+        row[:0] = [(pad, min(bs, missing - i)) for i in range(0, missing, bs)]
+    if length < q_len:
+        q_len = length
+    width = max(map(len, rows))
+    table = torch.tensor([[b for b, _ in row] + [0] * (width - len(row)) for row in rows])
+    lens = torch.tensor([[n for _, n in row] + [0] * (width - len(row)) for row in rows])
+    delta = torch.randint(-(2**20), 2**20, table.shape, generator=g)
+    kp, vp = torch.randn(num_blocks, bs, hkv, d, generator=g), torch.randn(num_blocks, bs, hkv, d, generator=g)
+    kp[pad], vp[pad] = 0, 0
+    real = torch.stack([torch.cat([torch.full((n,), b != pad) for b, n in row]) for row in rows])  # [B, L]
+    mask = (_causal(q_len, length, additive=False, shape=(batch, 1)) & real[:, None, None, :])
+    if draw(st.booleans()):
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
+    rope = gc.RopeSpec.from_base(10000.0, d, interleaved=draw(st.booleans()))
+    q = torch.randn(batch, hkv * groups, q_len, d, generator=g)
+    sinks = torch.randn(batch, hkv * groups, q_len, 1, generator=g) if draw(st.booleans()) else None
+    return q, kp, vp, table, delta, lens, rope, length, d**-0.5, mask, real, sinks
+
+
+@settings(max_examples=40, deadline=None)
+@given(padded_cases())
+def test_padded_views_take_the_rotated_query_path_where_the_mask_is_causal_over_real_tokens(case):
+    q, kp, vp, table, delta, lens, rope, length, scale, mask, real, sinks = case
+    calls = []
+    original = masked_attention.materialize_views
+    masked_attention.materialize_views = lambda *a: calls.append(1) or original(*a)
+    try:
+        got, lse = OP(q, kp, vp, table, delta, lens, rope.inv_freq, rope.rotary_dim, rope.interleaved, length, scale,
+                      mask.float() if mask.dtype == torch.float64 else mask, 0, 0.0, sinks)
+    finally:
+        masked_attention.materialize_views = original
+    visible = mask if mask.dtype == torch.bool else mask > -1e30
+    seen = visible.any(-1)  # [B, 1, Q]
+    want, want_lse = _reference(q, kp, vp, table, delta, lens, rope, scale, mask, 0, 0.0, sinks)
+    want = torch.where(seen[..., None], want, 0)  # a query that sees no key: 0, as SDPA gives
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    seen = seen.expand(lse.shape)
+    torch.testing.assert_close(lse.double()[seen], want_lse.expand(lse.shape)[seen], atol=2e-5, rtol=2e-5)
+    # the kernel's alignment: each row's real tokens end the view, its queries the last ones (left padding, or
+    # padding only before the queries' own columns)
+    held = real.sum(1)
+    tail_real = torch.stack([real[b, length - q.shape[2]:].flip(0).cumprod(0).sum() for b in range(len(real))])
+    left_aligned = bool(((tail_real == q.shape[2]) | (held <= tail_real)).all())
+    if bool(real.all()) or left_aligned:
+        assert not calls

@@ -32,6 +32,7 @@ from ..rope import RopeSpec, accumulation_dtype
 from .angles import block_angles
 from .attention_backward import attention_backward
 from .checks import as_block_lens, check_attention_inputs
+from .counters import runs
 from .paged_attention import paged_attention
 from .reference import reference_attention
 
@@ -68,6 +69,7 @@ def _rqa_op(
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
+    runs["kernel"] += 1
     if q.device.type == "cuda":
         from ..codegen import triton_attention
 

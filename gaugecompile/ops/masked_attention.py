@@ -20,9 +20,12 @@ cache's bookkeeping breaks the frame), so its structure cannot be proven at comp
 elementwise pass over the mask decides (`sliding_window_of`): where the keys before `first` and the mask
 together are the bottom-right causal mask of the whole view, narrowed to a window of W tokens or not (the
 only masks a ManifoldCache view ending in the queries' own tokens has without padding), it runs
-`gauge::rotated_query_attention` with that window on the untouched pool; any other mask (padding, a bias)
-runs the gather + re-rotate + masked attention the model wrote.  Results never depend on which path ran
-beyond float rounding.
+`gauge::rotated_query_attention` with that window on the untouched pool.  A padded batch's view has entries on
+the pool's last block, its padding block (`ManifoldCache` keeps it zero and never writes it): where the mask is
+exactly causal over each row's other tokens (`padded_causal_lens`), those entries are emptied and the op runs on
+each row's real tokens, a query that sees none of them giving 0 (as SDPA gives for a fully masked query).  Any
+other mask (a bias, a window over padding) runs the gather + re-rotate + masked attention the model wrote.
+Results never depend on which path ran beyond float rounding.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from torch import Tensor
 
 from ..rope import accumulation_dtype
 from .checks import check_mapping_values
-from .materialize import materialize_views
+from .counters import runs
+from .materialize import materialize_views, view_entries
 from .reference import hidden_keys, soft_capped
 
-__all__ = ["MASKED", "sliding_window_of"]
+__all__ = ["MASKED", "sliding_window_of", "padded_causal_lens"]
 
 #: Additive mask values at or below this are exact zeros after softmax in any float dtype.
 MASKED = -1e30
@@ -64,6 +68,63 @@ def sliding_window_of(mask: Tensor, q_len: int, length: int, first: int = 0) -> 
     return window if mask.dtype == torch.bool or bool((torch.where(visible, mask, 0) == 0).all()) else None
 
 
+def _visible(mask: Tensor) -> Tensor:
+    """Where an additive or boolean mask lets a query see a key."""
+    return mask if mask.dtype == torch.bool else mask > MASKED
+
+
+def padded_causal_lens(mask: Tensor, block_table: Tensor, block_lens: Tensor, q_len: int, length: int,
+                       pad_block: int) -> Tensor | None:
+    """The table's token counts with its padding entries (those on `pad_block`) emptied, when `mask` is exactly
+    the causal mask over each row's other tokens; else None (also for a view without padding entries).
+
+    A row holding n tokens besides padding: query t sees the first n - q_len + t + 1 of them (none where that is not
+    positive), wherever the padding columns lie -- what the op computes over the emptied table.  Every mask entry
+    is compared, so a bias, a window or padding other than the table's is refused; additive masks must be 0 where
+    visible."""
+    entry, _ = view_entries(block_lens, length)
+    real = block_table.to(torch.int64).gather(1, entry) != pad_block  # [B, L]
+    if bool(real.all()):
+        return None
+    rank = real.cumsum(1) - 1  # the index of each real column among the row's real tokens
+    last = real.sum(1, keepdim=True) - q_len + torch.arange(q_len, device=real.device)[None, :]  # [B, Q]
+    expected = (real[:, None, :] & (rank[:, None, :] <= last[:, :, None]))[:, None]  # [B, 1, Q, L]
+    visible = _visible(mask)
+    try:
+        torch.broadcast_shapes(visible.shape, expected.shape)
+    except RuntimeError:
+        return None
+    if not bool((visible == expected).all()):
+        return None
+    if mask.dtype != torch.bool and not bool((torch.where(visible, mask, 0) == 0).all()):
+        return None
+    return torch.where(block_table == pad_block, 0, block_lens)
+
+
+def _padded_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor,
+                      block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
+                      softcap: float) -> tuple[Tensor, Tensor]:
+    """The op over rows of unequal length (`block_lens` without padding): rows holding at least the queries in one
+    call; a row holding n < q_len tokens answers its last n queries, the others see nothing (out 0, lse -inf)."""
+    q_len = q.shape[2]
+    held = block_lens.sum(1)
+    args = (inv_freq, rotary_dim, interleaved, scale, q_len > 1, 0, softcap)
+    rows = torch.nonzero(held >= q_len).flatten()
+    if len(rows) == q.shape[0]:
+        return torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, *args)
+    out = q.new_zeros(q.shape)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
+    if len(rows):
+        out[rows], lse[rows] = torch.ops.gauge.rotated_query_attention(
+            q[rows], k_pool, v_pool, block_table[rows], block_delta[rows], block_lens[rows], *args)
+    for row in torch.nonzero((held > 0) & (held < q_len)).flatten().tolist():
+        n = int(held[row])
+        out[row, :, -n:], lse[row, :, -n:] = (x[0] for x in torch.ops.gauge.rotated_query_attention(
+            q[row:row + 1, :, -n:], k_pool, v_pool, block_table[row:row + 1], block_delta[row:row + 1],
+            block_lens[row:row + 1], *args))
+    return out, lse
+
+
 def _masked_view_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor, softcap: float,
                            sinks: Tensor | None) -> tuple[Tensor, Tensor]:
     """Plain masked attention over a materialised view (heads repeated for GQA), the scores soft-capped first, a
@@ -75,7 +136,9 @@ def _masked_view_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: 
     lse = torch.logsumexp(scores, -1).to(accumulation_dtype(q.dtype))
     if sinks is not None:
         scores = torch.cat([scores, sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], -1)
-    return (torch.softmax(scores, -1)[..., : k.shape[2]] @ v).contiguous(), lse
+    seen = (scores > float("-inf")).any(-1, keepdim=True)  # a query that sees no key gives 0, as SDPA does
+    probs = torch.softmax(scores.masked_fill(~seen, 0), -1) * seen
+    return (probs[..., : k.shape[2]] @ v).contiguous(), lse
 
 
 @torch.library.custom_op("gauge::rotated_query_attention_masked", mutates_args=())
@@ -89,15 +152,22 @@ def _masked_op(
     if not 0 <= first <= length:
         raise ValueError(f"first: expected the first key in [0, length={length}], got {first}")
     window = sliding_window_of(mask, q_len, length, first) if q_len <= length else None
-    if window is not None:
-        out, lse = torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens,
-                                                           inv_freq, rotary_dim, interleaved, scale, q_len > 1, window,
-                                                           softcap)
+    lens = None if window is not None or first else padded_causal_lens(mask, block_table, block_lens, q_len, length,
+                                                                       k_pool.shape[0] - 1)
+    if window is not None or lens is not None:
+        if lens is None:
+            out, lse = torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta,
+                                                               block_lens, inv_freq, rotary_dim, interleaved, scale,
+                                                               q_len > 1, window, softcap)
+        else:
+            out, lse = _padded_attention(q, k_pool, v_pool, block_table, block_delta, lens, inv_freq, rotary_dim,
+                                         interleaved, scale, softcap)
         if sinks is None:
             return out, lse
         # a sink adds exp(sink) to the denominator: out * exp(lse) / (exp(lse) + exp(sink))
         weight = torch.sigmoid(lse - sinks[..., 0].to(lse.dtype))
         return (out * weight[..., None].to(out.dtype)).contiguous(), lse
+    runs["masked_fallback"] += 1
     k, v = materialize_views(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
                              length)
     return _masked_view_attention(q, k[:, :, first:].to(q.dtype), v[:, :, first:].to(q.dtype), scale, mask,
