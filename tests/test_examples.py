@@ -24,6 +24,7 @@ CASES = [
     pytest.param("compile_any_model.py", RANDOM, 600, id="compile_any_model-inductor", marks=pytest.mark.slow),
     pytest.param("beam_search.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="beam_search",
                  marks=pytest.mark.slow),
+    pytest.param("batched_generation.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="batched_generation"),
     pytest.param("streaming.py", [*RANDOM, *EAGER, "--window", "16", "--steps", "32", "--block-size", "4"], 300,
                  id="streaming"),
     pytest.param("document_reuse.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="document_reuse"),

@@ -65,6 +65,7 @@ from .mapping import (
     seq_pieces,
     split_at,
 )
+from .padding import ForwardInputs, RowLayout, row_layouts, watch_inputs
 from .pool import BlockAllocator
 from .rope_config import KVShape, kv_shape_from_config, layer_ropes_from_config, shared_rope
 from .states import LayerStates, StatesSnapshot
@@ -92,6 +93,7 @@ class _Saved(NamedTuple):
     pools: tuple[int, ...]  # the layers whose pools existed (a failed first forward drops the ones it made)
     next_chunk: int
     states: StatesSnapshot | None  # a hybrid model's conv/recurrent states
+    padded: bool
 
 
 class _Forward(NamedTuple):
@@ -107,6 +109,7 @@ class _Forward(NamedTuple):
     rows: int
     q: int
     saved: _Saved
+    inputs: ForwardInputs | None  # the model's mask and positions for it (a replan reads them again)
 
 
 class _Recompute(NamedTuple):
@@ -203,6 +206,9 @@ class ManifoldCache(Cache):
         dtype: torch.dtype | None = None, device: torch.device | str | None = None, group=None, src: int = 0,
     ) -> None:
         super().__init__(layers=[])
+        if isinstance(config, torch.nn.Module):  # a model: its config, and its forwards hand their masks over
+            watch_inputs(config)
+            config = config.config
         for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
                             ("block_size", block_size)):
             _check_int(name, value, 1)
@@ -233,6 +239,8 @@ class ManifoldCache(Cache):
         self._batch: list[int] = []
         self._next_id = 0
         self._view_sizes = torch.empty(0, 0)
+        self._padded = False  # the batch's rows sit in a padded view (`padding.py`): its width is kept
+        self._inputs: ForwardInputs | None = None  # what the model's pre-hook handed over for the next forward
         self._window: tuple[int, int] | None = None
         self.peak_blocks_in_use = 0
         self._fwd: _Forward | None = None
@@ -360,13 +368,20 @@ class ManifoldCache(Cache):
         fwd = self._fwd
         stale = self.states is not None and self.states.pending  # a forward that failed in a state layer
         if fwd is None or self._layers_written or fwd.q != query_length or stale:
-            # A fresh cache does not know its rows yet: assume one (generate() on one prompt).  A forward with
-            # more rows redoes the bookkeeping in update(), inside the layer loop (compiled: per-layer graphs
-            # from then on), so batches should open their rows with new_sequences(n) first.
-            self._begin_forward(len(self._batch) or 1, query_length)
+            # The rows are the input's when the model's pre-hook handed it over (`padding.watch_inputs`).  Else a
+            # fresh cache assumes one (generate() on one prompt), and a forward with more rows redoes the
+            # bookkeeping in update(), inside the layer loop (compiled: per-layer graphs from then on).
+            inputs = self._inputs
+            rows = inputs.rows if inputs is not None and inputs.rows else len(self._batch) or 1
+            self._begin_forward(rows, query_length)
         length = self._fwd.sizes.shape[1]
         offset = self._window_offset(layer_idx, length, query_length)
         return length - offset, offset
+
+    def expect_inputs(self, inputs: ForwardInputs) -> None:
+        """Take the next forward's rows, 2D attention mask and position ids (the model's forward pre-hook calls this,
+        `padding.watch_inputs`): its bookkeeping plans that many rows, and stores no padding token."""
+        self._inputs = inputs
 
     def _window_offset(self, layer_idx: int, length, q) -> int:
         """How many of the first view tokens a sliding layer does not see in a forward of `q` new tokens that ends
@@ -739,7 +754,7 @@ class ManifoldCache(Cache):
             {s: SeqMap(m.blocks, m.sigma, m.counts, m.length, m.next_logical) for s, m in self._seqs.items()},
             list(self._batch), self._next_id, self._view_sizes, self._window, self.last_step,
             self.peak_blocks_in_use, journal, len(journal), self.storage.allocated, self._next_chunk,
-            self.states.save() if self.states is not None else None,
+            self.states.save() if self.states is not None else None, self._padded,
         )
 
     def _restore(self, saved: _Saved) -> None:
@@ -747,7 +762,7 @@ class ManifoldCache(Cache):
         del saved.journal[saved.mark:]
         self._seqs, self._batch, self._next_id = saved.seqs, saved.batch, saved.next_id
         self._view_sizes, self._window, self.last_step = saved.view, saved.window, saved.last_step
-        self.peak_blocks_in_use, self._next_chunk = saved.peak, saved.next_chunk
+        self.peak_blocks_in_use, self._next_chunk, self._padded = saved.peak, saved.next_chunk, saved.padded
         self.storage.release(tuple(i for i in self.storage.allocated if i not in saved.pools))
         if self.states is not None:
             self.states.restore(saved.states)
@@ -779,6 +794,7 @@ class ManifoldCache(Cache):
         reached (`LayerStates.complete`); its states become the batch's histories here, outside any graph.  (A
         failure inside the model's last layer, when that is a state layer that updates its states in place, after
         it read them, is not visible to the cache: like one in the final norm, it leaves a completed forward.)"""
+        self._inputs = None  # inputs handed over for a forward that never began (it failed before its bookkeeping)
         if self._fwd is None:
             return
         states, live = self.states, set(self._seqs)
@@ -804,22 +820,31 @@ class ManifoldCache(Cache):
         if rows > self.max_batch_size:
             raise ValueError(f"batch: {rows} rows exceed max_batch_size={self.max_batch_size}")
         carried = self.states.fresh_pending() if replan and self.states is not None else None
+        inputs = self._fwd.inputs if replan else self._inputs
         with self._transaction() as saved:
-            slots = self._place(rows, q)
+            slots, layouts, frames = self._place(rows, q, inputs)
             if self.states is not None:
                 self.states.begin(self._batch, carried)
-            table, delta, lens = self._tables()
-            length = self._common_length()
-            self._fwd = _Forward(table, delta, lens, slots, _size_carrier(length), rows, q, saved)
+            if layouts is None:
+                table, delta, lens = self._tables()
+                length = self._common_length()
+            else:
+                table, delta, lens = self._padded_tables(layouts, frames)
+                length = sum(n for _, n in layouts[0].runs)
+            self._padded = layouts is not None
+            self._fwd = _Forward(table, delta, lens, slots, _size_carrier(length), rows, q, saved, inputs)
             self.last_step = StepMapping(table, delta, lens, slots, length)
         self._layers_written = 0
 
-    def _place(self, rows: int, q: int) -> torch.Tensor:
-        """Open the rows, allocate (and copy-on-write) the blocks the q new tokens of each row go to, grow the
-        views; return the flat pool slots of the new tokens, row-major.
+    def _place(self, rows: int, q: int, inputs: ForwardInputs | None
+               ) -> tuple[torch.Tensor, list[RowLayout] | None, list[int]]:
+        """Open the rows, allocate (and copy-on-write) the blocks the new tokens of each row go to, grow the
+        views; return the flat pool slots of the q new tokens of each row, row-major (a padding token's is a slot
+        of the trash block), each row's layout (None: no padding) and its query frame (logical - rotated position).
 
-        New tokens fill the free slots of a row's last block when only that entry refers to it and its sigma is
-        the new tokens' (else its tokens are copied to a fresh block first), then fresh blocks."""
+        New tokens fill the free slots of a row's last block when only that entry refers to it, its sigma is the
+        new tokens' and no padding lies between them (else its tokens are copied to a fresh block first, or the
+        new ones start a fresh block), then fresh blocks."""
         if not self._batch:
             self._batch = [self._new_seq(SeqMap()) for _ in range(rows)]
         elif rows != len(self._batch):
@@ -829,25 +854,43 @@ class ManifoldCache(Cache):
                     "(expected the same number or a multiple of it)"
                 )
             self._repeat_interleave(rows // len(self._batch))
-        view = self._common_length()
+        layouts = None
+        if inputs is not None:
+            lengths = [self._seqs[s].length for s in self._batch]
+            layouts = row_layouts(inputs, lengths, self._view_sizes.shape[1], q)
+        if layouts is None:
+            if self._padded:
+                raise ValueError("attention_mask: the batch's rows are padded (a view of "
+                                 f"{self._view_sizes.shape[1]} columns); expected the 2D mask that pads them")
+            view = self._common_length()
+            layouts = [RowLayout(0, q, view, False, ()) for _ in self._batch]
+            padded = None
+        else:
+            if self._window is not None:
+                raise ValueError("attention_mask: a padded batch under set_window (the window keeps each row's "
+                                 "blocks by its own tokens, the mask's columns would no longer match)")
+            padded = layouts
         bs = self.block_size
-        plans, needed = [], 0
-        for seq in self._batch:
-            m = self._seqs[seq]
-            if m.next_logical + q > self.max_position:
+        plans, needed, frames = [], 0, []
+        for seq, lay in zip(self._batch, layouts, strict=True):
+            m, k = self._seqs[seq], lay.count
+            if m.next_logical + k > self.max_position:
                 raise ValueError(f"input: sequence {seq} would pass logical position max_position={self.max_position}")
-            sq = m.next_logical - view
-            r = int(m.counts[-1]) % bs if len(m.counts) else 0  # tokens of a last block with room left
+            sq = m.next_logical - lay.position if k else m.next_logical - m.length
+            frames.append(sq)
+            r = int(m.counts[-1]) % bs if len(m.counts) and not lay.fresh else 0  # a last block with room left
             cow = r > 0 and (self.allocator.refcount[m.blocks[-1]] > 1 or m.sigma[-1] != sq)
-            fresh = -(-(r + q) // bs) - (1 if r else 0)
-            plans.append((seq, m, sq, r, cow, fresh))
+            fresh = -(-(r + k) // bs) - (1 if r else 0)
+            plans.append((seq, m, sq, r, cow, fresh, lay))
             needed += fresh + cow
         self.allocator.require(needed, f"appending {q} tokens to {rows} sequences")
 
         copies: list[tuple[int, NewBlock]] = []
         released: list[int] = []  # released after the copies read them
         slots: list[np.ndarray] = []
-        for seq, m, sq, r, cow, fresh in plans:
+        trash = self.storage.trash_block * bs
+        for seq, m, sq, r, cow, fresh, lay in plans:
+            q_row = lay.count
             blocks, sigma, counts = m.blocks, m.sigma, m.counts  # new arrays below: never written in place
             if cow:
                 old = int(blocks[-1])
@@ -858,20 +901,22 @@ class ManifoldCache(Cache):
             if fresh:
                 blocks = np.concatenate((blocks, self.allocator.allocate(fresh)))
                 sigma = np.concatenate((sigma, np.full(fresh, sq, dtype=np.int64)))
-            # the new tokens continue the last block (from slot r) and fill the fresh ones
-            first = len(counts) - (1 if r else 0)
-            pos = r + np.arange(q)
-            phys, offset = blocks[first + pos // bs], pos % bs
-            filled = np.bincount(pos // bs)  # new tokens per entry they go to
-            filled[0] += r
-            counts = np.concatenate((counts[:first], filled))
-            slots.append(phys * bs + offset)
-            self.storage.stored[phys, offset] = view + np.arange(q)
-            self._seqs[seq] = SeqMap(blocks, sigma, counts, m.length + q, m.next_logical + q)
+            row_slots = np.full(q, trash, dtype=np.int64)  # padding tokens go to the trash block
+            if q_row:  # the new tokens continue the last block (from slot r) and fill the fresh ones
+                first = len(counts) - (1 if r else 0)
+                pos = r + np.arange(q_row)
+                phys, offset = blocks[first + pos // bs], pos % bs
+                filled = np.bincount(pos // bs)  # new tokens per entry they go to
+                filled[0] += r
+                counts = np.concatenate((counts[:first], filled))
+                row_slots[lay.start:lay.start + q_row] = phys * bs + offset
+                self.storage.stored[phys, offset] = lay.position + np.arange(q_row)
+            slots.append(row_slots)
+            self._seqs[seq] = SeqMap(blocks, sigma, counts, m.length + q_row, m.next_logical + q_row)
         self.storage.copy_blocks(copies)
         self.allocator.decref(released)
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.allocator.blocks_in_use)
-        return torch.from_numpy(np.concatenate(slots)).to(self.storage.device)
+        return torch.from_numpy(np.concatenate(slots)).to(self.storage.device), padded, frames
 
     def _allocate(self, layer_idx: int, key_states: torch.Tensor) -> None:
         """A layer's first update: its pools take the heads of the keys the model hands it.  Traced inline under
@@ -936,6 +981,41 @@ class ManifoldCache(Cache):
             m = self._seqs[seq]
             n = len(m.blocks)
             tables[:, row, :n] = m.blocks, m.sigma - (m.next_logical - view), m.counts
+        out = tuple(torch.from_numpy(t).to(self.storage.device) for t in tables)
+        for t in out:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        return out
+
+    def _padded_tables(self, layouts: list[RowLayout], frames: list[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tables of a padded forward, in the mask's columns: each row's entries (deltas in its own query frame
+        `frames[row]`), with every run of padding a run of entries of up to a block's tokens on the pad block.
+
+        A run of real tokens must consist of whole entries (padding falls between entries, as `_place` keeps it);
+        a mask whose padding cuts an entry is refused, naming it."""
+        bs, pad = self.block_size, self.storage.pad_block
+        rows = []
+        for row, (seq, lay, sq) in enumerate(zip(self._batch, layouts, frames, strict=True)):
+            m = self._seqs[seq]
+            ends = np.cumsum(m.counts)
+            parts, used, entry = [], 0, 0
+            for real, n in lay.runs:
+                if not real:
+                    counts = np.full(-(-n // bs), bs, dtype=np.int64)
+                    counts[-1] = n - bs * (len(counts) - 1)
+                    parts.append(np.stack([np.full_like(counts, pad), np.zeros_like(counts), counts]))
+                    continue
+                stop = int(np.searchsorted(ends, used + n)) + 1
+                if stop > len(ends) or ends[stop - 1] != used + n:
+                    raise ValueError(f"attention_mask: row {row}'s padding cuts its cached tokens after token "
+                                     f"{used + n}, inside a table entry (padding must keep the columns it had)")
+                parts.append(np.stack([m.blocks[entry:stop], m.sigma[entry:stop] - sq, m.counts[entry:stop]]))
+                used, entry = used + n, stop
+            rows.append(np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64))
+        width = 1 << max(1, (max(r.shape[1] for r in rows) - 1).bit_length())
+        tables = np.zeros((3, len(rows), width), dtype=np.int64)
+        for row, t in enumerate(rows):
+            tables[:, row, :t.shape[1]] = t
         out = tuple(torch.from_numpy(t).to(self.storage.device) for t in tables)
         for t in out:
             torch._dynamo.maybe_mark_dynamic(t, 1)
@@ -1187,8 +1267,12 @@ class ManifoldCache(Cache):
         return seq
 
     def _touch(self) -> None:
-        """After any change: the view length of the batch (what get_seq_length reports), the peak."""
+        """After any change: the view length of the batch (what get_seq_length reports: a padded batch keeps its
+        mask's width while it has rows), the peak."""
         n = max((self._seqs[s].length for s in self._batch), default=0)
+        self._padded = self._padded and bool(self._batch)
+        if self._padded:
+            n = max(n, self._view_sizes.shape[1])
         if n != self._view_sizes.shape[1]:
             self._view_sizes = _size_carrier(n)
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.allocator.blocks_in_use)
@@ -1226,6 +1310,7 @@ class ManifoldCache(Cache):
         old = self._seqs[seq]
         self.allocator.decref(old.blocks)
         self._seqs[seq] = SeqMap(blocks, plan.sigma, plan.counts, plan.length, next_logical)
+        self._padded = False  # an edit of the tokens: the rows' views are their tokens again, unpadded
         self._touch()
 
     def _apply_window(self, seq: int) -> None:

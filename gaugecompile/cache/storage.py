@@ -7,6 +7,10 @@ re-rotated so that a block keeps a single sigma.  Stored positions live on the h
 slot): the planner reads them to find where an edit cuts a block, and a copy records the new stored
 positions of its slots.
 
+Two more blocks follow the allocator's: `trash_block`, where a padded forward writes its padding tokens
+(never read), and `pad_block`, all zeros and never written, which a padded forward's tables point at for
+padding columns (`padding.py`): the materialised view reads zeros there, under the mask.
+
 A layer's pools are allocated by its first write, shaped by the keys and values the model hands it,
 not by its config: a tensor-parallel rank holds only its share of the KV heads, and a model may
 ignore a config attribute.  Until then the layer holds no tokens, so nothing is lost by waiting.
@@ -24,8 +28,8 @@ __all__ = ["BlockStorage"]
 
 
 class BlockStorage:
-    """Per-layer `k_pool`/`v_pool` of shape [num_blocks, block_size, kv_heads, head_dim]; None until the layer's
-    first write (`allocate`) sizes them."""
+    """Per-layer `k_pool`/`v_pool` of shape [num_blocks + 2, block_size, kv_heads, head_dim] (the allocator's blocks,
+    then `trash_block` and `pad_block`); None until the layer's first write (`allocate`) sizes them."""
 
     def __init__(
         self, ropes: tuple[RopeSpec, ...], num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
@@ -40,6 +44,16 @@ class BlockStorage:
         self.device = torch.device(device)
 
     @property
+    def trash_block(self) -> int:
+        """The block a padded forward's padding tokens are written to (never read)."""
+        return self.num_blocks
+
+    @property
+    def pad_block(self) -> int:
+        """The all-zero block that padding columns of a forward's tables point at: the pools' last block."""
+        return self.num_blocks + 1
+
+    @property
     def allocated(self) -> tuple[int, ...]:
         """The layers whose pools exist."""
         return tuple(i for i, k in enumerate(self.k_pools) if k is not None)
@@ -47,7 +61,7 @@ class BlockStorage:
     def allocate(self, layer: int, kv_heads: int, head_dim: int, packed: bool = False) -> None:
         """Create layer `layer`'s zeroed pools for `kv_heads` heads of width `head_dim`; `packed`: one pool serves
         as both (a latent layer's rows hold its whole cache), so `v_pools[layer] is k_pools[layer]`."""
-        shape = (self.num_blocks, self.block_size, kv_heads, head_dim)
+        shape = (self.num_blocks + 2, self.block_size, kv_heads, head_dim)  # + trash_block, pad_block
         self.k_pools[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_pools[layer] = self.k_pools[layer] if packed else torch.zeros(shape, dtype=self.dtype,
                                                                                 device=self.device)
