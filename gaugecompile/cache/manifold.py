@@ -32,9 +32,15 @@ Under torch.compile.  The host bookkeeping of a forward (allocation, copy-on-wri
 layer, so a compiled forward is: a small graph, the bookkeeping, one graph with every layer's
 `materialize_kv` feeding its attention, a small graph.  Lengths reach the graph as tensor sizes (the
 view length before and after the forward are the sizes of empty tensors, tables are padded to
-power-of-two widths, all marked dynamic), so decode steps do not recompile.  A fresh cache assumes one
-row there; a forward with more rows redoes the bookkeeping in update(), inside the layer loop;
-`new_sequences(rows)` avoids that.
+power-of-two widths, all marked dynamic), so decode steps do not recompile.  A cache built from the model
+learns each forward's rows there from the model's pre-hook (`padding.py`); one built from a config assumes one
+row, and a forward with more rows redoes the bookkeeping in update(), inside the layer loop
+(`new_sequences(rows)` avoids that).
+
+Padded batches.  With the model's pre-hook, a forward's 2D `attention_mask` says which new tokens are padding:
+none is stored, each row keeps its own tokens at the positions the model rotated them, and the forward's tables
+are laid out in the mask's padded columns, padding on the pools' zero block (`padding.py`,
+`BlockStorage.pad_block`).
 """
 
 from __future__ import annotations
