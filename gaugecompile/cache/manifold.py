@@ -165,6 +165,12 @@ def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"{name}: expected {kind}{bound}, got {value!r}")
 
 
+def _empty_tables(rows: int, entries: int) -> np.ndarray:
+    """Zeroed [3, rows, width] block table, deltas and counts, the width a power of two >= 2 holding `entries` (a
+    table grows by doubling, so decode steps reuse one compiled shape)."""
+    return np.zeros((3, rows, 1 << max(1, (entries - 1).bit_length())), dtype=np.int64)
+
+
 def _largest_rotation(plan, next_logical: int) -> int:
     """The largest |offset| a repacked sequence rotates by: its entries' deltas in the frame of a query at the
     view length (copies keep their sigma, so they rotate nothing)."""
@@ -980,13 +986,16 @@ class ManifoldCache(Cache):
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block table, deltas and token counts of the batch's entries, padded to a power-of-two width >= 2 with
         empty entries (marked dynamic)."""
-        width = 1 << max(1, (max(len(self._seqs[s].blocks) for s in self._batch) - 1).bit_length())
-        tables = np.zeros((3, len(self._batch), width), dtype=np.int64)
+        tables = _empty_tables(len(self._batch), max(len(self._seqs[s].blocks) for s in self._batch))
         view = self._common_length()
         for row, seq in enumerate(self._batch):
             m = self._seqs[seq]
             n = len(m.blocks)
             tables[:, row, :n] = m.blocks, m.sigma - (m.next_logical - view), m.counts
+        return self._table_tensors(tables)
+
+    def _table_tensors(self, tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[3, rows, width] host tables as the forward's tensors on the pools' device, width marked dynamic."""
         out = tuple(torch.from_numpy(t).to(self.storage.device) for t in tables)
         for t in out:
             torch._dynamo.maybe_mark_dynamic(t, 1)
@@ -1018,14 +1027,10 @@ class ManifoldCache(Cache):
                 parts.append(np.stack([m.blocks[entry:stop], m.sigma[entry:stop] - sq, m.counts[entry:stop]]))
                 used, entry = used + n, stop
             rows.append(np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64))
-        width = 1 << max(1, (max(r.shape[1] for r in rows) - 1).bit_length())
-        tables = np.zeros((3, len(rows), width), dtype=np.int64)
+        tables = _empty_tables(len(rows), max(r.shape[1] for r in rows))
         for row, t in enumerate(rows):
             tables[:, row, :t.shape[1]] = t
-        out = tuple(torch.from_numpy(t).to(self.storage.device) for t in tables)
-        for t in out:
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-        return out
+        return self._table_tensors(tables)
 
     def _common_length(self) -> int:
         lengths = [self._seqs[s].length for s in self._batch]
