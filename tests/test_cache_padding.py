@@ -150,7 +150,7 @@ def test_bad_masks_are_refused_naming_the_argument_state_unchanged(bad):
     step = torch.ones(2, 3, dtype=torch.long)
     kwargs = dict(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1))
     if bad == "width":
-        kwargs["attention_mask"] = torch.ones(2, 3, dtype=torch.long)
+        kwargs["attention_mask"] = torch.ones(2, 2, dtype=torch.long)  # narrower than the new tokens
         match = "attention_mask: expected"
     elif bad == "between":
         kwargs["attention_mask"][1, -3:] = torch.tensor([1, 0, 1])

@@ -216,10 +216,9 @@ def test_padded_views_take_the_rotated_query_path_where_the_mask_is_causal_over_
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
     seen = seen.expand(lse.shape)
     torch.testing.assert_close(lse.double()[seen], want_lse.expand(lse.shape)[seen], atol=2e-5, rtol=2e-5)
-    # the kernel's alignment: each row's real tokens end the view, its queries the last ones (left padding, or
-    # padding only before the queries' own columns)
-    held = real.sum(1)
-    tail_real = torch.stack([real[b, length - q.shape[2]:].flip(0).cumprod(0).sum() for b in range(len(real))])
-    left_aligned = bool(((tail_real == q.shape[2]) | (held <= tail_real)).all())
-    if bool(real.all()) or left_aligned:
+    # the rotated-query path runs wherever each row's real queries are its last ones (padding before them: left
+    # padding, a decode step, a row's new tokens after its cached ones with padding between)
+    new = real[:, length - q.shape[2]:]
+    tail = new.flip(1).to(torch.int64).cumprod(1).sum(1)
+    if bool((tail == new.sum(1)).all()):
         assert not calls

@@ -62,21 +62,25 @@ def _runs(row: np.ndarray) -> tuple[tuple[bool, int], ...]:
     return tuple((bool(row[s]), int(n)) for s, n in zip(starts, lengths, strict=True))
 
 
-def row_layouts(inputs: ForwardInputs, lengths: list[int], past: int, q: int) -> list[RowLayout] | None:
-    """Each row's layout in a forward of `q` new tokens per row over a batch whose rows hold `lengths` real tokens
-    and whose view is `past` columns wide, or None when the forward has no padding (no 2D mask, or one that marks
-    every column, which holds only where every row holds `past` tokens: checked).
+def row_layouts(inputs: ForwardInputs, lengths: list[int], view: int, q: int) -> list[RowLayout] | None:
+    """Each row's layout in a forward of `q` new tokens per row over a batch whose rows hold `lengths` real tokens,
+    or None when the forward has no padding (no 2D mask, or one that marks every column, which holds only where
+    every row holds all the columns before the new tokens: checked).
 
-    Raises ValueError naming the argument when the mask does not fit the cache (its width, a row's real tokens
-    before the forward, padding between a forward's real tokens) or the real tokens' positions are not consecutive.
+    The mask's columns before the new ones may lay each row's tokens out anew (a scheduler left-pads every step to
+    its longest row), as long as each row marks exactly the tokens it holds.  Without `position_ids` the model
+    rotates new token i at the cache's `view` length + i, as transformers' models do.  Raises ValueError naming the
+    argument when the mask does not fit the cache (its shape, a row's real tokens before the forward, padding between
+    a forward's real tokens) or the real tokens' positions are not consecutive.
     """
     mask = inputs.attention_mask
     if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     rows = len(lengths)
-    if tuple(mask.shape) != (rows, past + q):
-        raise ValueError(f"attention_mask: expected [rows, past + q] = [{rows}, {past + q}] (the cache's view is "
-                         f"{past} columns wide), got {list(mask.shape)}")
+    if mask.shape[0] != rows or mask.shape[1] < q:
+        raise ValueError(f"attention_mask: expected [rows, past + q] with {rows} rows and q = {q}, got "
+                         f"{list(mask.shape)}")
+    past = mask.shape[1] - q
     real = mask.detach().to("cpu", torch.bool).numpy()
     positions = inputs.position_ids
     if positions is not None and positions.dim() == 2:
@@ -95,7 +99,7 @@ def row_layouts(inputs: ForwardInputs, lengths: list[int], past: int, q: int) ->
         if count and int(idx[-1]) - start + 1 != count:
             raise ValueError(f"attention_mask: row {r} has padding between its new tokens (columns {past + start} to "
                              f"{past + int(idx[-1])}); a forward's new tokens must be [padding] tokens [padding]")
-        where = positions[r, start:start + count] if positions is not None else past + np.arange(start, start + count)
+        where = positions[r, start:start + count] if positions is not None else view + np.arange(start, start + count)
         first = int(where[0]) if count else 0
         if count and not np.array_equal(where, first + np.arange(count)):
             raise ValueError(f"position_ids: row {r}'s tokens are rotated at {where.tolist()}; expected consecutive "

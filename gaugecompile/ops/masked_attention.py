@@ -74,20 +74,25 @@ def _visible(mask: Tensor) -> Tensor:
 
 
 def padded_causal_lens(mask: Tensor, block_table: Tensor, block_lens: Tensor, q_len: int, length: int,
-                       pad_block: int) -> Tensor | None:
-    """The table's token counts with its padding entries (those on `pad_block`) emptied, when `mask` is exactly
-    the causal mask over each row's other tokens; else None (also for a view without padding entries).
+                       pad_block: int) -> tuple[Tensor, Tensor] | None:
+    """The table's token counts with its padding entries (those on `pad_block`) emptied, and each row's number of
+    trailing real queries, when `mask` is exactly the causal mask over the real columns; else None (also for a view
+    without padding entries).
 
-    A row holding n tokens besides padding: query t sees the first n - q_len + t + 1 of them (none where that is not
-    positive), wherever the padding columns lie -- what the op computes over the emptied table.  Every mask entry
-    is compared, so a bias, a window or padding other than the table's is refused; additive masks must be 0 where
-    visible."""
+    The trailing real queries of a row holding n real tokens see, query t, the first n - q_len + t + 1 of them; the
+    queries before them (padding) all see the real tokens before the new ones: what a causal mask over real columns
+    gives wherever the padding lies (left, right, between a row's cached tokens and its new ones) -- what the op
+    computes over the emptied table (`_padded_attention`).  Every mask entry is compared, so a bias, a window or
+    padding other than the table's is refused; additive masks must be 0 where visible."""
     entry, _ = view_entries(block_lens, length)
     real = block_table.to(torch.int64).gather(1, entry) != pad_block  # [B, L]
     if bool(real.all()):
         return None
     rank = real.cumsum(1) - 1  # the index of each real column among the row's real tokens
-    last = real.sum(1, keepdim=True) - q_len + torch.arange(q_len, device=real.device)[None, :]  # [B, Q]
+    held = real.sum(1, keepdim=True)  # [B, 1]
+    tail = real[:, length - q_len:].flip(1).to(torch.int64).cumprod(1).sum(1, keepdim=True)  # trailing real queries
+    t = torch.arange(q_len, device=real.device)[None, :]
+    last = torch.where(t >= q_len - tail, held - q_len + t, held - tail - 1)  # [B, Q]: the last rank each sees
     expected = (real[:, None, :] & (rank[:, None, :] <= last[:, :, None]))[:, None]  # [B, 1, Q, L]
     visible = _visible(mask)
     try:
@@ -98,30 +103,38 @@ def padded_causal_lens(mask: Tensor, block_table: Tensor, block_lens: Tensor, q_
         return None
     if mask.dtype != torch.bool and not bool((torch.where(visible, mask, 0) == 0).all()):
         return None
-    return torch.where(block_table == pad_block, 0, block_lens)
+    return torch.where(block_table == pad_block, 0, block_lens), tail[:, 0]
 
 
 def _padded_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor,
-                      block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
-                      softcap: float) -> tuple[Tensor, Tensor]:
-    """The op over rows of unequal length (`block_lens` without padding): rows holding at least the queries in one
-    call; a row holding n < q_len tokens answers its last n queries, the others see nothing (out 0, lse -inf)."""
+                      block_lens: Tensor, tail: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
+                      scale: float, softcap: float) -> tuple[Tensor, Tensor]:
+    """The op over rows of their own lengths (`block_lens` without padding), as `padded_causal_lens` defines it: rows
+    whose queries are all real in one call; in a row with `tail` < q_len real queries, those run causally over its
+    view and the padding queries before them non-causally over the tokens before its new ones (0 if none)."""
     q_len = q.shape[2]
     held = block_lens.sum(1)
-    args = (inv_freq, rotary_dim, interleaved, scale, q_len > 1, 0, softcap)
-    rows = torch.nonzero(held >= q_len).flatten()
+    rows = torch.nonzero(tail == q_len).flatten()
+    call = lambda q, table, delta, lens, causal: torch.ops.gauge.rotated_query_attention(  # noqa: E731
+        q, k_pool, v_pool, table, delta, lens, inv_freq, rotary_dim, interleaved, scale, causal, 0, softcap)
     if len(rows) == q.shape[0]:
-        return torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, *args)
+        return call(q, block_table, block_delta, block_lens, q_len > 1)
     out = q.new_zeros(q.shape)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
     if len(rows):
-        out[rows], lse[rows] = torch.ops.gauge.rotated_query_attention(
-            q[rows], k_pool, v_pool, block_table[rows], block_delta[rows], block_lens[rows], *args)
-    for row in torch.nonzero((held > 0) & (held < q_len)).flatten().tolist():
-        n = int(held[row])
-        out[row, :, -n:], lse[row, :, -n:] = (x[0] for x in torch.ops.gauge.rotated_query_attention(
-            q[row:row + 1, :, -n:], k_pool, v_pool, block_table[row:row + 1], block_delta[row:row + 1],
-            block_lens[row:row + 1], *args))
+        out[rows], lse[rows] = call(q[rows], block_table[rows], block_delta[rows], block_lens[rows], q_len > 1)
+    for row in torch.nonzero(tail < q_len).flatten().tolist():
+        k, n = int(tail[row]), int(held[row])
+        table, delta, lens = block_table[row:row + 1], block_delta[row:row + 1], block_lens[row:row + 1]
+        if k:
+            out[row, :, q_len - k:], lse[row, :, q_len - k:] = (x[0] for x in call(q[row:row + 1, :, q_len - k:],
+                                                                                  table, delta, lens, k > 1))
+        if n > k:  # the padding queries see the tokens before the new ones (whole entries: padding cut there),
+            m = q_len - k  # each a row of one query, so that the view may hold fewer tokens than there are queries
+            before = (lens * ((lens.cumsum(1) <= n - k) & (lens > 0))).expand(m, -1).contiguous()
+            o, s = call(q[row, :, :m].transpose(0, 1)[:, :, None], table.expand(m, -1).contiguous(),
+                        delta.expand(m, -1).contiguous(), before, False)
+            out[row, :, :m], lse[row, :, :m] = o[:, :, 0].transpose(0, 1), s[:, :, 0].transpose(0, 1)
     return out, lse
 
 
@@ -152,16 +165,16 @@ def _masked_op(
     if not 0 <= first <= length:
         raise ValueError(f"first: expected the first key in [0, length={length}], got {first}")
     window = sliding_window_of(mask, q_len, length, first) if q_len <= length else None
-    lens = None if window is not None or first else padded_causal_lens(mask, block_table, block_lens, q_len, length,
-                                                                       k_pool.shape[0] - 1)
-    if window is not None or lens is not None:
-        if lens is None:
+    padded = None if window is not None or first else padded_causal_lens(mask, block_table, block_lens, q_len,
+                                                                         length, k_pool.shape[0] - 1)
+    if window is not None or padded is not None:
+        if padded is None:
             out, lse = torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta,
                                                                block_lens, inv_freq, rotary_dim, interleaved, scale,
                                                                q_len > 1, window, softcap)
         else:
-            out, lse = _padded_attention(q, k_pool, v_pool, block_table, block_delta, lens, inv_freq, rotary_dim,
-                                         interleaved, scale, softcap)
+            out, lse = _padded_attention(q, k_pool, v_pool, block_table, block_delta, *padded, inv_freq,
+                                         rotary_dim, interleaved, scale, softcap)
         if sinks is None:
             return out, lse
         # a sink adds exp(sink) to the denominator: out * exp(lse) / (exp(lse) + exp(sink))
