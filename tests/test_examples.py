@@ -25,6 +25,7 @@ CASES = [
     pytest.param("beam_search.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="beam_search",
                  marks=pytest.mark.slow),
     pytest.param("batched_generation.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="batched_generation"),
+    pytest.param("continuous_batching.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="continuous_batching"),
     pytest.param("streaming.py", [*RANDOM, *EAGER, "--window", "16", "--steps", "32", "--block-size", "4"], 300,
                  id="streaming"),
     pytest.param("document_reuse.py", [*RANDOM, *EAGER, "--new-tokens", "6"], 300, id="document_reuse"),
