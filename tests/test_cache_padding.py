@@ -183,3 +183,46 @@ def test_generate_on_a_torch_compile_wrapper_warns_that_it_runs_uncompiled():
     with pytest.warns(UserWarning, match="model.compile"):
         fast.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model), max_new_tokens=2)
     assert runs["kernel"] == 0  # nothing compiled ran: what the warning says
+
+
+def test_prefill_and_splice_into_a_padded_batch():
+    """A chunk prefilled while the batch is padded (its own forward, unpadded) and spliced into a padded row: the
+    batch keeps generating with a mask that marks each row's tokens, and the row's next logits are those of the same
+    edit on that row alone, unpadded."""
+    rows = _rows([5, 2])
+    ids, mask = _pad(rows)
+    doc = torch.randint(2, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+    nxt = torch.tensor([[7], [9]])
+    cache, alone = _cache(LLAMA), _cache(LLAMA)
+    with torch.no_grad():
+        LLAMA(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        chunk = cache.prefill(LLAMA, doc)
+        assert cache.get_seq_length() == ids.shape[1]  # the padded width, as before the prefill
+        cache.splice(cache.batch[1], chunk, 0)
+        held = [cache.seq_len(s) for s in cache.batch]
+        assert held == [5, 8]
+        step_mask = torch.zeros(2, max(held) + 1, dtype=torch.long)
+        for i, n in enumerate(held):
+            step_mask[i, max(held) - n:] = 1
+        got = LLAMA(input_ids=nxt, attention_mask=step_mask, position_ids=torch.tensor([[n] for n in held]),
+                    past_key_values=cache).logits
+        LLAMA(input_ids=rows[1], past_key_values=alone)
+        alone.splice(alone.batch[0], alone.prefill(LLAMA, doc), 0)
+        want = LLAMA(input_ids=nxt[1:], past_key_values=alone).logits
+    torch.testing.assert_close(got[1, -1], want[0, -1], rtol=0, atol=1e-4)
+
+
+def test_a_padded_batch_whose_rows_even_out_takes_an_all_ones_mask():
+    """Rows padded once, then equal in length (a scheduler's step after the short rows caught up): a mask of all ones
+    is the right mask, and the batch leaves its padded view."""
+    rows = _rows([3, 1])
+    ids, mask = _pad(rows)
+    cache = _cache(LLAMA)
+    with torch.no_grad():
+        LLAMA(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        LLAMA(input_ids=torch.tensor([[5], [6]]), attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]),
+              position_ids=torch.tensor([[3], [1]]), past_key_values=cache)
+        cache.set_batch([cache.batch[1]])  # one row alone: all ones
+        LLAMA(input_ids=torch.tensor([[7]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+              past_key_values=cache)
+    assert cache.get_seq_length() == 3

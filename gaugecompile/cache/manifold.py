@@ -871,7 +871,7 @@ class ManifoldCache(Cache):
             lengths = [self._seqs[s].length for s in self._batch]
             layouts = row_layouts(inputs, lengths, self._view_sizes.shape[1], q)
         if layouts is None:
-            if self._padded:
+            if self._padded and (inputs is None or inputs.attention_mask is None):
                 raise ValueError("attention_mask: the batch's rows are padded (a view of "
                                  f"{self._view_sizes.shape[1]} columns); expected the 2D mask that pads them")
             view = self._common_length()
@@ -1219,7 +1219,7 @@ class ManifoldCache(Cache):
         if config is not None:
             self._check_model_config(config)
         with self._transaction() as saved:
-            self._batch, self._window, self._view_sizes = [], None, torch.empty(0, 0)
+            self._batch, self._window, self._view_sizes, self._padded = [], None, torch.empty(0, 0), False
             with torch.no_grad():
                 model(input_ids=input_ids, past_key_values=self, use_cache=True)
             if self._fwd is not None and self._layers_written < len(self.attention_layers):
@@ -1231,6 +1231,7 @@ class ManifoldCache(Cache):
             chunk = self.chunk(tmp, 0, self._seqs[tmp].next_logical)
             self.free(tmp)
             self._batch, self._window, self._view_sizes = saved.batch, saved.window, saved.view
+            self._padded = saved.padded
         return chunk
 
     def _check_model_config(self, config) -> None:
