@@ -3,9 +3,10 @@ shape of transformers' `model.generate_batch(inputs, generation_config)`.
 
 transformers' own continuous batching (`generate_batch`) builds its paged cache and attention itself, so it cannot
 run over a ManifoldCache; this scheduler drives the model's ordinary forward instead.  Each step prefills the
-requests that joined (their rows only, left-padded among themselves, `cache.set_batch`), then runs one decode step
-of every active row, the rows left-padded to the longest (the cache stores no padding: `cache/padding.py`, and the
-compiled step runs the rotated-query kernel over each row's own tokens).  A finished row frees its blocks at once.
+requests that joined, each alone (`cache.set_batch`: a padded prefill would run the whole model on every padding
+token, 2.75x the tokens for prompts of 64 to 2048), then runs one decode step of every active row, the rows
+left-padded to the longest (the cache stores no padding: `cache/padding.py`, and the compiled step runs the
+rotated-query kernel over each row's own tokens).  A finished row frees its blocks at once.
 
 Shared prefixes are found automatically: a request whose prompt starts with tokens a live row holds, or a finished
 row's prompt kept as a chunk (as vLLM keeps freed blocks cached; the oldest are freed when a request needs room),
@@ -236,14 +237,14 @@ def _run(model, cache: ManifoldCache, config: GenerationConfig, new_tokens: int,
         if not active and not joiners:  # the next request has not arrived yet
             time.sleep(max(0.0, min(arrivals[pending[0][0]] - now, 0.05)))
             continue
-        if joiners:
-            feed = [r.prompt[r.held:] for r in joiners]
-            stats.prefilled_tokens += sum(map(len, feed))
-            for row, token in zip(joiners, _first_tokens(model, cache, joiners, feed, config), strict=True):
-                row.held = len(row.prompt)
-                row.out.generated_tokens.append(token)
-                stats.ttft[row.request] = time.perf_counter() - start
-            active.extend(joiners)
+        for row in joiners:  # each prompt alone: a padded prefill would run the model on every padding token
+            feed = row.prompt[row.held:]
+            stats.prefilled_tokens += len(feed)
+            (token,) = _first_tokens(model, cache, [row], [feed], config)
+            row.held = len(row.prompt)
+            row.out.generated_tokens.append(token)
+            stats.ttft[row.request] = time.perf_counter() - start
+        active.extend(joiners)
         done = [r for r in active if len(r.out.generated_tokens) >= new_tokens or r.out.generated_tokens[-1] in eos]
         decoding = [r for r in active if r not in done]
         if decoding:
