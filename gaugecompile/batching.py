@@ -184,19 +184,19 @@ def generate_batch(
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     if cache is None:
         longest = max(map(len, prompts)) + new_tokens
-        cache = ManifoldCache(model, max_batch_size=max_batch_size + 1, max_tokens=(max_batch_size + 1) * longest)
+        cache = ManifoldCache(model, max_batch_size=max_batch_size, max_tokens=max_batch_size * longest)
     stats = stats if stats is not None else BatchStats()
     prefixes = _Prefixes(cache, min_shared_tokens) if share_prefixes else None
     pending = deque(enumerate(prompts))
     active: list[_Row] = []
     results: dict[str, GenerationOutput] = {}
-    start = time.perf_counter()
+    start, before = time.perf_counter(), set(cache.sequences)
     try:
         _run(model, cache, config, new_tokens, eos, max_batch_size, pending, active, results, prefixes, arrivals,
              start, stats, progress_bar, len(prompts))
-    finally:  # also on an error: the rows it opened and the prefixes it kept are freed, the cache as it was
-        for row in active:
-            cache.free(row.seq)
+    finally:  # also on an error: the rows it opened (joining or active) and the prefixes it kept are freed
+        for seq in set(cache.sequences) - before:
+            cache.free(seq)
         if prefixes is not None:
             prefixes.release()
     stats.peak_bytes = stats.peak_blocks * cache.bytes_per_block

@@ -94,6 +94,24 @@ def test_a_request_that_cannot_fit_is_refused_naming_it_with_the_cache_unchanged
     assert _state(cache) == before
 
 
+def test_a_forward_that_fails_mid_run_leaves_the_cache_as_it_was():
+    """A failure in a joiner's prefill (after its row was opened and took a shared prefix) frees every row and kept
+    prefix the call made."""
+    calls = []
+
+    def failing(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second joiner's prefill: both rows opened, neither decoding yet
+            raise RuntimeError("model failed")
+        return LLAMA(**kwargs)
+
+    cache = ManifoldCache(LLAMA, max_batch_size=4, max_tokens=400, block_size=4)
+    before = _state(cache)
+    with pytest.raises(RuntimeError, match="model failed"):
+        generate_batch(failing, _requests(4, [5, 7, 3, 6]), GREEDY, cache=cache, max_batch_size=2)
+    assert _state(cache) == before
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(inputs=[]), "inputs"), (dict(inputs=[[1], []]), "inputs"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(arrivals=[1.0, 0.5]), "arrivals"), (dict(arrivals=[0.0]), "arrivals"),
