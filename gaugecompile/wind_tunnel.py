@@ -28,7 +28,7 @@ inputs onto the `V - k` remaining outputs, `(V - k)!` of them, all equally proba
   the other `V - k - 1` inputs onto the other `V - k - 1` outputs, `(V - k - 1)!` of them, the same number for
   every `u`: the posterior of `pi(x_t)` is uniform over the `V - k` unrevealed outputs, entropy `log2(V - k)` bits
   (0 bits when `k = V - 1`: the last unseen input has one output left).
-`tests/test_wind_tunnel.py` checks this against brute-force enumeration of all bijections for `V <= 5`.
+`tests/research/test_wind_tunnel.py` checks this against brute-force enumeration of all bijections for `V <= 5`.
 
 What is measured (`evaluate`): over held-out sequences (a generator seed the training never uses; each has its own
 bijection, so nothing can be memorised), the model's predictive entropy in bits at every output position against

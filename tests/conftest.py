@@ -2,7 +2,7 @@
 
 `GAUGECOMPILE_TRITON_DEVICE=cuda` (set by the GPU check, `gaugecompile.bench.gpu_check`) leaves
 TRITON_INTERPRET unset instead, so the generated kernels compile for real, and the kernel tests
-(tests/test_codegen_kernels.py) put their tensors on that device. Unset or `cpu`: exactly the CPU default.
+(tests/codegen/test_codegen_kernels.py) put their tensors on that device. Unset or `cpu`: exactly the CPU default.
 """
 
 import os

@@ -79,8 +79,8 @@ CLI = "import sys; from gaugecompile.cli import main; sys.exit(main(sys.argv[1:]
 CUDA_ENV: dict[str, str | None] = {"TRITON_INTERPRET": None, "GAUGECOMPILE_TRITON_DEVICE": "cuda"}
 #: Set for every step: output not held back, pip never prompts or checks its own version.
 COMMON_ENV = {"PYTHONUNBUFFERED": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-KERNEL_TESTS = ("tests/test_codegen_kernels.py", "tests/test_codegen_source.py")
-ONNX_CUDA_TEST = "tests/test_onnx_export.py::test_cuda_provider_matches_torch"
+KERNEL_TESTS = ("tests/codegen/test_codegen_kernels.py", "tests/codegen/test_codegen_source.py")
+ONNX_CUDA_TEST = "tests/onnx/test_onnx_export.py::test_cuda_provider_matches_torch"
 DECODE_CONTEXTS = (8192, 32768, 131072)
 DECODE_DTYPES = ("float16", "bfloat16")
 DECODE_TABLES = ("contiguous", "one-delta", "fragmented")

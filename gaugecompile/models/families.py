@@ -1,7 +1,7 @@
 """The rotary causal-LM model types of the pinned transformers and the status each got in the last full sweep
 (`python benchmarks/arch_sweep.py`, all four checks; the table is in the README): the project's list of families.
 
-`tests/test_family_sweep.py` fails when the installed transformers has a rotary causal LM that is not listed here
+`tests/models/test_family_sweep.py` fails when the installed transformers has a rotary causal LM that is not listed here
 (or lists one it no longer has), and runs checks (1)-(3) of every listed type against these statuses; the sweep
 prints the types whose status moved.
 """

@@ -1,6 +1,6 @@
 """The tensor-parallel scenario `test_tensor_parallel.py` runs: on 2 gloo ranks under torchrun, and in one process.
 
-Run as `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/tp_scenario.py CHECKPOINT OUT`:
+Run as `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/cache/tp_scenario.py CHECKPOINT OUT`:
 each rank loads CHECKPOINT with `tp_plan="auto"`, runs `scenario` with a ManifoldCache in the world group
 (`check_sync()` after every step and edit, bytes through the process group counted per edit) and saves what
 it saw to OUT/rank<r>.pt.  The test runs the same `scenario` on the unsharded model and compares.

@@ -16,7 +16,7 @@ import torch
 from gaugecompile.bench import gpu_check as gcheck
 from gaugecompile.bench import gpu_decode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 PLAN_NAMES = ["probe", "install", "install-wheels", "install-project", "machine", "tests-triton", "gpu-decode",
               "onnx-cuda", "demo-help", "demo", "tests-rest"]
@@ -72,12 +72,12 @@ def test_planned_command_lines():
     assert steps["machine"].command == steps["probe"].command and steps["machine"].kind == "probe"
 
     pytest_cmd = ("PY", "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider")
-    assert steps["tests-triton"].command == (*pytest_cmd, "tests/test_codegen_kernels.py",
-                                             "tests/test_codegen_source.py")
-    assert steps["onnx-cuda"].command == (*pytest_cmd, "tests/test_onnx_export.py::test_cuda_provider_matches_torch")
-    assert steps["tests-rest"].command == (*pytest_cmd, "--ignore=tests/test_codegen_kernels.py",
-                                           "--ignore=tests/test_codegen_source.py", "--deselect",
-                                           "tests/test_onnx_export.py::test_cuda_provider_matches_torch")
+    assert steps["tests-triton"].command == (*pytest_cmd, "tests/codegen/test_codegen_kernels.py",
+                                             "tests/codegen/test_codegen_source.py")
+    assert steps["onnx-cuda"].command == (*pytest_cmd, "tests/onnx/test_onnx_export.py::test_cuda_provider_matches_torch")
+    assert steps["tests-rest"].command == (*pytest_cmd, "--ignore=tests/codegen/test_codegen_kernels.py",
+                                           "--ignore=tests/codegen/test_codegen_source.py", "--deselect",
+                                           "tests/onnx/test_onnx_export.py::test_cuda_provider_matches_torch")
     assert steps["tests-rest"].timeout_s is None  # whatever the budget leaves
     for name in ("tests-triton", "gpu-decode", "onnx-cuda", "demo", "tests-rest"):
         assert steps[name].env == {"TRITON_INTERPRET": None, "GAUGECOMPILE_TRITON_DEVICE": "cuda"}, name
@@ -268,8 +268,8 @@ def test_gpu_steps_are_skipped_without_cuda(tmp_path):
 PYTEST_OUT = """\
 ..F.s
 =========================== short test summary info ============================
-SKIPPED [1] tests/test_onnx_export.py:119: this onnxruntime build has no CUDA execution provider
-FAILED tests/test_codegen_kernels.py::test_edge_cases[bf16-causal-False] - AssertionError: (0.5, torch.bfloat16)
+SKIPPED [1] tests/onnx/test_onnx_export.py:119: this onnxruntime build has no CUDA execution provider
+FAILED tests/codegen/test_codegen_kernels.py::test_edge_cases[bf16-causal-False] - AssertionError: (0.5, torch.bfloat16)
 ERROR tests/test_x.py::test_y - RuntimeError: boom
 1 failed, 3 passed, 1 skipped, 1 error, 2 warnings in 3.21s
 """
@@ -279,8 +279,8 @@ def test_parse_pytest():
     figures = gcheck.parse_pytest(PYTEST_OUT)
     assert figures["counts"] == {"failed": 1, "passed": 3, "skipped": 1, "errors": 1, "warnings": 2}
     assert figures["summary"].startswith("1 failed") and figures["failures_total"] == 2
-    assert figures["failures"][0].startswith("FAILED tests/test_codegen_kernels.py::test_edge_cases")
-    assert figures["skipped"] == ["tests/test_onnx_export.py:119: this onnxruntime build has no CUDA execution "
+    assert figures["failures"][0].startswith("FAILED tests/codegen/test_codegen_kernels.py::test_edge_cases")
+    assert figures["skipped"] == ["tests/onnx/test_onnx_export.py:119: this onnxruntime build has no CUDA execution "
                                   "provider"]
     assert gcheck.parse_pytest("no tests ran in 0.01s")["summary"] == "no tests ran in 0.01s"
     assert gcheck.parse_pytest("===== 5 passed in 1.00s =====")["counts"] == {"passed": 5}
