@@ -1,17 +1,23 @@
 """Host side of the generated kernels: exact angles, the split-KV decision, buffers and launches.
 
-Every launch goes through `torch.library.wrap_triton`, so the same code runs eagerly and is
-visible to Inductor when traced inside the `triton_op` (see `op.py`).
+Like the native CPU kernel (`native`), `launch` takes the RoPE frequencies `inv_freq` and reduces the angles
+exactly (the generated angle kernel, or `gaugecompile.rope` for real-valued deltas) into the one cos and one sin
+per table entry that the attention kernel reads.  Every launch goes through `torch.library.wrap_triton`, so the
+same code runs eagerly and is visible to Inductor when traced inside the op's `triton_op`
+(`gaugecompile.ops.triton_attention`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# torch internal: no public API tells a fake tensor apart
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from gaugecompile.rope import accumulation_dtype, delta_cos_sin
+from gaugecompile.block_tables import check_mapping_values
+from gaugecompile.rope import VELTKAMP, accumulation_dtype, delta_cos_sin
 
 from .cache import interpreting, load_kernels
 from .spec import KernelSpec, spec_for
@@ -22,7 +28,6 @@ __all__ = ["launch", "choose_splits"]
 MIN_SPLIT_TOKENS = 512
 MAX_SPLITS = 64
 _LOG2E = 1.4426950408889634
-_VELTKAMP = float(2**27 + 1)  # splits a float64 frequency into two 26-bit halves
 
 
 def choose_splits(programs: int, max_blocks: int, block_size: int, device: torch.device) -> int:
@@ -49,8 +54,6 @@ def launch(
     """Run the generated kernels.  num_splits: 0 picks automatically, 1 forces one pass, n > 1 forces n splits.
 
     The mapping's values are checked first (`check_mapping_values`; a host sync on the GPU)."""
-    from gaugecompile.ops.checks import check_mapping_values
-
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
@@ -77,7 +80,7 @@ def launch(
     cos = torch.empty((batch, max_blocks, half), dtype=acc_dtype, device=q.device)
     sin = torch.empty_like(cos)
     theta = inv_freq.to(torch.float64)
-    split = theta * _VELTKAMP
+    split = theta * VELTKAMP
     theta_hi = split - (split - theta)
     theta_lo = theta - theta_hi
     blocks_per_split = -(-max_blocks // splits)

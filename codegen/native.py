@@ -1,33 +1,40 @@
 """Native CPU kernels: render the C++ for a spec, compile it on first use, call it.
 
 `native_attention` and `native_materialize` are the CPU implementations of `gauge::rotated_query_attention`
-and `gauge::materialize_kv`.  Each head dim's translation unit (`native_template.render_cpp`) is compiled
+and `gauge::materialize_kv`.  Like the Triton kernels (`launcher`) they take the RoPE frequencies `inv_freq` and
+reduce the angles exactly (`gaugecompile.rope.block_angles`, once per forward) into the one cos and one sin per
+table entry that the kernel reads.  Each head dim's translation unit (`native_template.render_cpp`) is compiled
 once through `torch.utils.cpp_extension` (with ninja, a declared dependency) into the kernel cache
 directory, under a name that hashes the source, the compiler flags, torch's version and the machine's CPU
 flags (the code is built for the machine it runs on), so a cache shared between machines or versions never
-loads a stale build.  Where no C++ compiler is found the ops run their torch loop
-(`gaugecompile.ops.paged_attention`) instead, after one warning that says so; `native_available()` tells
-which path runs.
+loads a stale build.  Where no C++ compiler is found the ops run their torch loop instead, after one warning
+that says so; `native_available()` tells which path runs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import threading
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from gaugecompile.rope import accumulation_dtype
+from gaugecompile.block_tables import check_mapping_values
+from gaugecompile.rope import accumulation_dtype, block_angles
 
 from .cache import cache_dir
-from .native_template import native_key, render_cpp
+from .native_template import native_namespace, render_cpp
 from .spec import KernelSpec, spec_for
 
-__all__ = ["native_attention", "native_materialize", "native_available", "native_library", "native_source"]
+__all__ = [
+    "compiler_missing", "native_attention", "native_available", "native_library", "native_materialize",
+    "native_source",
+]
 
 # -fopenmp: ATen's `at::parallel_for` is an inline `#pragma omp parallel` in its header, so a translation unit
 # built without it runs every parallel loop on one thread.  The runtime is torch's own (libgomp.so.1, loaded by
@@ -35,8 +42,7 @@ __all__ = ["native_attention", "native_materialize", "native_available", "native
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 _LDFLAGS = ["-fopenmp"]
 _LOCK = threading.Lock()
-_LIBS: dict[int, object] = {}  # head dim -> its loaded library (one specialisation per head dim: native_key)
-_STATE: dict[str, str | None] = {}  # "reason": why no native kernel runs here (None: it runs), once looked up
+_LIBS: dict[int, Any] = {}  # head dim -> its loaded library (one specialisation per head dim: native_key)
 
 
 def _cpu_flags() -> str:
@@ -49,7 +55,7 @@ def _cpu_flags() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compiler_missing() -> str | None:
+def compiler_missing() -> str | None:
     """Why no native kernel can be built here, or None."""
     if os.environ.get("GAUGECOMPILE_NATIVE", "1").lower() in ("0", "false", "off", "no"):
         return "GAUGECOMPILE_NATIVE=0 is set"
@@ -63,22 +69,23 @@ def _compiler_missing() -> str | None:
     return None
 
 
+@functools.cache
 def native_available() -> bool:
-    """Whether the native kernels can run here (else the ops use their torch loop); looked up once a process."""
-    if "reason" not in _STATE:
-        reason = _STATE["reason"] = _compiler_missing()
-        if reason is not None:
-            warnings.warn(f"gaugecompile: {reason}; the CPU ops run their torch loop instead of the native kernel",
-                          RuntimeWarning, stacklevel=3)
-    return _STATE["reason"] is None
+    """Whether the native kernels can run here (else the ops use their torch loop); looked up once a process
+    (`native_available.cache_clear()` looks again), with one warning that says why where they cannot."""
+    reason = compiler_missing()
+    if reason is not None:
+        warnings.warn(f"gaugecompile: {reason}; the CPU ops run their torch loop instead of the native kernel",
+                      RuntimeWarning, stacklevel=3)
+    return reason is None
 
 
 def native_source(spec: KernelSpec) -> str:
     """The generated C++ text that serves `spec`."""
-    return render_cpp(spec, namespace=f"gauge_cpu_{native_key(spec)}")
+    return render_cpp(spec)
 
 
-def native_library(spec: KernelSpec):
+def native_library(spec: KernelSpec) -> Any:
     """The loaded `torch.ops` namespace holding `attention` and `materialize` for `spec` (compiled on first use)."""
     lib = _LIBS.get(spec.head_dim)
     if lib is not None:
@@ -87,8 +94,8 @@ def native_library(spec: KernelSpec):
         lib = _LIBS.get(spec.head_dim)
         if lib is not None:
             return lib
-        namespace = f"gauge_cpu_{native_key(spec)}"
-        text = render_cpp(spec, namespace=namespace)
+        namespace = native_namespace(spec)
+        text = render_cpp(spec)
         stamp = "\n".join([text, *_FLAGS, *_LDFLAGS, torch.__version__, _cpu_flags()])
         digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
         name = f"{namespace}_{digest}"
@@ -113,7 +120,7 @@ def _table(t: Tensor) -> Tensor:
 def _delta_keys(block_delta: Tensor) -> Tensor:
     """The deltas as the kernel reads them: int64 values it compares (a run of equal deltas rotates the query once,
     delta 0 not at all) and range-checks.  The angles themselves come in cos/sin, so real-valued (learnable) deltas,
-    checked by the caller, become the rank of their value among the distinct ones, with 0 kept as 0; integer ones
+    checked here first, become the rank of their value among the distinct ones, with 0 kept as 0; integer ones
     are their own keys (converted to int64 by the kernel)."""
     if not block_delta.is_floating_point():
         return _table(block_delta)
@@ -125,23 +132,22 @@ def _check_real_deltas(block_table: Tensor, block_delta: Tensor, block_lens: Ten
                        min_length: int, length: int | None = None) -> None:
     """The value checks the kernel makes on integer deltas, made here for real ones (the kernel sees their ranks)."""
     if block_delta.is_floating_point():
-        from gaugecompile.ops.checks import check_mapping_values
-
         check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], min_length,
                              length)
 
 
 def native_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    cos: Tensor | None, sin: Tensor | None, rotary_dim: int, interleaved: bool, scale: float, causal: bool,
-    window: int = 0, softcap: float = 0.0,
+    inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Rotated-query attention on shape-checked CPU inputs (pools with unit stride in head_dim); the kernel checks
     the values (ids, counts, deltas) and raises ValueError naming the argument.
 
-    cos/sin: [batch, max_blocks, rotary_dim // 2] in the accumulation dtype, or None when every delta is 0.
-    Returns out (q's dtype, contiguous) and lse (float32, float64 for float64 inputs).
+    inv_freq: float64 [rotary_dim // 2].  Returns out (q's dtype, contiguous) and lse (float32, float64 for float64
+    inputs).
     """
+    cos, sin = block_angles(block_delta, inv_freq, accumulation_dtype(q.dtype))
     lib = _LIBS.get(q.shape[-1]) or native_library(spec_for(q, k_pool, rotary_dim, interleaved, causal))
     if block_delta.is_floating_point():
         _check_real_deltas(block_table, block_delta, block_lens, k_pool, q.shape[2])
@@ -151,18 +157,19 @@ def native_attention(
 
 
 def native_materialize(
-    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
-    cos: Tensor | None, sin: Tensor | None, rotary_dim: int, interleaved: bool, length: int,
+    k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor,
+    rotary_dim: int, interleaved: bool, length: int,
 ) -> tuple[Tensor, Tensor]:
     """Gather + re-rotate on shape-checked CPU inputs (contiguous pools): K/V [batch, num_kv_heads, length, head_dim].
 
     The kernel checks the values (ids, counts summing to `length`, deltas) and raises ValueError naming the argument."""
+    acc = accumulation_dtype(k_pool.dtype)
+    cos, sin = block_angles(block_delta, inv_freq, acc)
     shape = (block_table.shape[0], k_pool.shape[2], int(length), k_pool.shape[3])
     k_out, v_out = k_pool.new_empty(shape), v_pool.new_empty(shape)
     if k_out.numel() == 0:
         return k_out, v_out
     _check_real_deltas(block_table, block_delta, block_lens, k_pool, 0, int(length))
-    acc = accumulation_dtype(k_pool.dtype)
     empty = k_pool.new_empty((0,), dtype=acc)
     dtype = str(k_pool.dtype).removeprefix("torch.")
     lib = native_library(KernelSpec(k_pool.shape[3], rotary_dim, interleaved, k_pool.shape[1], 1, dtype))

@@ -124,15 +124,15 @@ def _reduce(p):
 
 
 @triton.jit
-def $name(Delta, ThetaHi, ThetaLo, Cos, Sin, n_rows):
+def $name(BlockDelta, ThetaHi, ThetaLo, Cos, Sin, n_rows):
     """cos/sin of delta * inv_freq for 32 (sequence, block) rows, reduced exactly as gaugecompile.rope does:
-    the offset split into 16-bit halves, the frequency into Veltkamp halves (ThetaHi + ThetaLo), every
+    the delta split into 16-bit halves, the frequency into Veltkamp halves (ThetaHi + ThetaLo), every
     partial product reduced modulo 2*pi in float64."""
     rows = tl.program_id(0).to(tl.int64) * 32 + tl.arange(0, 32)
     rows_ok = rows < n_rows
     f = tl.arange(0, $block_f)
     f_ok = f < $half
-    delta = tl.load(Delta + rows, mask=rows_ok, other=0).to(tl.int64)
+    delta = tl.load(BlockDelta + rows, mask=rows_ok, other=0).to(tl.int64)
     t_hi = tl.load(ThetaHi + f, mask=f_ok, other=0.0)[None, :]
     t_lo = tl.load(ThetaLo + f, mask=f_ok, other=0.0)[None, :]
     d_hi = ((delta >> 16) << 16).to(tl.float64)[:, None]

@@ -1,11 +1,12 @@
-"""The rotary basis: `RopeSpec`, exact angles for integer offsets, and rotations.
+"""The rotary basis: `RopeSpec`, exact angles for integer deltas, and rotations.
 
 Every implementation of the op (reference, CPU, Triton, ONNX) takes its cos/sin from
-`delta_cos_sin`, so they all agree on the angle of an integer offset, however large.
+`delta_cos_sin` (or reduces exactly as it does), so they all agree on the angle of an integer delta,
+however large; `block_angles` keeps the cos/sin of a mapping's deltas for the layers of one forward.
 
 Why not `delta * inv_freq` in float: at |delta| ~ 2^31 a float32 product has an absolute error of
 up to 128 rad and a float64 product of ~2e-7 rad.  Here the product is split into four exact
-float64 products (the offset into 16-bit halves, the frequency into two 26-bit halves by
+float64 products (the delta into 16-bit halves, the frequency into two 26-bit halves by
 Veltkamp splitting); each is reduced modulo 2*pi with a three-part Cody-Waite constant, whose
 first two parts have 24 bits so that `k * C` is exact for every k < 2^29.  The result is accurate
 to about 1e-15 rad for -2^31 <= delta < 2^31 (`MAX_ABS_DELTA`) and |inv_freq| <= 1, using only float64 tensor ops, so it
@@ -20,11 +21,11 @@ import mpmath
 import torch
 
 __all__ = [
-    "RopeSpec", "accumulation_dtype", "reduced_angles", "delta_cos_sin", "rotate", "rotation_tangent", "MAX_ABS_DELTA",
-    "TWO_PI_PARTS", "INV_TWO_PI", "VELTKAMP",
+    "RopeSpec", "accumulation_dtype", "reduced_angles", "delta_cos_sin", "block_angles", "rotate", "rotation_tangent",
+    "MAX_ABS_DELTA", "TWO_PI_PARTS", "INV_TWO_PI", "VELTKAMP",
 ]
 
-#: The one offset bound: every delta lies in [-2^31, 2^31) (an int32), where `reduced_angles` is exact to
+#: The one delta bound: every delta lies in [-2^31, 2^31) (an int32), where `reduced_angles` is exact to
 #: ~1e-15 rad (measured 1.3e-15 at the bound, |inv_freq| <= 1).  The kernels reject deltas outside it, and
 #: ManifoldCache keeps its positions inside it.
 MAX_ABS_DELTA = 2**31
@@ -94,6 +95,31 @@ def delta_cos_sin(
     floating `delta`."""
     angle = reduced_angles(delta, inv_freq)
     return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+
+
+#: The last (block_delta, inv_freq, dtype) -> (cos, sin) of `block_angles`.
+_LAST_ANGLES: list = []
+
+
+def block_angles(
+    block_delta: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """cos/sin of every block's delta ([B, width, F] in `dtype`), or (None, None) when every delta is 0.
+
+    Every layer of a forward passes the same mapping, so the exact reduction (`delta_cos_sin`, O(blocks * F)) runs
+    once and its result is reused while the deltas and frequencies stay equal in value (compared, never assumed
+    from object identity: a cache edits its tables in place).
+    """
+    if not bool(block_delta.any()):
+        return None, None
+    if _LAST_ANGLES:
+        (delta, freq, cdt), cos_sin = _LAST_ANGLES[0]
+        if (cdt == dtype and delta.shape == block_delta.shape and delta.dtype == block_delta.dtype
+                and freq.shape == inv_freq.shape and torch.equal(delta, block_delta) and torch.equal(freq, inv_freq)):
+            return cos_sin
+    cos_sin = delta_cos_sin(block_delta, inv_freq, dtype)
+    _LAST_ANGLES[:] = [((block_delta.detach().clone(), inv_freq.clone(), dtype), cos_sin)]
+    return cos_sin
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:

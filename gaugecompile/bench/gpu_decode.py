@@ -116,7 +116,7 @@ def make_inputs(batch: int, context: int, args: argparse.Namespace, seed: int = 
     import torch
 
     import gaugecompile as gc
-    from gaugecompile.ops.reference import full_block_lens
+    from gaugecompile.block_tables import full_block_lens
 
     dtype = getattr(torch, dtype or args.dtype[0])
     g = torch.Generator(device="cuda").manual_seed(seed)

@@ -2,15 +2,20 @@
 reference.
 
 - `attention`: the op, its autograd and the public `rotated_query_attention`;
-- `paged_attention`: the CPU kernel (a paged loop that never materialises the view);
+- `paged_attention`: the CPU torch loop (a paged loop that never materialises the view), where no native kernel
+  (`gaugecompile.codegen.native`) can be built;
+- `triton_attention`: `gauge::rotated_query_attention_triton`, the generated Triton kernels as a `triton_op`
+  (registered on first use: it imports Triton);
 - `masked_attention`: `gauge::rotated_query_attention_masked` (a mask known only at run time);
 - `materialize`: `gauge::materialize_kv` (the cache's gather + re-rotate, the node the passes remove);
-- `attention_backward`: the explicit adjoint;
+- `attention_backward`: `gauge::rotated_query_attention_backward`, the explicit adjoint;
 - `reference`: gather + re-rotate + plain attention, the definition of correct;
+- `masks`: which keys a query sees (causal, sliding window) and logit soft-capping, shared by all of them;
 - `rope_check`: `gauge::check_rope_basis` (the model's query basis against a cache's, at run time);
-- `checks`: input validation with errors that name the argument.
+- `checks`: validation of the op's inputs with errors that name the argument (the mapping's values:
+  `gaugecompile.block_tables`).
 
-Importing this package registers every op.
+Importing this package registers every op but the Triton one.
 """
 
 from . import (

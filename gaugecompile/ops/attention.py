@@ -7,17 +7,19 @@ Schema (the contract the passes, the codegen and the ONNX export rely on):
         float scale, bool causal, int window=0, float softcap=0.0) -> (Tensor out, Tensor lse)
 
 Entry j of row b is slots [0, block_lens[b, j]) of block block_table[b, j], rotated by block_delta[b, j];
-a row's view is its entries in order (`reference` says it in code), so an edit off block boundaries
+a row's view is its entries in order (`gaugecompile.block_tables` says it in code), so an edit off block boundaries
 shortens or starts an entry instead of moving the tokens after it.  Query t sits at view position
 p = length - q_len + t; `causal` hides the keys after p, a sliding `window` W > 0 the keys at p - W and before
-(`reference.hidden_keys`), and the kernels skip the blocks no query sees; `softcap` c > 0 caps the scaled
+(`masks.hidden_keys`), and the kernels skip the blocks no query sees; `softcap` c > 0 caps the scaled
 scores to c * tanh(s / c) before the mask (Gemma 2's logit soft-capping).  `inv_freq` is float64 `[rotary_dim // 2]`.
 `lse` is `[batch, num_heads, q_len]`, float32
 (float64 for float64 inputs).  The CPU kernel is the generated native code (`gaugecompile.codegen.native`,
 compiled on first use), or the torch loop of `paged_attention` where no C++ compiler exists; the CUDA
-kernel is the generated Triton code (`gaugecompile.codegen`).  Gradients (q, k_pool, v_pool, and
-block_delta where it is real-valued: a learnable offset, whose angle is `delta * inv_freq`) come from a
-backward op with the explicit adjoint (`attention_backward`), shared by every implementation.
+kernel is the generated Triton code (`triton_attention`, over `gaugecompile.codegen`).  Both take
+`inv_freq` and reduce the angles exactly (`gaugecompile.rope`) before their kernels read one cos and one sin
+per entry.  Gradients (q, k_pool, v_pool, and block_delta where it is real-valued: a learnable delta, whose
+angle is `delta * inv_freq`) come from a backward op with the explicit adjoint (`attention_backward`), shared
+by every implementation.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import math
 import torch
 from torch import Tensor
 
+from ..block_tables import as_block_lens
+from ..codegen.native import native_attention, native_available
 from ..rope import RopeSpec, accumulation_dtype
-from .angles import block_angles
-from .attention_backward import attention_backward
-from .checks import as_block_lens, check_attention_inputs
+from .attention_backward import op_gradients
+from .checks import check_attention_inputs
 from .counters import runs
 from .paged_attention import paged_attention
 from .reference import reference_attention
@@ -51,16 +54,11 @@ def cpu_attention(
     The native kernel reads the pools in place, so it needs unit stride along head_dim; a pool without it
     takes the loop, which handles any strides.
     """
-    from ..codegen.native import native_attention, native_available
-
     if native is None:
         native = native_available() and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1
-    if not native:
-        return paged_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
-                               interleaved, scale, causal, window, softcap)
-    cos, sin = block_angles(block_delta, inv_freq, accumulation_dtype(q.dtype))
-    return native_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, cos, sin, rotary_dim,
-                            interleaved, scale, causal, window, softcap)
+    kernel = native_attention if native else paged_attention
+    return kernel(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, scale,
+                  causal, window, softcap)
 
 
 @torch.library.custom_op("gauge::rotated_query_attention", mutates_args=())
@@ -71,7 +69,7 @@ def _rqa_op(
 ) -> tuple[Tensor, Tensor]:
     runs["kernel"] += 1
     if q.device.type == "cuda":
-        from ..codegen import triton_attention
+        from .triton_attention import triton_attention  # on first use: it imports Triton
 
         return triton_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
                                 rotary_dim, interleaved, scale, causal, window, softcap)
@@ -84,38 +82,6 @@ def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
               scale, causal, window=0, softcap=0.0):
     # the kernels return contiguous outputs whatever q's strides are; the fake must say the same
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
-
-
-@torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())
-def _rqa_backward_op(
-    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
-    block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
-    scale: float, causal: bool, window: int = 0, softcap: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
-                              inv_freq, rotary_dim, interleaved, scale, causal, window, softcap)
-
-
-@_rqa_backward_op.register_fake
-def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, *rest):
-    d_delta = block_delta.new_empty(block_delta.shape, dtype=accumulation_dtype(q.dtype))
-    return torch.empty_like(q), torch.empty_like(k_pool), torch.empty_like(v_pool), d_delta
-
-
-def op_gradients(saved: tuple[Tensor, ...], attrs: tuple, grad_out: Tensor | None,
-                 grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Gradients for (q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq) from the saved inputs, the
-    attributes (rotary_dim, interleaved, scale, causal, window, softcap) and the cotangents: the one adjoint of every
-    implementation.  block_delta has one where it is real-valued (a learnable offset)."""
-    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = saved
-    if grad_out is None:
-        grad_out = torch.zeros_like(q)
-    if grad_lse is None:
-        grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
-    dq, dk, dv, d_delta = torch.ops.gauge.rotated_query_attention_backward(
-        grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, *attrs)
-    d_delta = d_delta.to(block_delta.dtype) if block_delta.is_floating_point() else None
-    return dq, dk, dv, None, d_delta, None, None
 
 
 def _setup_context(ctx, inputs, output):
@@ -198,7 +164,7 @@ def rotated_query_attention(
             raise ValueError(f"impl: 'native' is the CPU kernel, got tensors on {q.device}")
         out, lse = _Implementation.apply(functools.partial(cpu_attention, native=impl == "native"), *args)
     else:
-        from ..codegen import triton_attention
+        from .triton_attention import triton_attention  # on first use: it imports Triton
 
         out, lse = _Implementation.apply(triton_attention, *args)
     return (out, lse) if return_lse else out

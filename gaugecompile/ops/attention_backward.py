@@ -1,4 +1,12 @@
-"""Gradients of rotated-query attention for q, k_pool, v_pool and (real-valued) block deltas.
+"""Gradients of rotated-query attention for q, k_pool, v_pool and (real-valued) block deltas:
+`gauge::rotated_query_attention_backward` and `op_gradients`, the one adjoint of every implementation.
+
+Schema:
+
+    rotated_query_attention_backward(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k_pool,
+        Tensor v_pool, Tensor block_table, Tensor block_delta, Tensor block_lens, Tensor inv_freq,
+        int rotary_dim, bool interleaved, float scale, bool causal, int window=0, float softcap=0.0)
+        -> (Tensor dq, Tensor dk_pool, Tensor dv_pool, Tensor d_block_delta)
 
 Written out (not autograd) because it runs inside a custom-op kernel, where autograd is off.
 Per sequence it re-forms the view exactly as the reference does (O(L*d), like any attention
@@ -13,8 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..block_tables import view_tokens
 from ..rope import accumulation_dtype, delta_cos_sin, rotate, rotation_tangent
-from .reference import hidden_keys, rerotate, view_tokens
+from .masks import hidden_keys
+from .reference import rerotate
+
+__all__ = ["attention_backward", "op_gradients"]
 
 
 def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv_freq, rotary_dim, interleaved,
@@ -81,3 +93,35 @@ def attention_backward(
             d_delta[b].index_add_(0, entry[held], dd_b)
     return (dq.to(q.dtype), dk.view(k_pool.shape).to(k_pool.dtype), dv.view(v_pool.shape).to(v_pool.dtype),
             d_delta)
+
+
+@torch.library.custom_op("gauge::rotated_query_attention_backward", mutates_args=())
+def _rqa_backward_op(
+    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
+    block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
+    scale: float, causal: bool, window: int = 0, softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
+                              inv_freq, rotary_dim, interleaved, scale, causal, window, softcap)
+
+
+@_rqa_backward_op.register_fake
+def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, *rest):
+    d_delta = block_delta.new_empty(block_delta.shape, dtype=accumulation_dtype(q.dtype))
+    return torch.empty_like(q), torch.empty_like(k_pool), torch.empty_like(v_pool), d_delta
+
+
+def op_gradients(saved: tuple[Tensor, ...], attrs: tuple, grad_out: Tensor | None,
+                 grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Gradients for (q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq) from the saved inputs, the
+    attributes (rotary_dim, interleaved, scale, causal, window, softcap) and the cotangents: the one adjoint of every
+    implementation.  block_delta has one where it is real-valued (a learnable delta)."""
+    q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = saved
+    if grad_out is None:
+        grad_out = torch.zeros_like(q)
+    if grad_lse is None:
+        grad_lse = q.new_zeros(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+    dq, dk, dv, d_delta = torch.ops.gauge.rotated_query_attention_backward(
+        grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, *attrs)
+    d_delta = d_delta.to(block_delta.dtype) if block_delta.is_floating_point() else None
+    return dq, dk, dv, None, d_delta, None, None

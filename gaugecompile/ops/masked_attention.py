@@ -8,7 +8,7 @@ Schema:
         SymInt length, float scale, Tensor mask, SymInt first=0, float softcap=0.0, Tensor? sinks=None)
         -> (Tensor out, Tensor lse)
 
-Meaning: `softmax(cap(scale * q K^T) + mask) V` (cap: `reference.soft_capped`, the identity for softcap 0;
+Meaning: `softmax(cap(scale * q K^T) + mask) V` (cap: `masks.soft_capped`, the identity for softcap 0;
 with `sinks` [batch, heads, q_len, 1], one more logit per row in the softmax, whose column is dropped), and
 `lse` the log-sum-exp of the masked scores without the sinks (float32, float64 for float64 inputs), for models
 that read it themselves (Granite's post-attention sink scaling)
@@ -33,11 +33,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..block_tables import check_mapping_values, view_entries
 from ..rope import accumulation_dtype
-from .checks import check_mapping_values
 from .counters import runs
-from .materialize import materialize_views, view_entries
-from .reference import hidden_keys, soft_capped
+from .masks import hidden_keys, soft_capped
+from .materialize import materialize_views
 
 __all__ = ["MASKED", "sliding_window_of", "padded_causal_lens"]
 
@@ -47,7 +47,7 @@ MASKED = -1e30
 
 def sliding_window_of(mask: Tensor, q_len: int, length: int, first: int = 0) -> int | None:
     """The window W (0: none) for which `mask` over view keys [first, length), with the keys before `first`
-    hidden, is the op's mask (`reference.hidden_keys`): bottom-right causal, each query seeing its last W tokens;
+    hidden, is the op's mask (`masks.hidden_keys`): bottom-right causal, each query seeing its last W tokens;
     or None when it is no such mask.  `mask` is bool, or additive with exactly 0 for visible entries, and
     broadcasts over batch rows and heads.
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..block_tables import check_mapping_values, full_block_lens, view_entries, view_slots
+from ..codegen.native import native_available, native_materialize
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate, rotation_tangent
-from .angles import block_angles
-from .checks import check_mapping_values
-from .reference import as_deltas, full_block_lens, rerotate
+from .reference import rerotate
 
-__all__ = ["materialize_kv", "view_slots", "view_entries"]
+__all__ = ["materialize_kv", "materialize_views"]
 
 
 def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
@@ -48,31 +48,6 @@ def _check(k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Ten
         )
 
 
-def view_entries(block_lens: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """The table entry of every view token [B, length] and the view position of each entry's first token [B, W].
-
-    Token t belongs to the last entry that starts at or before t, found by marking where entries start and a
-    running count (no data-dependent shapes, so it exports); an entry holding no tokens starts where the next one
-    does, so the last entry found is never an empty one."""
-    lens = block_lens.to(torch.int64)
-    start = lens.cumsum(1) - lens
-    marks = torch.zeros((lens.shape[0], length + 1), dtype=torch.int64, device=lens.device)
-    marks = marks.scatter_add(1, start.clamp(max=length), torch.ones_like(start))
-    return marks.cumsum(1)[:, :length] - 1, start
-
-
-def view_slots(block_table: Tensor, block_delta: Tensor, block_lens: Tensor, block_size: int,
-               length: int) -> tuple[Tensor, Tensor]:
-    """Flat pool slot and delta of every view token, [batch, length] each, for rows holding `length` tokens.
-
-    O(max_blocks + length) and free of data-dependent shapes (it exports), by `view_entries`.
-    """
-    entry, start = view_entries(block_lens, length)
-    offset = torch.arange(length, device=block_lens.device)[None, :] - start.gather(1, entry)
-    slots = block_table.to(torch.int64).gather(1, entry) * block_size + offset
-    return slots, as_deltas(block_delta).gather(1, entry)
-
-
 def materialize_views(
     k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor,
     rotary_dim: int, interleaved: bool, length: int,
@@ -89,11 +64,8 @@ def _materialize_op(
     k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor,
     rotary_dim: int, interleaved: bool, length: int,
 ) -> tuple[Tensor, Tensor]:
-    from ..codegen.native import native_available, native_materialize
-
     if k_pool.device.type == "cpu" and k_pool.is_contiguous() and v_pool.is_contiguous() and native_available():
-        cos, sin = block_angles(block_delta, inv_freq, accumulation_dtype(k_pool.dtype))
-        return native_materialize(k_pool, v_pool, block_table, block_delta, block_lens, cos, sin, rotary_dim,
+        return native_materialize(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
                                   interleaved, length)
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], 0, length)
     return materialize_views(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,

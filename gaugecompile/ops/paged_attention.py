@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import accumulation_dtype, rotate
-from .angles import block_angles
-from .checks import check_mapping_values
-from .reference import hidden_at, soft_capped
+from ..block_tables import check_mapping_values
+from ..rope import accumulation_dtype, block_angles, rotate
+from .masks import hidden_at, soft_capped
 
 TILE_TOKENS = 4096
 
@@ -60,7 +59,7 @@ def _runs(table: list[int], deltas: list[int], lens: list[int], block_size: int,
     return tiles
 
 
-def _tile_kv(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
+def tile_kv(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """Blocks `ids` of the pool as [n, block_size, Hkv, D]: a view when consecutive, else a copy."""
     if ids == list(range(ids[0], ids[0] + len(ids))):
         return pool[ids[0] : ids[0] + len(ids)]
@@ -133,8 +132,8 @@ def _attend(
         else:
             mask = torch.arange(block_size)[None, :] < torch.tensor(counts)[:, None]
             held = mask.flatten().nonzero().squeeze(1).to(qg.device)
-        kb = _tile_kv(k_pool, table[j0:j1]).to(cdt)  # [n, bs, Hkv, D]
-        vb = _tile_kv(v_pool, table[j0:j1]).to(cdt)
+        kb = tile_kv(k_pool, table[j0:j1]).to(cdt)  # [n, bs, Hkv, D]
+        vb = tile_kv(v_pool, table[j0:j1]).to(cdt)
         if all(d == deltas[j0] for d in deltas[j0:j1]):
             qr = qg if deltas[j0] == 0 else rotate(qg, cos[j0], -sin[j0], rotary_dim, interleaved)  # [Hkv, R, D]
             s = torch.matmul(qr, kb.flatten(0, 1)[held].permute(1, 2, 0))  # [Hkv, R, T]

@@ -1,12 +1,8 @@
 """The definition of correct: gather the blocks, re-rotate every key by its delta, plain attention.
 
 Slow on purpose (it materialises the whole logical view, O(L*d) per call); every fast
-implementation is tested against it.
-
-The mapping of one sequence is a row of three tables: entry j of its view is slots
-[0, block_lens[j]) of physical block block_table[j], rotated by block_delta[j].  Its view is the
-concatenation of its entries in order; entries holding 0 tokens are never read.  A plain paged
-cache (every block full but the last) is `full_block_lens(seq_lens, ...)`.
+implementation is tested against it.  How a row of the mapping names its view tokens is
+`gaugecompile.block_tables`; which keys a query sees is `masks`.
 """
 
 from __future__ import annotations
@@ -15,29 +11,12 @@ import math
 
 import torch
 
+from ..block_tables import as_block_lens, check_mapping_values, view_tokens
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
+from .checks import check_attention_inputs
+from .masks import hidden_keys, soft_capped
 
-
-def full_block_lens(seq_lens: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
-    """Tokens per entry [batch, width] of views of `seq_lens` tokens whose blocks are full but the last."""
-    start = torch.arange(width, device=seq_lens.device) * block_size
-    return (seq_lens.to(torch.int64)[:, None] - start[None, :]).clamp(0, block_size)
-
-
-def view_tokens(
-    block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row's view token by token: the flat pool slot (block * block_size + offset) and the delta of each
-    (int64, or the real deltas' own dtype, so a learnable offset keeps its gradient)."""
-    offsets = torch.arange(block_size, device=block_table.device)
-    held = offsets[None, :] < block_lens.to(torch.int64)[:, None]  # [width, block_size]
-    slots = block_table.to(torch.int64)[:, None] * block_size + offsets[None, :]
-    return slots[held], as_deltas(block_delta)[:, None].expand(-1, block_size)[held]
-
-
-def as_deltas(block_delta: torch.Tensor) -> torch.Tensor:
-    """Deltas as the angle code takes them: integers as int64, real (learnable) offsets as float64."""
-    return block_delta.to(torch.float64 if block_delta.is_floating_point() else torch.int64)
+__all__ = ["attention_one", "reference_attention", "rerotate"]
 
 
 def rerotate(keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
@@ -46,32 +25,6 @@ def rerotate(keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor, r
     cdt = accumulation_dtype(keys.dtype)
     cos, sin = delta_cos_sin(deltas, inv_freq, cdt)
     return rotate(keys.to(cdt), cos[..., None, :], sin[..., None, :], rotary_dim, interleaved).to(keys.dtype)
-
-
-def hidden_keys(q_len: int, length: int, causal: bool, window: int, device: torch.device) -> torch.Tensor | None:
-    """[Q, L] True where a query cannot see a key, or None when every query sees every key.
-
-    Query t sits at view position p = length - q_len + t (the view ends with the queries' own tokens).  `causal`
-    hides the keys after p (bottom-right); a sliding `window` W > 0 hides the keys at p - W and before, so each
-    query sees at most its last W tokens, itself included -- transformers' sliding-window attention.
-    """
-    if not causal and not window:
-        return None
-    return hidden_at(torch.arange(length - q_len, length, device=device)[:, None],
-                     torch.arange(length, device=device)[None, :], causal, window)
-
-
-def hidden_at(query_pos: torch.Tensor, key_pos: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
-    """True where a query at view position `query_pos` cannot see a key at `key_pos` (broadcast together): the
-    rule of `hidden_keys` for any positions, as a kernel that walks the view in tiles needs it."""
-    hidden = key_pos > query_pos if causal else torch.zeros(torch.broadcast_shapes(query_pos.shape, key_pos.shape),
-                                                             dtype=torch.bool, device=key_pos.device)
-    return hidden | (key_pos <= query_pos - window) if window else hidden
-
-
-def soft_capped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
-    """Logit soft-capping (Gemma 2): `softcap * tanh(scores / softcap)`, or the scores as they are for 0."""
-    return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
 def attention_one(
@@ -111,8 +64,6 @@ def reference_attention(
 
     `impl` is accepted for signature compatibility and must be "reference".
     """
-    from .checks import as_block_lens, check_attention_inputs, check_mapping_values
-
     if impl != "reference":
         raise ValueError(f"impl: reference_attention only has impl='reference', got {impl!r}")
     q_len = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0

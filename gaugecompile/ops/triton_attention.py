@@ -1,20 +1,23 @@
-"""`gauge::rotated_query_attention_triton`: the generated kernels as a `torch.library.triton_op`.
+"""`gauge::rotated_query_attention_triton`: the generated Triton kernels as a `torch.library.triton_op`.
 
 A `triton_op` (unlike an opaque custom op) lets torch.compile / Inductor see the Triton kernels
-inside it.  Its gradients reuse the core op's backward (`gauge::rotated_query_attention_backward`).
+inside it (`gaugecompile.codegen.launcher` launches them).  Its gradients reuse the core op's backward
+(`gauge::rotated_query_attention_backward`).  Importing this module imports Triton, so the op is
+registered on first use (`attention` imports it lazily).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# torch internal: no public API names the mode under which AOTAutograd functionalises a graph
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op
 
-from gaugecompile.ops.attention import op_gradients
-
-from .cache import interpreting
-from .launcher import launch
+from ..codegen.cache import interpreting
+from ..codegen.launcher import launch
+from .attention_backward import op_gradients
 
 __all__ = ["triton_attention"]
 
@@ -43,6 +46,8 @@ _rqa_triton.register_autograd(_backward, setup_context=_setup_context)
 # Under TRITON_INTERPRET=1 the kernels are interpreted functions that no tracer can capture, so
 # AOTAutograd must keep the op whole (it runs eagerly inside the compiled graph) instead of
 # decomposing it into kernel calls; on the GPU the usual decomposition makes the kernels visible.
+# torch internal: `_torch_dispatch_fns` is the only way to reach the decomposition `triton_op` registered (no
+# public API returns a registered torch_dispatch rule).
 _decompose = _rqa_triton._torch_dispatch_fns.get(FunctionalTensorMode)
 
 

@@ -9,12 +9,12 @@ import os
 
 import pytest
 import torch
-from gaugecompile.codegen import triton_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaugecompile as gc
-from gaugecompile.ops.reference import full_block_lens
+from gaugecompile.block_tables import full_block_lens
+from gaugecompile.ops.triton_attention import triton_attention
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 LSE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}

@@ -117,3 +117,17 @@ def test_angle_kernel_reduces_like_rope(dtype):
     want_cos, want_sin = delta_cos_sin(delta, inv_freq, torch.float64)
     tol = 1e-14 if dtype == "float64" else 1e-7
     assert float((cos.double() - want_cos).abs().max()) < tol and float((sin.double() - want_sin).abs().max()) < tol
+
+
+def test_native_source_is_its_template_behind_a_prelude_of_defines():
+    """The C++ is a real file shipped with the package; rendering only defines its substitution points in front."""
+    from importlib.resources import files
+
+    from gaugecompile.codegen.native_template import TEMPLATE, render_cpp
+
+    template = files("gaugecompile.codegen").joinpath(TEMPLATE).read_text()
+    text = render_cpp(KernelSpec(40, 20, True, 4, 2, "float32"))
+    prelude = text.removesuffix(template)
+    assert prelude != text and "$" not in template
+    assert prelude.splitlines()[1:] == ["#define GAUGE_HEAD_DIM 40", "#define GAUGE_NAMESPACE gauge_cpu_d40"]
+    assert "constexpr int64_t D = GAUGE_HEAD_DIM;" in template and "#ifndef GAUGE_HEAD_DIM" in template

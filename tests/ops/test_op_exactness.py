@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaugecompile as gc
-from gaugecompile.ops.reference import full_block_lens
+from gaugecompile.block_tables import full_block_lens
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -163,8 +163,8 @@ def test_cpu_kernel_reads_a_shared_prefix_once_for_all_rows(monkeypatch):
     from gaugecompile.ops import paged_attention
 
     reads = []
-    real = paged_attention._tile_kv
-    monkeypatch.setattr(paged_attention, "_tile_kv", lambda pool, ids: reads.extend(ids) or real(pool, ids))
+    real = paged_attention.tile_kv
+    monkeypatch.setattr(paged_attention, "tile_kv", lambda pool, ids: reads.extend(ids) or real(pool, ids))
     params = dict(EDGE, batch=4, blocks_per_seq=50, pool_blocks=60, block_size=16, table_kind="beams",
                   delta_range=(-(2**31), 2**31), dtype=torch.float64)
     (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)

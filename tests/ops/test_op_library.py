@@ -152,12 +152,12 @@ def test_unknown_impl_is_rejected():
 def test_mapping_checks_read_each_forward_once_and_recheck_edits():
     """The layers of a forward pass the same mapping tensors: they are read once (on a GPU a host sync per
     forward, not per layer); a tensor edited in place (its version moves) is read again."""
-    from gaugecompile.ops import checks
+    from gaugecompile import block_tables
 
     q, k, v, table, delta, lens = small_inputs()
     reads = []
-    real = checks._mapping_summary
-    checks._mapping_summary = lambda *a: reads.append(1) or real(*a)
+    real = block_tables.mapping_summary
+    block_tables.mapping_summary = lambda *a: reads.append(1) or real(*a)
     try:
         for _ in range(3):
             gc.rotated_query_attention(q, k, v, table, delta, lens, ROPE, impl="loop")
@@ -167,4 +167,4 @@ def test_mapping_checks_read_each_forward_once_and_recheck_edits():
             gc.rotated_query_attention(q, k, v, table, delta, lens, ROPE, impl="loop")
         assert len(reads) == 2
     finally:
-        checks._mapping_summary = real
+        block_tables.mapping_summary = real

@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gaugecompile as gc
+from gaugecompile.block_tables import full_block_lens, view_tokens
 from gaugecompile.ops import masked_attention
 from gaugecompile.ops.masked_attention import sliding_window_of
-from gaugecompile.ops.reference import full_block_lens, rerotate, view_tokens
+from gaugecompile.ops.reference import rerotate
 
 OP = torch.ops.gauge.rotated_query_attention_masked.default
 

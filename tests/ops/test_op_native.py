@@ -7,11 +7,11 @@ import torch
 from gaugecompile.codegen import KernelSpec, native
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode  # torch internal: it has no public alias
 
 import gaugecompile as gc
+from gaugecompile.block_tables import full_block_lens
 from gaugecompile.ops.materialize import materialize_views
-from gaugecompile.ops.reference import full_block_lens
 from gaugecompile.rope import MAX_ABS_DELTA
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -28,7 +28,7 @@ def test_native_kernel_builds_here():
     spec = KernelSpec(40, 20, True, 4, 2, "float32")
     lib = native.native_library(spec)
     assert hasattr(lib, "attention") and hasattr(lib, "materialize")
-    assert "head_dim 40" in native.native_source(spec) and "constexpr int64_t D = 40;" in native.native_source(spec)
+    assert "head_dim 40" in native.native_source(spec) and "#define GAUGE_HEAD_DIM 40\n" in native.native_source(spec)
 
 
 @st.composite
@@ -156,18 +156,21 @@ def test_a_pool_without_unit_head_dim_stride_takes_the_loop():
 
 
 def test_without_a_compiler_the_loop_runs_after_one_warning(monkeypatch):
-    monkeypatch.setattr(native, "_STATE", {})
-    monkeypatch.setattr(native, "_compiler_missing", lambda: "no C++ compiler ('c++') on PATH")
+    monkeypatch.setattr(native, "compiler_missing", lambda: "no C++ compiler ('c++') on PATH")
+    native.native_available.cache_clear()
     g = torch.Generator().manual_seed(2)
     k, v = torch.randn(3, 4, 1, 16, generator=g), torch.randn(3, 4, 1, 16, generator=g)
     q = torch.randn(1, 2, 1, 16, generator=g)
     table, delta, lens = torch.tensor([[1, 2]]), torch.tensor([[0, 7]]), torch.tensor([7])
     rope = gc.RopeSpec.from_base(1e4, 16)
-    with pytest.warns(RuntimeWarning, match="torch loop instead of the native kernel"):
-        out = gc.rotated_query_attention(q, k, v, table, delta, lens, rope)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # only once
-        again = gc.rotated_query_attention(q, k, v, table, delta, lens, rope)
+    try:
+        with pytest.warns(RuntimeWarning, match="torch loop instead of the native kernel"):
+            out = gc.rotated_query_attention(q, k, v, table, delta, lens, rope)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # only once
+            again = gc.rotated_query_attention(q, k, v, table, delta, lens, rope)
+    finally:
+        native.native_available.cache_clear()  # looked up again by the next test, with the compiler back
     assert torch.equal(out, again)
     ref = gc.reference_attention(q.double(), k.double(), v.double(), table, delta, lens, rope)
     assert rel_err(out, ref) < 2e-6

@@ -1,5 +1,5 @@
 """Attention variants in the rotated-query op, on every implementation, against a per-query loop written from their
-definitions (not `reference.hidden_keys` / `soft_capped`): sliding windows (each query sees its last `window` view
+definitions (not `masks.hidden_keys` / `soft_capped`): sliding windows (each query sees its last `window` view
 tokens; the blocks no query's window reaches are never read: they hold NaN here, which any read would spread) and
 logit soft-capping (`softcap * tanh(s / softcap)` of the scaled scores, before the mask)."""
 
@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from test_op_exactness import TOL, make_case, rel_err
 
 import gaugecompile as gc
-from gaugecompile.ops.reference import rerotate, view_tokens
+from gaugecompile.block_tables import view_tokens
+from gaugecompile.ops.reference import rerotate
 
 IMPLS = ["reference", "auto", "native", "loop", "triton"]
 

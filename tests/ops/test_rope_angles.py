@@ -66,7 +66,7 @@ def test_block_angles_follow_in_place_edits_of_the_same_tensors():
     """The per-forward cache of cos/sin compares values: an in-place edit of the very same deltas is seen, also one
     that bumps no version counter (through `.data`, as gradcheck perturbs its inputs, or a shared numpy array) and
     one of an inference tensor (which has none)."""
-    from gaugecompile.ops.angles import block_angles
+    from gaugecompile.rope import block_angles
 
     inv_freq = RopeSpec.from_base(1e4, 8).inv_freq
     delta = torch.zeros(2, 4, dtype=torch.int64)
