@@ -58,7 +58,7 @@ def gauge_backend(gm: torch.fx.GraphModule, example_inputs, **options):
     `report_sink` (a list) receives one (PassReport, graph_before, graph_after) per compiled graph;
     `gaugecompile.explain` uses it.
     """
-    import gaugecompile  # noqa: F401  (registers the gauge ops when used through the entry point)
+    import gaugecompile.ops  # noqa: F401  (registers the gauge ops when used through the entry point)
     from gaugecompile.passes import run_passes
 
     inner, strict, sink, keep = _options(options)

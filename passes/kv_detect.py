@@ -6,7 +6,7 @@ Recognised (keys and values must be assembled the same way):
 - `cat` of pieces along the sequence (a past cache and new tokens; sink + window + new);
 - per piece: `index_select`/advanced indexing on the batch dim by a table (beam reorder) and on the
   sequence dim by a token index (the tokens a StreamingLLM window keeps), a slice along the sequence,
-  and RoPE re-applied to cached keys with one shift per row or, over a token index, one per token
+  and RoPE re-applied to cached keys with one delta per row or, over a token index, one per token
   (StreamingLLM-style position shifting, also in the complex form of the original Llama code), on
   top of any tensor: a cache input, a static buffer written with `index_copy`/`index_put`/
   `slice_scatter`, or fresh keys;
@@ -14,8 +14,8 @@ Recognised (keys and values must be assembled the same way):
   code), as well as `[batch, kv_heads, len, dim]`.
 
 Every piece becomes a block pool with no copy: the cache seen as `[num_blocks=batch, block_size=len,
-kv_heads, dim]`, block table = the row index, delta = the shift; over a token index, blocks of one token
-(`[batch * len, 1, kv_heads, dim]`), block table = row * len + token, delta = that token's shift.
+kv_heads, dim]`, block table = the row index, delta = the re-rotation (in positions); over a token index, blocks
+of one token (`[batch * len, 1, kv_heads, dim]`), block table = row * len + token, delta = that token's.
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ _CACHE_WRITES = (aten.index_copy.default, aten.index_put.default, aten.slice_sca
 @dataclass
 class Piece:
     """One block pool: keys/values [B', Hkv, L, D] (or [B', L, Hkv, D] with `seq_dim` 1) as FX nodes, optional
-    row table, token index and shift."""
+    row table, token index and delta (the re-rotation, in positions)."""
 
     k: fx.Node
     v: fx.Node
     length: int | torch.SymInt  # the tokens the attention sees
     table: fx.Node | None = None
-    shift: fx.Node | None = None  # integer positions: one per row (or one for all), or one per token of `tokens`
+    delta: fx.Node | None = None  # integer positions: one per row (or one for all), or one per token of `tokens`
     tokens: fx.Node | None = None  # the token index along the sequence (blocks of one token)
-    per_token: bool = False  # `shift` has one position per token of `tokens`
+    per_token: bool = False  # `delta` has one position per token of `tokens`
     seq_dim: int = 2
     inv_freq: fx.Node | None = None
     rotary_dim: int = 2
@@ -253,7 +253,7 @@ def _rows_of_cache(node) -> bool:
 
 
 def _shift_of(piece: Piece, rope: RopeMatch, tokens: fx.Node | None, plan: KVPlan) -> None:
-    """Record the re-rotation `rope` of `piece` (its shift, basis and layout), or AnalysisError naming what breaks
+    """Record the re-rotation `rope` of `piece` (its delta, basis and layout), or AnalysisError naming what breaks
     the one-integer-per-block form."""
     angle = rope.angle()
     if angle is None or angle.kind != "inv_freq":
@@ -263,14 +263,14 @@ def _shift_of(piece: Piece, rope: RopeMatch, tokens: fx.Node | None, plan: KVPla
     if angle.factor != 1.0:
         raise AnalysisError(f"cached keys are re-rotated with a scaled cos/sin (factor {angle.factor})")
     numel = val(angle.positions).numel()
-    if tokens is not None and not known_equal(numel, 1):  # one shift for all is the same for every layout
+    if tokens is not None and not known_equal(numel, 1):  # one delta for all is the same for every layout
         if not known_equal(numel, val(tokens).numel()):
             raise AnalysisError("the re-rotation of the gathered tokens is not one integer per token")
         _prove_token_angles(rope, angle.positions, angle.inv_freq, piece.seq_dim)
         piece.per_token = True
     elif not (known_equal(numel, 1) or known_equal(numel, shape(piece.k)[0])):
-        raise AnalysisError("the re-rotation shift is not one integer per row")
-    piece.shift, piece.inv_freq = angle.positions, angle.inv_freq
+        raise AnalysisError("the re-rotation delta is not one integer per row")
+    piece.delta, piece.inv_freq = angle.positions, angle.inv_freq
     piece.rotary_dim, piece.interleaved = rope.rotary_dim, rope.interleaved
     piece.kinds.append(f"rerotation({rope.kind}{', per token' if piece.per_token else ''})")
     plan.gather_nodes.append(rope.out)

@@ -368,8 +368,8 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
 
 def _pool_args(b: Builder, piece: Piece, bsz) -> tuple:
     """The op's (pools, table, deltas, counts, rope) for a piece that is not a `materialize_kv` view: its cache seen
-    in place as one block per row ([B', len, Hkv, D]: table = the row, delta = the row's shift), or, over a token
-    index, as blocks of one token ([B' * len, 1, Hkv, D]: table = row * len + token, delta = the token's shift)."""
+    in place as one block per row ([B', len, Hkv, D]: table = the row, delta = the row's re-rotation), or, over a
+    token index, as blocks of one token ([B' * len, 1, Hkv, D]: table = row * len + token, delta = the token's)."""
     dev = val(piece.k).device
     i64 = dict(dtype=torch.int64, device=dev)
     kp, vp = piece.k, piece.v
@@ -386,12 +386,12 @@ def _pool_args(b: Builder, piece: Piece, bsz) -> tuple:
         kp, vp, table = _token_blocks(b, kp, vp, rows, piece.tokens)
         width = _piece_length(b, piece)
         lens = b(aten.full.default, [bsz, width], 1, **i64)
-    if piece.shift is None:
+    if piece.delta is None:
         delta = b(aten.full.default, [bsz, width], 0, **i64)
         inv_freq = b(aten.full.default, [1], 0.0, dtype=torch.float64, device=dev)
     else:
-        shift = b(aten.reshape.default, piece.shift, [1, -1] if piece.per_token else [-1, 1])
-        delta = b(aten.expand.default, b(torch.ops.prims.convert_element_type.default, shift, torch.int64),
+        delta = b(aten.reshape.default, piece.delta, [1, -1] if piece.per_token else [-1, 1])
+        delta = b(aten.expand.default, b(torch.ops.prims.convert_element_type.default, delta, torch.int64),
                   [bsz, width])
         inv_freq = b(torch.ops.prims.convert_element_type.default,
                      b(aten.reshape.default, piece.inv_freq, [-1]), torch.float64)

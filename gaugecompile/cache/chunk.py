@@ -26,9 +26,7 @@ class KVChunk:
         self.span = span
         self.freed = False
         cache.allocator.incref(self.pieces.phys)
-        self.id = cache._next_chunk
-        cache._next_chunk += 1
-        cache._chunks[self.id] = self
+        self.id = cache.host.add_chunk(self)
 
     @property
     def num_tokens(self) -> int:

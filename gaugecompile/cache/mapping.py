@@ -4,8 +4,8 @@ Coordinates.  Every cached token has a *stored* position (the position it was ro
 was written, kept per physical slot) and a *logical* position (where it sits in its sequence now).
 A sequence is a list of table entries: a physical block, the tokens it holds for this sequence (slots
 [0, n) of the block: an entry may be partial anywhere, not only at the end) and one
-`sigma = logical - stored` for all of them.  An edit is described as `Pieces` -- runs of slots of
-physical blocks with their new sigma, held as arrays -- and `repack` turns them into entries again:
+`delta = logical - stored` for all of them.  An edit is described as `Pieces` -- runs of slots of
+physical blocks with their new delta, held as arrays -- and `repack` turns them into entries again:
 a piece that starts at slot 0 of its block is that block, shared (reference counted); a piece that
 starts later (the right part of a block an edit splits) is copied to a new block.
 
@@ -28,12 +28,12 @@ _I64 = np.int64
 
 
 class Piece(NamedTuple):
-    """Slots [a, b) of physical block `phys`; their logical position is `stored + shift`."""
+    """Slots [a, b) of physical block `phys`; their logical position is `stored + delta`."""
 
     phys: int
     a: int
     b: int
-    shift: int
+    delta: int
 
 
 def _ids(values=()) -> np.ndarray:
@@ -47,7 +47,7 @@ class Pieces:
     phys: np.ndarray
     a: np.ndarray
     b: np.ndarray
-    shift: np.ndarray
+    delta: np.ndarray
 
     @classmethod
     def of(cls, pieces: list[Piece]) -> Pieces:
@@ -62,7 +62,7 @@ class Pieces:
         return len(self.phys)
 
     def __iter__(self):
-        return (Piece(*map(int, row)) for row in zip(self.phys, self.a, self.b, self.shift, strict=True))
+        return (Piece(*map(int, row)) for row in zip(self.phys, self.a, self.b, self.delta, strict=True))
 
     def __add__(self, other: Pieces) -> Pieces:
         return Pieces(*(np.concatenate((x, y)) for x, y in zip(self.columns, other.columns, strict=True)))
@@ -75,7 +75,7 @@ class Pieces:
 
     @property
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        return self.phys, self.a, self.b, self.shift
+        return self.phys, self.a, self.b, self.delta
 
     @property
     def tokens(self) -> int:
@@ -86,39 +86,39 @@ class Pieces:
         return Pieces(*(x[index] for x in self.columns))
 
     def shifted(self, by: int) -> Pieces:
-        return Pieces(self.phys, self.a, self.b, self.shift + by)
+        return Pieces(self.phys, self.a, self.b, self.delta + by)
 
 
 @dataclass
 class SeqMap:
-    """One sequence: its table entries (physical block, sigma = logical - stored, tokens held: slots [0, n) of
+    """One sequence: its table entries (physical block, delta = logical - stored, tokens held: slots [0, n) of
     the block), its token count and its next logical position."""
 
     blocks: np.ndarray = field(default_factory=_ids)
-    sigma: np.ndarray = field(default_factory=_ids)
+    delta: np.ndarray = field(default_factory=_ids)
     counts: np.ndarray = field(default_factory=_ids)
     length: int = 0
     next_logical: int = 0
 
     def copy(self) -> SeqMap:
-        return SeqMap(self.blocks.copy(), self.sigma.copy(), self.counts.copy(), self.length, self.next_logical)
+        return SeqMap(self.blocks.copy(), self.delta.copy(), self.counts.copy(), self.length, self.next_logical)
 
 
 class NewBlock(NamedTuple):
-    """A block to fill by copying: the slots of `sources`, re-rotated to one `sigma`, `n` tokens in all."""
+    """A block to fill by copying: the slots of `sources`, re-rotated to one `delta`, `n` tokens in all."""
 
     phys: int | None
-    sigma: int
+    delta: int
     n: int
     sources: tuple[Piece, ...]
 
 
 class Plan(NamedTuple):
-    """A repacked sequence: per entry the reused physical block (-1 where a copy must be made), sigma and
+    """A repacked sequence: per entry the reused physical block (-1 where a copy must be made), delta and
     token count, the pieces the entries are made of, and the tokens in all."""
 
     phys: np.ndarray
-    sigma: np.ndarray
+    delta: np.ndarray
     counts: np.ndarray
     pieces: Pieces
     length: int
@@ -130,25 +130,25 @@ class Plan(NamedTuple):
 
 
 def seq_pieces(m: SeqMap) -> Pieces:
-    """The sequence as pieces, one per entry, with its current sigma."""
-    return Pieces(m.blocks.copy(), np.zeros(len(m.blocks), dtype=_I64), m.counts.copy(), m.sigma.copy())
+    """The sequence as pieces, one per entry, with its current delta."""
+    return Pieces(m.blocks.copy(), np.zeros(len(m.blocks), dtype=_I64), m.counts.copy(), m.delta.copy())
 
 
 def split_at(pieces: Pieces, logical: int, stored: np.ndarray) -> tuple[Pieces, Pieces]:
     """Split pieces (in increasing logical order) into tokens with logical < `logical` and the rest."""
     if not len(pieces):
         return pieces, pieces
-    last = stored[pieces.phys, pieces.b - 1] + pieces.shift
+    last = stored[pieces.phys, pieces.b - 1] + pieces.delta
     lo = int(np.searchsorted(last, logical, side="left"))  # first piece whose last token is >= logical
     if lo == len(pieces):
         return pieces, Pieces.empty()
-    phys, a, b, shift = (int(x[lo]) for x in pieces.columns)
-    cut = a + int(np.searchsorted(stored[phys, a:b] + shift, logical, side="left"))
+    phys, a, b, delta = (int(x[lo]) for x in pieces.columns)
+    cut = a + int(np.searchsorted(stored[phys, a:b] + delta, logical, side="left"))
     left, right = pieces.take(slice(None, lo)), pieces.take(slice(lo + 1, None))
     if cut > a:
-        left = left + Pieces.of([Piece(phys, a, cut, shift)])
+        left = left + Pieces.of([Piece(phys, a, cut, delta)])
     if cut < b:
-        right = Pieces.of([Piece(phys, cut, b, shift)]) + right
+        right = Pieces.of([Piece(phys, cut, b, delta)]) + right
     return left, right
 
 
@@ -163,17 +163,17 @@ def consecutive_runs(phys: int, a: int, b: int, stored: np.ndarray) -> list[tupl
 def repack(pieces: Pieces) -> Plan:
     """One table entry per non-empty piece (in view order): a piece from slot 0 of its block is that block,
     shared (its entry holds slots [0, b)); a piece starting later in its block is copied to slot 0 of a new
-    block, at its own sigma (a plain copy: nothing is re-rotated).  An edit off block boundaries thus copies
+    block, at its own delta (a plain copy: nothing is re-rotated).  An edit off block boundaries thus copies
     at most the one block it splits, never the blocks after it."""
     keep = pieces.take(pieces.b > pieces.a)
     phys = np.where(keep.a == 0, keep.phys, -1)
     counts = keep.b - keep.a
-    return Plan(phys, keep.shift.copy(), counts, keep, int(counts.sum()))
+    return Plan(phys, keep.delta.copy(), counts, keep, int(counts.sum()))
 
 
 def plain_copy(piece: Piece) -> NewBlock:
-    """A new block holding `piece`'s slots from slot 0, at the piece's own sigma (nothing is re-rotated)."""
-    return NewBlock(None, piece.shift, piece.b - piece.a, (piece,))
+    """A new block holding `piece`'s slots from slot 0, at the piece's own delta (nothing is re-rotated)."""
+    return NewBlock(None, piece.delta, piece.b - piece.a, (piece,))
 
 
 def copy_source(plan: Plan, entry: int) -> NewBlock:

@@ -20,6 +20,7 @@ entries.
 
 from __future__ import annotations
 
+import functools
 import gc
 import warnings
 import weakref
@@ -131,12 +132,10 @@ def _warn_if_wrapped(model: torch.nn.Module) -> None:
                       "place, model.compile(backend='gauge'), for generate() to run compiled", stacklevel=3)
 
 
-def _hand_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: give a ManifoldCache in `past_key_values` the forward's mask and positions."""
-    from .manifold import ManifoldCache
-
+def _hand_inputs(cache_type: type, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: give a cache of `cache_type` in `past_key_values` the forward's mask and positions."""
     cache = kwargs.get("past_key_values")
-    if isinstance(cache, ManifoldCache):
+    if isinstance(cache, cache_type):
         if not torch.compiler.is_compiling():
             _warn_if_wrapped(module)
         first = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
@@ -144,11 +143,12 @@ def _hand_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         cache.expect_inputs(ForwardInputs(rows, kwargs.get("attention_mask"), kwargs.get("position_ids")))
 
 
-def watch_inputs(model: torch.nn.Module) -> None:
+def watch_inputs(model: torch.nn.Module, cache_type: type) -> None:
     """Register (once per model) the pre-hook that hands each forward's `attention_mask` and `position_ids` to the
-    ManifoldCache it is called with, so padded batches store no padding; harmless with any other cache."""
+    cache of `cache_type` (a ManifoldCache, whose `expect_inputs` takes them) it is called with, so padded batches
+    store no padding; harmless with any other cache."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if model not in _WATCHED:
-        model.register_forward_pre_hook(_hand_inputs, with_kwargs=True)
+        model.register_forward_pre_hook(functools.partial(_hand_inputs, cache_type), with_kwargs=True)
         _WATCHED.add(model)

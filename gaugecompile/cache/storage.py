@@ -2,8 +2,8 @@
 
 Pools are written once per token (`write`) and never moved; the only other writes are
 copy-on-write block copies (`copy_blocks`): the tokens of a block an edit splits, copied as they
-are (they keep their sigma), and a row's partial last block taking new tokens at another sigma,
-re-rotated so that a block keeps a single sigma.  Stored positions live on the host (int64 per
+are (they keep their delta), and a row's partial last block taking new tokens at another delta,
+re-rotated so that a block keeps a single delta.  Stored positions live on the host (int64 per
 slot): the planner reads them to find where an edit cuts a block, and a copy records the new stored
 positions of its slots.
 
@@ -78,7 +78,7 @@ class BlockStorage:
                    for k, v in zip(self.k_pools, self.v_pools, strict=True) if k is not None)
 
     def copy_blocks(self, targets: list[tuple[int, NewBlock]]) -> None:
-        """Fill each target block `dst` with its sources' slots, keys re-rotated by (source shift - block sigma)."""
+        """Fill each target block `dst` with its sources' slots, keys re-rotated by (source delta - block delta)."""
         if not targets:
             return
         src, dst, rot = [], [], []
@@ -89,15 +89,15 @@ class BlockStorage:
                 n = p.b - p.a
                 src.extend(range(p.phys * bs + p.a, p.phys * bs + p.b))
                 dst.extend(range(phys * bs + off, phys * bs + off + n))
-                rot.extend([p.shift - blk.sigma] * n)
-                self.stored[phys, off:off + n] = self.stored[p.phys, p.a:p.b] + p.shift - blk.sigma
+                rot.extend([p.delta - blk.delta] * n)
+                self.stored[phys, off:off + n] = self.stored[p.phys, p.a:p.b] + p.delta - blk.delta
                 off += n
         layers = self.allocated
         if not layers:
             return
         src_t = torch.tensor(src, device=self.device)
         dst_t = torch.tensor(dst, device=self.device)
-        rot_t = torch.tensor(rot, device=self.device) if any(rot) else None  # split blocks keep their sigma
+        rot_t = torch.tensor(rot, device=self.device) if any(rot) else None  # split blocks keep their delta
         cdt = accumulation_dtype(self.dtype)
         bases: dict[RopeSpec, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin once per distinct basis
         for i in layers:

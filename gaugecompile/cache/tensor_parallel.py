@@ -199,20 +199,21 @@ def mapping_digests(cache: ManifoldCache) -> list[tuple[str, int]]:
     sequence it shows in): each sequence's blocks, deltas, counts, lengths and its tokens' stored positions,
     each live chunk's pieces, the batch, window and id counters, the pool's refcounts and free list.  Equal
     digests on every rank mean the next forward reads the same tables."""
-    cache._settle()
+    cache.settle()
+    host = cache.host
     stored = cache.storage.stored
-    window = cache._window if cache._window is not None else (-1, -1)
+    window = host.window if host.window is not None else (-1, -1)
     alloc = cache.allocator
     parts = []
-    for seq, m in cache._seqs.items():
+    for seq, m in host.seqs.items():
         pos = [stored[b, :n] for b, n in zip(m.blocks, m.counts, strict=True)]
-        parts.append((f"sequence {seq}", _digest(_arrays(m.blocks, m.sigma, m.counts, np.asarray([m.length,
+        parts.append((f"sequence {seq}", _digest(_arrays(m.blocks, m.delta, m.counts, np.asarray([m.length,
                       m.next_logical]), *pos))))
-    for cid, chunk in sorted(cache._chunks.items()):
+    for cid, chunk in sorted(host.chunks.items()):
         p = chunk.pieces
-        parts.append((f"chunk {cid}", _digest(_arrays(p.phys, p.a, p.b, p.shift, np.asarray([chunk.span,
+        parts.append((f"chunk {cid}", _digest(_arrays(p.phys, p.a, p.b, p.delta, np.asarray([chunk.span,
                       chunk.freed])))))
-    parts.append(("the batch", _digest(_arrays(np.asarray(cache._batch), np.asarray(window),
-                                               np.asarray([cache._next_id, cache._next_chunk])))))
+    parts.append(("the batch", _digest(_arrays(np.asarray(host.batch), np.asarray(window),
+                                               np.asarray([host.next_id, host.next_chunk])))))
     parts.append(("the pool's refcounts", _digest(_arrays(alloc.refcount, np.asarray(alloc.free_list)))))
     return parts

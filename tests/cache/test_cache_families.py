@@ -119,7 +119,7 @@ def test_after_a_delete_every_layer_matches_the_cut_and_re_rotated_reference(fam
 
 
 def test_forms_not_covered_are_refused_at_construction_with_a_reason():
-    from gaugecompile.onnx.decode import CacheStep
+    from gaugecompile.onnx.cache_step import CacheStep
 
     gemma3 = _model("gemma3_text")
     with pytest.raises(ValueError, match="2 RoPE bases"):  # an exported step takes one basis for every layer

@@ -100,7 +100,7 @@ def test_latent_updates_are_checked_and_unsupported_operations_refused():
         model(input_ids=PROMPT, past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match=r"layers \[0, 1, 2, 3\] cache multi-head latent attention; recompute"):
         cache.recompute(model, 0, [(4, PROMPT[:, 4:8])])
-    from gaugecompile.onnx.decode import CacheStep
+    from gaugecompile.onnx.cache_step import CacheStep
 
     with pytest.raises(ValueError, match="are not plain attention layers"):
         CacheStep(model, cache.layer_ropes[0])

@@ -11,13 +11,14 @@ import copy
 
 import pytest
 import torch
+from cache_state import WindowSpy, snapshot, windowed
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from test_cache_transactions import WindowSpy, snapshot, windowed
 from transformers import DynamicCache
 
 from gaugecompile.cache import CachePoolFullError, ManifoldCache
+from gaugecompile.cache.host import HostState
 from gaugecompile.models.random_configs import random_config, random_model
 
 MODEL = random_model("llama", num_hidden_layers=1, dtype=torch.float64)
@@ -265,7 +266,7 @@ def test_finding_2_set_window_is_all_or_nothing(monkeypatch):
     cache = _prefilled(30)
     cache.fork(0, 2)
     before = snapshot(cache)
-    real, calls = ManifoldCache._apply_window, []
+    real, calls = HostState.apply_window, []
 
     def fail_on_the_third(self, seq):
         calls.append(seq)
@@ -273,7 +274,7 @@ def test_finding_2_set_window_is_all_or_nothing(monkeypatch):
             raise CachePoolFullError("the third sequence needs blocks")
         real(self, seq)
 
-    monkeypatch.setattr(ManifoldCache, "_apply_window", fail_on_the_third)
+    monkeypatch.setattr(HostState, "apply_window", fail_on_the_third)
     with pytest.raises(CachePoolFullError):
         cache.set_window(4, 8)
     assert snapshot(cache) == before and cache.window is None
@@ -466,7 +467,7 @@ def test_finding_7_a_compiled_model_refuses_a_cache_of_another_rope_basis():
 
 
 def test_finding_7_an_export_refuses_a_cache_of_another_rope_basis():
-    from gaugecompile.onnx.decode import CacheStep
+    from gaugecompile.onnx.cache_step import CacheStep
 
     cache = _other_theta_cache()
     before = snapshot(cache)

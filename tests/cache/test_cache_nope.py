@@ -84,7 +84,7 @@ def test_after_a_delete_the_nope_layers_are_not_re_rotated(compiled):
 
 
 def test_export_refuses_nope_layers_with_a_reason():
-    from gaugecompile.onnx.decode import CacheStep
+    from gaugecompile.onnx.cache_step import CacheStep
 
     with pytest.raises(ValueError, match=r"layers \[1, 3\] use no RoPE"):
         CacheStep(MODEL, _cache().rope)

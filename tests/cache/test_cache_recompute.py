@@ -7,7 +7,7 @@ probe layer."""
 
 import pytest
 import torch
-from test_cache_transactions import snapshot
+from cache_state import snapshot
 
 from gaugecompile.cache import CachePoolFullError, ManifoldCache
 from gaugecompile.models.random_configs import random_model

@@ -52,7 +52,7 @@ def _append(cache: ManifoldCache, model: Model, seqs: list[int], q: int, counter
 
 
 def _check(cache: ManifoldCache, model: Model) -> None:
-    assert sorted(cache._seqs) == sorted(model.seqs)
+    assert sorted(cache.host.seqs) == sorted(model.seqs)
     for s, toks in model.seqs.items():
         assert cache.positions(s) == [p for _, p in toks]
         assert cache.next_position(s) == model.next[s]
@@ -69,8 +69,8 @@ def _check(cache: ManifoldCache, model: Model) -> None:
 
 def _snapshot(cache: ManifoldCache):
     return (
-        {s: (m.blocks.tolist(), m.sigma.tolist(), m.counts.tolist(), m.length, m.next_logical)
-         for s, m in cache._seqs.items()},
+        {s: (m.blocks.tolist(), m.delta.tolist(), m.counts.tolist(), m.length, m.next_logical)
+         for s, m in cache.host.seqs.items()},
         cache.free_blocks, cache.get_seq_length(), cache.batch, cache.allocator.refcount.copy().tolist(),
         cache.allocator.free_list, cache.window,
     )

@@ -13,6 +13,7 @@ position in the frame of the next query.  Freeing everything at the end must lea
 
 import pytest
 import torch
+from cache_state import WindowSpy, snapshot, windowed
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -29,45 +30,6 @@ FAILURES = (ValueError, CachePoolFullError, KeyboardInterrupt)
 
 def _key(t: int, heads: int, dim: int) -> torch.Tensor:
     return torch.randn(heads, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(7919 + t))
-
-
-def snapshot(cache: ManifoldCache):
-    """Everything an operation may change, as plain values (read without settling a pending forward)."""
-    return (
-        {s: (m.blocks.tolist(), m.sigma.tolist(), m.counts.tolist(), m.length, m.next_logical)
-         for s, m in cache._seqs.items()},
-        cache.allocator.refcount.tolist(), cache.allocator.free_list, tuple(cache._batch), cache.get_seq_length(),
-        cache._window, cache._next_id, cache.peak_blocks_in_use, cache._next_chunk,
-        tuple(None if k is None else tuple(k.shape) for k in (*cache.k_pools, *cache.v_pools)),  # sized pools
-    )
-
-
-def windowed(toks: list[tuple[int, int]], sink: int, window: int, counts: list[int]) -> list[tuple[int, int]]:
-    """The StreamingLLM policy on a token list laid out in entries of `counts` tokens (the cache's layout when it
-    applied the policy): the entries holding the first `sink` tokens, then the fewest recent entries holding at
-    least `window` tokens, renumbered from 0."""
-    assert sum(counts) == len(toks)
-    starts = [sum(counts[:j]) for j in range(len(counts) + 1)]  # token index where each entry starts (and the end)
-    sink_end = next((j for j in range(len(counts) + 1) if starts[j] >= sink), len(counts))
-    keep_from = sink_end
-    while keep_from < len(counts) and len(toks) - starts[keep_from + 1] >= window:
-        keep_from += 1
-    kept = toks[: starts[sink_end]] + toks[starts[keep_from]:]
-    return [(t, i) for i, (t, _) in enumerate(kept)]
-
-
-class WindowSpy:
-    """Records the entry counts of each sequence when the cache applies its window (the layout `windowed` needs)."""
-
-    def __init__(self, cache: ManifoldCache) -> None:
-        self.counts: dict[int, list[int]] = {}
-        apply = cache._apply_window
-
-        def spy(seq: int) -> None:
-            self.counts[seq] = cache._seqs[seq].counts.tolist()
-            apply(seq)
-
-        cache._apply_window = spy
 
 
 class _Interrupt:
@@ -158,7 +120,7 @@ class CacheMachine(RuleBasedStateMachine):
             first = self._live(pick)
             same = [s for s in sorted(self.toks) if len(self.toks[s]) == len(self.toks[first])]
             batch = [first] + [s for s in same if s != first][: rows - 1]
-            if batch != cache._batch:
+            if batch != cache.host.batch:
                 cache.set_batch(batch)
         view = cache.get_seq_length()
         n_rows = len(batch) or 1

@@ -6,7 +6,7 @@ twin cache; a step that fails inside onnxruntime leaves the cache as it was."""
 import onnx
 import pytest
 import torch
-from test_cache_transactions import snapshot
+from cache_state import snapshot
 
 from gaugecompile.cache import ManifoldCache
 from gaugecompile.models.random_configs import random_model

@@ -107,7 +107,7 @@ def test_one_export_serves_other_lengths_widths_batches_and_queries(tmp_path):
 def test_export_onnx_takes_a_model_called_over_a_manifold_cache(tmp_path):
     """Issue 21, first item: `export_onnx(model, (ids,), path, kwargs={"past_key_values": cache})` exports the
     step the model would run (CacheStep's form), leaves the cache as it was, and the file runs later steps."""
-    from test_cache_transactions import snapshot
+    from cache_state import snapshot
 
     model = random_model("llama")
     cache = edited_cache(model, seed=3)
