@@ -1,7 +1,7 @@
 """A Bayesian wind tunnel: a small transformer trained on the CPU on bijection elimination, its predictive entropy
 against the analytic posterior per position, and the three geometry probes on it.
 
-Shows: `gaugecompile.wind_tunnel` end to end. Each sequence has its own random bijection of V symbols and shows
+Shows: `gaugecompile.research.wind_tunnel` end to end. Each sequence has its own random bijection of V symbols and shows
 K pairs `x pi(x)`; the model predicts `pi(x_t)` at `x_t`, where the posterior is known in closed form (0 bits for
 an input seen before, log2(V - k) bits for a new one, k = distinct inputs seen). A tiny LlamaForCausalLM (RoPE,
 eager attention) trains for a wall-time budget on one thread, then over held-out sequences: the model's entropy
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from gaugecompile.geometry import probe_geometry
-from gaugecompile.wind_tunnel import BijectionTask, build_model, evaluate, train, value_manifold
+from gaugecompile.research.geometry import probe_geometry
+from gaugecompile.research.wind_tunnel import BijectionTask, build_model, evaluate, train, value_manifold
 
 MINUTES = 9.5  # the default training budget: with evaluation and probes the run stays under 10 minutes
 
@@ -150,15 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         "probes": [g.as_dict() for g in layers], "value_manifold": manifold,
     }
     if args.out:
-        from gaugecompile.cli.probe import _plot as plot_probes
+        from gaugecompile.research.geometry_plot import plot_geometry
 
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "wind_tunnel.json").write_text(json.dumps(record, indent=1))
         title = (f"bijection wind tunnel V={task.vocab}, K={task.pairs}: {args.layers}-layer Llama, hidden "
                  f"{args.hidden}, {log.steps} steps in {log.seconds / 60:.1f} min on {torch.get_num_threads()} thread")
         _plot(result, task, args.out / "wind_tunnel.png", title)
-        plot_probes(layers, args.out / "probes.png", f"probes of the trained model over one sequence "
-                                                      f"({sequence.shape[1]} tokens)")
+        plot_geometry(layers, args.out / "probes.png", f"probes of the trained model over one sequence "
+                                                       f"({sequence.shape[1]} tokens)")
         print(f"wrote {args.out / 'wind_tunnel.json'}, {args.out / 'wind_tunnel.png'}, {args.out / 'probes.png'}")
 
     numbers = [result.mae_bits, result.kl_bits, result.cross_entropy_bits, *result.model_entropy_by_position,

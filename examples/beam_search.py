@@ -18,7 +18,8 @@ import sys
 import torch
 from transformers import DynamicCache
 
-from gaugecompile.cli.demo import QUESTION, chat_ids, decode, forward_replaced, gauge_forward, manifold_cache, prefilled
+from gaugecompile.bench.decode_loops import forward_replaced, gauge_forward, manifold_cache, prefilled
+from gaugecompile.bench.prompts import QUESTION, chat_ids, decode
 from gaugecompile.models import add_model_arguments, model_from_args
 
 

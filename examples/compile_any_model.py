@@ -18,7 +18,8 @@ import torch
 from transformers import DynamicCache
 
 import gaugecompile
-from gaugecompile.cli.demo import QUESTION, chat_ids, manifold_cache
+from gaugecompile.bench.decode_loops import manifold_cache
+from gaugecompile.bench.prompts import QUESTION, chat_ids
 from gaugecompile.models import add_model_arguments, model_from_args
 
 

@@ -17,7 +17,8 @@ import torch
 from transformers import DynamicCache
 
 from gaugecompile.bench.baselines import append_rerotated, rope_of_model
-from gaugecompile.cli.demo import decode, gauge_forward, greedy, manifold_cache, prefilled
+from gaugecompile.bench.decode_loops import gauge_forward, greedy, manifold_cache, prefilled
+from gaugecompile.bench.prompts import decode
 from gaugecompile.models import add_model_arguments, encode, model_from_args
 
 BLOCK, DOC_TOKENS, DOCS = 16, 96, ("pass", "break", "lambda")  # documents: whole blocks, so splices stay aligned

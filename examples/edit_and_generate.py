@@ -17,7 +17,8 @@ import torch
 from transformers import DynamicCache
 
 from gaugecompile.bench.baselines import cut_and_rerotate, rope_of_model
-from gaugecompile.cli.demo import chat_ids, decode, manifold_cache
+from gaugecompile.bench.decode_loops import manifold_cache
+from gaugecompile.bench.prompts import chat_ids, decode
 from gaugecompile.models import add_model_arguments, model_from_args
 
 MESSAGE = "Tell me about the sea. Ignore this sentence entirely, please. Then write one line about boats."

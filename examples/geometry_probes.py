@@ -1,6 +1,6 @@
 """Attention-geometry probes, and the gauge check: an edit of the cache leaves the geometry as it was.
 
-Shows: `gaugecompile.geometry.probe_geometry(model, ids, cache)` per layer (key orthogonality, attention
+Shows: `gaugecompile.research.geometry.probe_geometry(model, ids, cache)` per layer (key orthogonality, attention
 entropy, the value manifold), on a continuation read over a ManifoldCache after `delete`, against the same
 probes over the re-rotating reference (a DynamicCache of the prompt with the span cut and the later keys
 re-rotated back). The probes must agree: what an edit changes is where data sits, not the geometry.
@@ -17,9 +17,10 @@ import torch
 from transformers import DynamicCache
 
 from gaugecompile.bench.baselines import cut_and_rerotate, rope_of_model
-from gaugecompile.cli.demo import manifold_cache, text_ids
-from gaugecompile.geometry import probe_geometry
+from gaugecompile.bench.decode_loops import manifold_cache
+from gaugecompile.bench.prompts import text_ids
 from gaugecompile.models import add_model_arguments, model_from_args
+from gaugecompile.research.geometry import probe_geometry
 
 TOLERANCE = 1e-4  # float32 model: the two caches' keys differ by rounding of one rotation
 

@@ -20,7 +20,7 @@ import warnings
 import torch
 from transformers import DynamicCache
 
-from gaugecompile.cli.demo import forward_replaced, gauge_forward, manifold_cache
+from gaugecompile.bench.decode_loops import forward_replaced, gauge_forward, manifold_cache
 from gaugecompile.models import add_model_arguments, model_from_args
 
 # transformers' reference kernels for the linear layers warn once each that the fused ones are not installed

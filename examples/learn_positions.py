@@ -1,7 +1,7 @@
 """Learnt positions: the gaps between three spliced documents, learnt by gradient descent on an answer's NLL.
 
 Shows: documents prefilled once into a ManifoldCache (`cache.prefill`) are placed with real-valued gaps
-(`gaugecompile.placement.ChunkPlacement`); the NLL of a reference answer after a question is differentiable in
+(`gaugecompile.research.placement.ChunkPlacement`); the NLL of a reference answer after a question is differentiable in
 the gaps (the keys are re-rotated by real deltas with an exact gradient), so `learn_gaps` runs Adam on them.
 Beside it, in the same run, Position Engineering's grid search (He et al., 2024) over the same gaps: loss reached
 and forward passes spent.  The store is never written: every placement reads the same blocks.
@@ -19,9 +19,9 @@ from pydoc_data.topics import topics
 
 import torch
 
-from gaugecompile.cli.demo import manifold_cache
+from gaugecompile.bench.decode_loops import manifold_cache
 from gaugecompile.models import add_model_arguments, encode, model_from_args
-from gaugecompile.placement import ChunkPlacement, grid_search, learn_gaps
+from gaugecompile.research.placement import ChunkPlacement, grid_search, learn_gaps
 
 DOC_TOKENS, DOCS = 96, ("lambda", "pass", "break")
 QUESTION = "\n\nQuestion: What does the pass statement do?\nAnswer:"

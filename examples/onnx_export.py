@@ -20,7 +20,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from gaugecompile.cli.demo import manifold_cache, text_ids
+from gaugecompile.bench.decode_loops import manifold_cache
+from gaugecompile.bench.prompts import text_ids
 from gaugecompile.models import add_model_arguments, model_from_args
 from gaugecompile.onnx import DOMAIN, CacheStep, export_onnx, run
 

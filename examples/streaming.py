@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gaugecompile.cli.demo import decode, gauge_forward, stream_baseline, stream_gauge, text_ids
+from gaugecompile.bench.decode_loops import gauge_forward, stream_baseline, stream_gauge
+from gaugecompile.bench.prompts import decode, text_ids
 from gaugecompile.models import add_model_arguments, model_from_args
 
 

@@ -24,8 +24,8 @@ import tempfile
 import torch
 
 from gaugecompile.bench.distributed import ByteCounter, relaunch, under_torchrun
+from gaugecompile.bench.prompts import chat_ids, decode
 from gaugecompile.cache import ManifoldCache
-from gaugecompile.cli.demo import chat_ids, decode
 from gaugecompile.models import add_model_arguments
 from gaugecompile.models.random_configs import random_model
 from gaugecompile.models.smollm import default_checkpoint

@@ -1,6 +1,6 @@
 """Test configuration: Triton runs in its CPU interpreter (must be set before triton is imported).
 
-`GAUGECOMPILE_TRITON_DEVICE=cuda` (set by the GPU check, `gaugecompile.bench.gpu_check`) leaves
+`GAUGECOMPILE_TRITON_DEVICE=cuda` (set by the GPU check, `tools/gpu_check.py`) leaves
 TRITON_INTERPRET unset instead, so the generated kernels compile for real, and the kernel tests
 (tests/codegen/test_codegen_kernels.py) put their tensors on that device. Unset or `cpu`: exactly the CPU default.
 """

@@ -28,11 +28,12 @@ skip reasons; every gpu_decode row).
 Without CUDA the probe says so, no other step runs (each is recorded as skipped, with the reason), and the exit
 status is 0. Otherwise it is 0 when no step failed or timed out, else 1.
 
-Only the standard library is imported at the top: `benchmarks/gpu_check.py` loads this file by path, so the
-check runs before the project is installed (the package itself imports torch and needs the install's package
-mapping for `gaugecompile.codegen`).
+A CI tool of the source checkout, not part of the installed package: it installs the package. Only the standard
+library is imported at the top, so the check runs before the project is installed (the package itself imports
+torch and needs the install's package mapping for `gaugecompile.codegen`); `benchmarks/gpu_check.py` runs this
+file by path.
 
-    python benchmarks/gpu_check.py [--no-install] [--wheels DIR] [--budget-s 480] [--copy-to DIR]
+    python tools/gpu_check.py [--no-install] [--wheels DIR] [--budget-s 480] [--copy-to DIR]
 """
 
 from __future__ import annotations
@@ -583,8 +584,8 @@ def default_out_path(moment: dt.datetime | None = None, root: Path | None = None
 
 
 def repo_root() -> Path:
-    """The checkout holding this file (an editable install), else the working directory."""
-    root = MODULE_FILE.parents[2]
+    """The checkout holding this file (tools/ at its top), else the working directory."""
+    root = MODULE_FILE.parents[1]
     return root if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir() else Path.cwd()
 
 
@@ -601,7 +602,7 @@ def make_report(results: Sequence[StepResult], *, started: dt.datetime, budget_s
     cuda = probe_result.figures.get("cuda_available") if probe_result and probe_result.status == "passed" else None
     return {
         "schema": SCHEMA,
-        "tool": "gaugecompile.bench.gpu_check",
+        "tool": "tools/gpu_check.py",
         "date": started.strftime("%Y-%m-%d"),
         "started_utc": _iso(started),
         "finished_utc": _iso(finished),

@@ -30,7 +30,8 @@ from ..batching import BatchStats, generate_batch
 from ..cache import ManifoldCache
 from ..models import add_model_arguments, model_from_args
 from ..ops.counters import runs
-from .suite import machine, text_ids
+from .measure import machine
+from .prompts import text_ids
 
 __all__ = ["main"]
 

@@ -115,8 +115,8 @@ def make_inputs(batch: int, context: int, args: argparse.Namespace, seed: int = 
     """
     import torch
 
-    import gaugecompile as gc
     from gaugecompile.block_tables import full_block_lens
+    from gaugecompile.rope import RopeSpec
 
     dtype = getattr(torch, dtype or args.dtype[0])
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -128,7 +128,7 @@ def make_inputs(batch: int, context: int, args: argparse.Namespace, seed: int = 
     q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda", dtype=dtype, generator=g)
     block_table, delta = make_table(batch, n_blocks, table, g)
     lens = full_block_lens(torch.full((batch,), context, device="cuda", dtype=torch.int64), n_blocks, bs)
-    rope = gc.RopeSpec.from_base(500000.0, args.head_dim)
+    rope = RopeSpec.from_base(500000.0, args.head_dim)
     return q, k_pool, v_pool, block_table, delta, lens, rope, kv
 
 
@@ -149,8 +149,8 @@ def measure_cell(batch: int, context: int, args: argparse.Namespace, copy_gbps: 
     import torch
     import torch.nn.functional as F
 
-    import gaugecompile as gc
     from gaugecompile.codegen.launcher import choose_splits
+    from gaugecompile.ops import materialize_kv
 
     dtype = dtype or args.dtype[0]
     q, k_pool, v_pool, table, delta, lens, rope, kv = make_inputs(batch, context, args, dtype=dtype,
@@ -159,7 +159,7 @@ def measure_cell(batch: int, context: int, args: argparse.Namespace, copy_gbps: 
     inv_freq = rope.inv_freq.cuda()
     op_args = (q, k_pool, v_pool, table, delta, lens, inv_freq, rope.rotary_dim, rope.interleaved, scale, True)
     op = lambda: torch.ops.gauge.rotated_query_attention(*op_args)
-    gather = lambda: gc.materialize_kv(k_pool, v_pool, table, delta, rope, context, lens)
+    gather = lambda: materialize_kv(k_pool, v_pool, table, delta, rope, context, lens)
     gather_attend = lambda: F.scaled_dot_product_attention(q, *gather(), scale=scale, enable_gqa=True)
 
     row = dict(dtype=dtype, table=table_kind, batch=batch, context=context,

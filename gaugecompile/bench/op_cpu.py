@@ -22,7 +22,8 @@ import time
 
 import torch
 
-import gaugecompile as gc
+from gaugecompile.ops import materialize_kv, rotated_query_attention
+from gaugecompile.rope import RopeSpec
 
 
 def _time(fn, repeat: int) -> float:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     k_pool = torch.randn(n_blocks, block_size, heads, head_dim, generator=g)
     v_pool = torch.randn_like(k_pool)
     lens = torch.tensor([args.tokens])
-    rope = gc.RopeSpec.from_base(10000.0, head_dim)
+    rope = RopeSpec.from_base(10000.0, head_dim)
     mappings = {
         "identity": (torch.arange(n_blocks)[None], torch.zeros(1, n_blocks, dtype=torch.long)),
         "shifted window": (torch.arange(n_blocks)[None], torch.full((1, n_blocks), -123_456)),
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mapping':<16} {'op (ms)':>9} {'loop (ms)':>10} {'reference (ms)':>15} {'speed-up':>9} "
           f"{'max |diff|':>11}")
     for name, (table, delta) in mappings.items():
-        op = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope, impl="auto")
-        ref = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope,
+        op = functools.partial(rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope, impl="auto")
+        ref = functools.partial(rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope,
                                 impl="reference")
-        loop = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope, impl="loop")
+        loop = functools.partial(rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope, impl="loop")
         t_op, t_loop, t_ref = _time(op, args.repeat), _time(loop, args.repeat), _time(ref, args.repeat)
         diff = float((op() - ref()).abs().max())
         print(f"{name:<16} {t_op * 1e3:9.2f} {t_loop * 1e3:10.2f} {t_ref * 1e3:15.2f} {t_ref / t_op:8.1f}x "
@@ -84,12 +85,12 @@ def _window_rows(q, k_pool, v_pool, lens, rope, mappings, window: int, repeat: i
     v_last = v_pool.flatten(0, 1)[tokens - window:tokens].permute(1, 0, 2)[None].contiguous()
     sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k_last, v_last)
     for name, (table, delta) in mappings.items():
-        windowed = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope,
+        windowed = functools.partial(rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope,
                                      window=window)
-        whole = functools.partial(gc.rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope)
+        whole = functools.partial(rotated_query_attention, q, k_pool, v_pool, table, delta, lens, rope)
 
         def unrewritten(table=table, delta=delta):
-            k, v = gc.materialize_kv(k_pool, v_pool, table, delta, rope, tokens)
+            k, v = materialize_kv(k_pool, v_pool, table, delta, rope, tokens)
             return torch.nn.functional.scaled_dot_product_attention(q, k[:, :, -window:], v[:, :, -window:])
 
         times = [_time(fn, repeat) for fn in (windowed, whole, unrewritten, sdpa)]

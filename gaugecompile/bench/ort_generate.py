@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers import DynamicCache
 
+    from gaugecompile.bench.prompts import text_ids
     from gaugecompile.cache import ManifoldCache
-    from gaugecompile.cli.demo import text_ids
     from gaugecompile.models.loading import load
     from gaugecompile.models.smollm import default_checkpoint
     from gaugecompile.onnx import OrtCausalLM

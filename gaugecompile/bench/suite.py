@@ -11,24 +11,20 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.metadata
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, StaticCache
+from transformers import DynamicCache, StaticCache
 
-import gaugecompile
 from gaugecompile.bench import llama_cpp
-from gaugecompile.bench.baselines import RerotatingSinkCache, append_rerotated, rope_of_model
-from gaugecompile.cache import ManifoldCache, rope_from_config
-from gaugecompile.cli.demo import (
+from gaugecompile.bench.baselines import append_rerotated, rope_of_model
+from gaugecompile.bench.decode_loops import (
     forward_replaced,
     gauge_forward,
     greedy,
@@ -37,151 +33,17 @@ from gaugecompile.cli.demo import (
     prefilled,
     stream_baseline,
     stream_gauge,
-    text_ids,
 )
+from gaugecompile.bench.measure import log, machine, ratio, timed
+from gaugecompile.bench.prompts import text_ids
+from gaugecompile.bench.report import plot, print_tables
+from gaugecompile.bench.synthetic import scenario_decode, scenario_reorg
+from gaugecompile.cache import ManifoldCache
 from gaugecompile.models import add_model_arguments, model_from_args
 from gaugecompile.models.smollm import fetch_gguf
-from gaugecompile.rope import delta_cos_sin, rotate
 
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def timed(fn: Callable[[], object], repeat: int = 5, undo: Callable[[], object] | None = None) -> float:
-    """Median seconds of `fn()` over `repeat` runs (after one warm-up); `undo()` restores the state after each
-    run, outside the timed region."""
-    samples = []
-    for index in range(repeat + 1):
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        if undo is not None:
-            undo()
-        if index:
-            samples.append(elapsed)
-    return statistics.median(samples)
-
-
-def ratio(base: float, gauge: float) -> float:
-    return base / gauge if gauge > 0 else float("inf")
-
-
-# ----------------------------------------------------------------------------- 1. reorganisation cost
-
-
-def synthetic_config(layers: int = 4, kv_heads: int = 8, head_dim: int = 128) -> LlamaConfig:
-    return LlamaConfig(num_hidden_layers=layers, num_attention_heads=kv_heads, num_key_value_heads=kv_heads,
-                       hidden_size=kv_heads * head_dim, intermediate_size=64, vocab_size=128, rope_theta=1e4)
-
-
-def filled_caches(config: LlamaConfig, length: int, batch: int = 1) -> tuple[ManifoldCache, DynamicCache]:
-    """A ManifoldCache and a DynamicCache holding the same `length` random tokens per layer."""
-    gen = torch.Generator().manual_seed(length)
-    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    manifold = ManifoldCache(config, max_batch_size=batch, max_tokens=length + 256 * batch)  # forks share blocks
-    dynamic = DynamicCache(config=config)
-    for layer in range(config.num_hidden_layers):
-        k, v = (torch.randn(1, heads, length, dim, generator=gen) for _ in range(2))
-        manifold.update(k, v, layer)
-        dynamic.update(k, v, layer)
-    if batch > 1:
-        manifold.fork(manifold.batch[0], batch - 1)
-        dynamic.batch_repeat_interleave(batch)
-    return manifold, dynamic
-
-
-def rerotate_(layer, start: int, shift: int, rope) -> None:
-    """Re-rotate the keys of `layer` from `start` on by `shift` positions (the O(L*d) way to move tokens)."""
-    cos, sin = delta_cos_sin(torch.tensor(shift), rope.inv_freq, layer.keys.dtype)
-    tail = rotate(layer.keys[:, :, start:], cos, sin, rope.rotary_dim, rope.interleaved)
-    layer.keys = torch.cat([layer.keys[:, :, :start], tail], dim=-2)
-
-
-REORDER_MAX_TOKENS = 16384
-
-
-def reorg_at(config: LlamaConfig, rope, length: int) -> list[dict]:
-    """The four operations at one context length, gauge and baseline."""
-    rows = []
-    manifold, dynamic = filled_caches(config, length)
-    seq = manifold.batch[0]
-    chunk_tokens = 64
-    chunk = manifold.chunk(seq, 0, chunk_tokens)
-    deleted = manifold.chunk(seq, 16, 32)  # what `delete` removes; splicing it back restores the sequence
-    originals = [(layer.keys, layer.values) for layer in dynamic.layers]
-
-    def restore_dynamic():  # free: restores references
-        for layer, (k, v) in zip(dynamic.layers, originals, strict=True):
-            layer.keys, layer.values = k, v
-
-    def base_delete():
-        for layer in dynamic.layers:
-            layer.keys = torch.cat([layer.keys[:, :, :16], layer.keys[:, :, 32:]], dim=-2)
-            layer.values = torch.cat([layer.values[:, :, :16], layer.values[:, :, 32:]], dim=-2)
-            rerotate_(layer, 16, -16, rope)
-
-    def base_splice():
-        for layer in dynamic.layers:
-            piece = rotate(layer.keys[:, :, :chunk_tokens], *delta_cos_sin(torch.tensor(1024), rope.inv_freq),
-                           rope.rotary_dim, rope.interleaved)
-            layer.keys = torch.cat([layer.keys[:, :, :1024], piece, layer.keys[:, :, 1024:]], dim=-2)
-            layer.values = torch.cat([layer.values[:, :, :1024], layer.values[:, :, :chunk_tokens],
-                                      layer.values[:, :, 1024:]], dim=-2)
-            rerotate_(layer, 1024 + chunk_tokens, chunk_tokens, rope)
-
-    sink_layers = RerotatingSinkCache(rope, config.num_hidden_layers, num_sink_tokens=16,
-                                      window_length=length)
-    for layer, source in zip(sink_layers.layers, dynamic.layers, strict=True):
-        layer.lazy_initialization(source.keys, source.values)
-        layer.keys, layer.values = source.keys, source.values
-    sink_originals = [(layer.keys, layer.values) for layer in sink_layers.layers]
-
-    def base_window():  # evict one block and re-rotate the window, as a sink cache does
-        for layer in sink_layers.layers:
-            layer.shift(16)
-
-    def restore_sink():
-        for layer, (k, v) in zip(sink_layers.layers, sink_originals, strict=True):
-            layer.keys, layer.values = k, v
-
-    def gauge_window():  # one set_window step: evicts the oldest non-sink block (a table edit)
-        manifold.set_window(16, length - 32)
-
-    tail = manifold.chunk(seq, 0, 16)
-
-    def undo_window():  # policy off, grow back by one block
-        manifold.set_window(16, None)
-        manifold.splice(seq, tail, manifold.seq_len(seq))
-
-    ops = {"delete": (lambda: manifold.delete(seq, 16, 32), lambda: manifold.splice(seq, deleted, 16),
-                      base_delete, restore_dynamic),
-           "splice": (lambda: manifold.splice(seq, chunk, 1024),
-                      lambda: manifold.delete(seq, 1024, 1024 + chunk_tokens), base_splice, restore_dynamic),
-           "set_window": (gauge_window, undo_window, base_window, restore_sink)}
-    if length <= REORDER_MAX_TOKENS:  # 4 rows of DynamicCache + their reordered copy: 16 GB at 64k tokens
-        manifold4, dynamic4 = filled_caches(config, length, batch=4)
-        beam_idx = torch.tensor([1, 0, 3, 2])
-        ops["reorder"] = (lambda: manifold4.reorder(beam_idx), None, lambda: dynamic4.reorder_cache(beam_idx), None)
-    for name, (gauge_fn, gauge_undo, base_fn, base_undo) in ops.items():
-        g, b = timed(gauge_fn, undo=gauge_undo), timed(base_fn, undo=base_undo)
-        if manifold.seq_len(seq) != length:
-            raise RuntimeError(f"reorg {name}: the undo did not restore the sequence length")
-        rows.append(dict(op=name, tokens=length, gauge_s=g, baseline_s=b, ratio=ratio(b, g)))
-    return rows
-
-
-def scenario_reorg(quick: bool) -> dict:
-    """delete / splice / set_window step / reorder: table edits against re-rotation and index_select."""
-    config = synthetic_config()
-    rope = rope_from_config(config)
-    lengths = [256, 1024] if quick else [1024, 4096, 16384, 65536]
-    rows = []
-    for length in lengths:
-        log(f"reorg: {length} tokens")
-        rows += reorg_at(config, rope, length)
-    return dict(title="reorganisation cost (4 layers, 8 KV heads, head dim 128)",
-                baseline="re-rotate keys / index_select on DynamicCache", rows=rows)
+TOKENIZER = None  # the loaded model's tokenizer (None for a random model), set by main
+SHARED_TOKENS = 4 * (4096 + 64)  # the largest real-model scenario: 4 beams over 4k tokens
 
 
 # ----------------------------------------------------------------------------- real-model scenarios
@@ -213,9 +75,9 @@ def bookkeeping_per_step(cache: ManifoldCache, rows: int, repeat: int = 20) -> f
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        cache._begin_forward(rows, 1)
+        cache.transactions.begin_forward(rows, 1)
         times.append(time.perf_counter() - start)
-        cache._settle()  # roll the placed token back: every repeat plans the same step
+        cache.settle()  # roll the placed token back: every repeat plans the same step
     return statistics.median(times)
 
 
@@ -257,7 +119,6 @@ def scenario_chat(model, quick: bool) -> dict:
                   gauge_s=t, baseline_s=2e-4, ratio=ratio(2e-4, t), tokens_equal=None) for n, t in book.items()]
     return dict(title=f"chat decoding after a {prompt_len}-token prompt, per step ({steps} steps after a {warm}-step "
                       "warm-up)", baseline="DynamicCache eager / StaticCache + Inductor", rows=rows)
-
 
 
 def scenario_beam(model, quick: bool) -> dict:
@@ -407,68 +268,6 @@ def scenario_memory(model, quick: bool) -> dict:
                                                     ratio=base_bytes / gauge_bytes)])
 
 
-def decode_tables(blocks: int, gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The three mappings of the decode goal: contiguous (delta 0), one delta, fragmented (random blocks and deltas)."""
-    ordered = torch.arange(blocks).unsqueeze(0)
-    return {
-        "contiguous": (ordered, torch.zeros_like(ordered)),
-        "one delta": (ordered, torch.full_like(ordered, -123_457)),
-        "fragmented": (torch.randperm(blocks, generator=gen).unsqueeze(0),
-                       torch.randint(-(2**31), 2**31, (1, blocks), generator=gen)),
-    }
-
-
-def read_floor(pools: list[torch.Tensor], repeat: int = 7) -> float:
-    """Best seconds of one reduction over every byte of `pools`: what reading K and V once costs here, now."""
-    return min(timed(lambda: [p.sum() for p in pools], 1) for _ in range(repeat))
-
-
-def decode_rows(heads: int, kv_heads: int, dim: int, layers: int, length: int, gen: torch.Generator) -> list[dict]:
-    """One shape: the op on each table kind, the torch loop, SDPA over a contiguous cache, and the read floor."""
-    block = 16
-    blocks = length // block
-    rope = gaugecompile.RopeSpec.from_base(1e4, dim)
-    pools = [[torch.randn(blocks, block, kv_heads, dim, generator=gen) for _ in range(2)] for _ in range(layers)]
-    q = torch.randn(1, heads, 1, dim, generator=gen)
-    seq = torch.full((1, blocks), block)  # tokens per table entry, as ManifoldCache hands them to the op
-    kv_bytes = sum(p.nbytes for pair in pools for p in pair)
-    floor = read_floor([p for pair in pools for p in pair])
-    contiguous = [[p.reshape(1, length, kv_heads, dim).transpose(1, 2) for p in pair] for pair in pools]
-    sdpa_s = timed(lambda: [torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-                            for k, v in contiguous], 5)
-    rows = []
-    for kind, (table, delta) in decode_tables(blocks, gen).items():
-        def run(impl: str, table=table, delta=delta) -> None:
-            for k, v in pools:
-                gaugecompile.rotated_query_attention(q, k, v, table, delta, seq, rope, impl=impl)
-
-        g = timed(lambda run=run: run("auto"), 5)
-        loop = timed(lambda run=run: run("loop"), 3)
-        rows.append(dict(shape=f"{heads}/{kv_heads}x{dim}, {layers} layer(s)", table=kind, tokens=length,
-                         gauge_s=g, baseline_s=floor, ratio=ratio(floor, g), times_floor=g / floor,
-                         torch_loop_s=loop, loop_over_gauge=loop / g, sdpa_contiguous_s=sdpa_s,
-                         kv_bytes=kv_bytes, gauge_GBps=kv_bytes / g / 1e9, floor_GBps=kv_bytes / floor / 1e9))
-    return rows
-
-
-def scenario_decode(quick: bool) -> dict:
-    """Decode attention alone against this machine's read floor (a reduction over the same pools, same run).
-
-    Beside the op (native kernel): the torch loop it replaces, and plain SDPA over an already contiguous,
-    re-rotated cache (what a gather-then-attend system does after paying the gather, which is not timed).
-    SmolLM2's shapes (9/3 heads, head dim 64) run one forward's 30 layers, each over its own pools.
-    """
-    gen = torch.Generator().manual_seed(6)
-    shapes = [(32, 8, 128, 1, n) for n in ([256, 1024] if quick else [16384, 65536])]
-    shapes.append((9, 3, 64, 2 if quick else 30, 512 if quick else 4096))
-    rows = []
-    for heads, kv_heads, dim, layers, length in shapes:
-        log(f"decode attention: {heads}/{kv_heads} heads, d {dim}, {layers} layer(s), {length} tokens")
-        rows += decode_rows(heads, kv_heads, dim, layers, length, gen)
-    return dict(title="decode attention against the read floor (a reduction over the same pools, this run)",
-                baseline="K+V bytes read once (sum over the pools)", rows=rows)
-
-
 def scenario_perplexity(model, quick: bool) -> dict:
     sink, window, total = 4, (32 if quick else 512), (96 if quick else 3072)
     ids = text_ids(TOKENIZER, model.config.vocab_size, total)
@@ -563,94 +362,7 @@ def scenario_llama_cpp(model, gguf: Path | None, quick: bool) -> dict:
                 rows=rows)
 
 
-# ----------------------------------------------------------------------------- output
-
-TOKENIZER = None
-SHARED_TOKENS = 4 * (4096 + 64)  # the largest real-model scenario: 4 beams over 4k tokens
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(platform=platform.platform(), cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                python=platform.python_version())
-
-
-def print_tables(results: dict) -> None:
-    for key, scenario in results["scenarios"].items():
-        print(f"\n## {key}: {scenario['title']}  (baseline: {scenario['baseline']})")
-        if "error" in scenario:
-            print(f"  failed: {scenario['error']}")
-            continue
-        if "skipped" in scenario:
-            print(f"  skipped: {scenario['skipped']}")
-            continue
-        rows = scenario["rows"]
-        cols = list(dict.fromkeys(c for row in rows for c in row))
-        cells = [[_fmt(c, row.get(c)) for c in cols] for row in rows]
-        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-        for r in cells:
-            print("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)))
-
-
-def _fmt(column: str, value) -> str:
-    if value is None:
-        return "-"
-    if column.endswith("_s"):
-        return f"{value * 1e3:.3f} ms"
-    if column == "ratio":
-        return f"{value:.2f}x"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _save(fig, ax, path: Path) -> str:
-    """Legend, layout, PNG; returns the file name."""
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path.name
-
-
-def plot(results: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    reorg = results["scenarios"].get("1_reorganisation", {}).get("rows")
-    if reorg:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for op in dict.fromkeys(r["op"] for r in reorg):
-            pts = [r for r in reorg if r["op"] == op]
-            ax.plot([r["tokens"] for r in pts], [r["gauge_s"] * 1e3 for r in pts], "o-", label=f"{op} (gauge)")
-            ax.plot([r["tokens"] for r in pts], [r["baseline_s"] * 1e3 for r in pts], "x--", label=f"{op} (baseline)")
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per operation",
-               title="Cache reorganisation cost")
-        written.append(_save(fig, ax, out / "reorganisation.png"))
-    decode = [r for r in results["scenarios"].get("6_decode_attention", {}).get("rows", []) if "32/8" in r["shape"]]
-    if decode:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for kind in dict.fromkeys(r["table"] for r in decode):
-            pts = [r for r in decode if r["table"] == kind]
-            ax.plot([r["tokens"] for r in pts], [r["gauge_s"] * 1e3 for r in pts], "o-", label=f"gauge, {kind}")
-            ax.plot([r["tokens"] for r in pts], [r["torch_loop_s"] * 1e3 for r in pts], ":",
-                    label=f"torch loop, {kind}")
-        pts = [r for r in decode if r["table"] == "contiguous"]
-        ax.plot([r["tokens"] for r in pts], [r["baseline_s"] * 1e3 for r in pts], "x--", color="k", label="read floor")
-        ax.plot([r["tokens"] for r in pts], [r["sdpa_contiguous_s"] * 1e3 for r in pts], "s-.",
-                label="SDPA, contiguous")
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per call (32/8 heads, d 128)",
-               title="Decode attention")
-        written.append(_save(fig, ax, out / "decode_attention.png"))
-    plt.close("all")
-    return written
+# ----------------------------------------------------------------------------- the run
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -687,7 +399,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                    machine=machine(), quick=args.quick,
                    model=args.random and f"random {args.random}" or args.model or "SmolLM2-135M-Instruct",
                    versions=dict(torch=torch.__version__, transformers=transformers.__version__,
-                                 gaugecompile=gaugecompile.__version__), scenarios={})
+                                 gaugecompile=importlib.metadata.version("gaugecompile")), scenarios={})
     failed = 0
     for number, (key, fn) in scenarios.items():
         if args.only and number not in args.only:

@@ -11,7 +11,7 @@ _COMMANDS = {
     "inspect": ("gaugecompile.cli.inspect", "show which attention sites the gauge passes rewrite or refuse"),
     "demo": ("gaugecompile.cli.demo", "run the end-to-end demo on a real (default) or random model"),
     "bench": ("gaugecompile.cli.bench", "run the benchmark suite (gaugecompile.bench)"),
-    "probe": ("gaugecompile.cli.probe", "attention-geometry probes per layer (gaugecompile.geometry)"),
+    "probe": ("gaugecompile.cli.probe", "attention-geometry probes per layer (gaugecompile.research.geometry)"),
 }
 
 

@@ -12,33 +12,41 @@ Six steps, each a function returning one `Row` of the final table:
 Compile-friendly by construction: prompts are prefilled eagerly (ManifoldCache materialises exactly),
 the one-token decode step is compiled once per batch size and reused by every step and scenario, all
 scenarios share one ManifoldCache (same pools, so no recompiles), every timed run is preceded by a
-warm-up, and compile time is reported on its own. The helpers are shared with `gaugecompile.bench.suite`.
+warm-up, and compile time is reported on its own. The decode loops and prompts are
+`gaugecompile.bench.decode_loops` and `gaugecompile.bench.prompts`, shared with the benchmark suite.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import importlib.util
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from ..bench.baselines import RerotatingSinkCache, append_rerotated, rope_of_model
+from ..bench.baselines import append_rerotated, rope_of_model
+from ..bench.decode_loops import (
+    forward_replaced,
+    gauge_forward,
+    greedy,
+    manifold_cache,
+    median_step,
+    prefilled,
+    stream_baseline,
+    stream_gauge,
+)
+from ..bench.prompts import QUESTION, chat_ids, decode, text_ids
 from ..models import add_model_arguments, model_from_args
 
-__all__ = ["Row", "add_arguments", "run", "greedy", "gauge_forward", "manifold_cache", "text_ids", "format_table",
-           "prefilled", "stream_gauge", "stream_baseline", "forward_replaced"]
-
-QUESTION = "What is the capital of France? Answer in one sentence."
+__all__ = ["Row", "add_arguments", "run", "format_table"]
 
 
 @dataclass
@@ -78,167 +86,7 @@ def progress(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def manifold_cache(model, *, batch: int = 1, max_tokens: int, block_size: int = 16):
-    """A ManifoldCache for `model`."""
-    from ..cache import ManifoldCache
-
-    return ManifoldCache(model.config, max_batch_size=batch, max_tokens=max_tokens, block_size=block_size,
-                         dtype=model.dtype, device=model.device)
-
-
-def gauge_forward(model, *, inner: str = "inductor", report_sink: list | None = None) -> Callable:
-    """`model.forward` compiled with the gauge backend, one per (model, inner): every caller reuses its graphs.
-
-    ManifoldCache hands lengths to the graph as dynamic sizes, so one decode graph per batch size serves
-    every step (automatic dynamic shapes; `dynamic=True` would also make the floats symbolic, which makes
-    Dynamo trace the 30 layers twice). `report_sink` (a list) collects the passes' reports of every graph this
-    compiled forward compiles (a compile-cache hit replays the reports stored with it), so it makes a separate
-    compiled forward.
-    """
-    compiled = model.__dict__.setdefault("_gauge_compiled", {})
-    if report_sink is None and inner in compiled:
-        return compiled[inner]
-    options: dict = {"inner": inner}
-    if report_sink is not None:
-        options["report_sink"] = report_sink
-    forward = torch.compile(model.forward, backend="gauge", options=options)
-    if report_sink is None:
-        compiled[inner] = forward
-    return forward
-
-
-@contextlib.contextmanager
-def forward_replaced(model, forward: Callable) -> Iterator[None]:
-    """Let `model.generate` call `forward` (e.g. a compiled one) instead of the eager method."""
-    model.forward = forward
-    try:
-        yield
-    finally:
-        del model.forward
-
-
-@torch.no_grad()
-def prefilled(model, cache, ids: torch.Tensor, rows: int = 1):
-    """Prefill `ids` ([1, n]) eagerly into `cache` (ManifoldCache: one new sequence, forked to `rows`; a transformers
-    cache: repeated to `rows`) and return the cache. Prompts run eagerly; only the decode step is compiled."""
-    if hasattr(cache, "new_sequences"):
-        cache.new_sequences(1)
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-        if rows > 1:
-            cache.fork(cache.batch[0], rows - 1)
-    else:
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
-    return cache
-
-
-@torch.no_grad()
-def greedy(forward: Callable, input_ids: torch.Tensor, cache, steps: int, *,
-           prefill: Callable | None = None) -> tuple[list[int], list[float]]:
-    """Greedy decoding by hand: prefill (with `prefill`, default `forward`), then `steps` one-token steps with
-    `forward`; returns the new tokens and the seconds of every call (prefill first)."""
-    if hasattr(cache, "new_sequences") and not cache.batch:
-        cache.new_sequences(1)  # a compiled forward must not learn the row count inside the layers
-    times, tokens = [], []
-    ids = input_ids
-    for index in range(steps + 1):
-        fn = prefill if index == 0 and prefill is not None else forward
-        start = time.perf_counter()
-        logits = fn(input_ids=ids, past_key_values=cache, use_cache=True).logits
-        times.append(time.perf_counter() - start)
-        ids = logits[:, -1:].argmax(-1)
-        tokens.append(int(ids[0, 0]))
-    return tokens[:steps], times
-
-
-def text_ids(tokenizer, vocab_size: int, length: int, *, seed: int = 0) -> torch.Tensor:
-    """`length` token ids of real English text (pydoc_data.topics); random ids without a tokenizer."""
-    if tokenizer is None:
-        return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    ids = tokenizer(text[: length * 8], return_tensors="pt").input_ids[:, :length]
-    if ids.shape[1] < length:
-        raise ValueError(f"length: pydoc_data.topics gives only {ids.shape[1]} tokens, asked {length}")
-    return ids
-
-
-def chat_ids(tokenizer, vocab_size: int, message: str, *, seed: int = 1) -> torch.Tensor:
-    if tokenizer is None:
-        return torch.randint(0, vocab_size, (1, 24), generator=torch.Generator().manual_seed(seed))
-    messages = [{"role": "user", "content": message}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True).input_ids
-
-
-def decode(tokenizer, tokens: list[int]) -> str:
-    return repr(tokenizer.decode(tokens, skip_special_tokens=True)) if tokenizer is not None else str(tokens)
-
-
-def median_step(times: list[float]) -> float:
-    """Median decode-step time (the first call, the prefill, is left out)."""
-    return statistics.median(times[1:]) if len(times) > 1 else times[0]
-
-
-@torch.no_grad()
-def stream_gauge(forward: Callable, model, ids: torch.Tensor, *, sink: int, window: int, cache=None,
-                 block_size: int = 16) -> tuple[torch.Tensor, list[float], list[int]]:
-    """Teacher-forced StreamingLLM over `ids` with ManifoldCache's `set_window(sink, window - 1)` policy (an
-    O(blocks) table edit after every forward, block-granular: the blocks holding the first `sink` tokens and
-    the fewest recent blocks holding `window - 1` tokens). The first `sink + window - 1` tokens are prefilled
-    eagerly, every later token is one `forward` step. Returns next-token logits, seconds per call (prefill
-    first) and the tokens held after every call (the baseline replays these evictions). `cache` (reset here)
-    lets callers reuse one cache, and with it the compiled graphs."""
-    prefill = sink + window - 1
-    if cache is None:
-        cache = manifold_cache(model, max_tokens=sink + window + 4 * block_size, block_size=block_size)
-    cache.reset()
-    cache.set_window(0, None)
-    cache.new_sequences(1)
-    logits, times, lengths = [], [], []
-    for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, ids.shape[1]))]:
-        fn = model if start == 0 else forward
-        t0 = time.perf_counter()
-        # a contiguous copy: the compiled step is guarded on the strides it was compiled for
-        logits.append(fn(input_ids=ids[:, start:end].clone(), past_key_values=cache, use_cache=True).logits[:, -1])
-        # the window policy applied between steps (a persistent policy would evict inside the last layer,
-        # which splits a compiled graph); the same table edit, part of the timed step
-        cache.set_window(sink, window - 1)
-        cache.set_window(0, None)
-        times.append(time.perf_counter() - t0)
-        lengths.append(cache.seq_len(cache.batch[0]))
-    return torch.cat(logits), times, lengths
-
-
-@torch.no_grad()
-def stream_baseline(model, ids: torch.Tensor, *, sink: int, window: int,
-                    lengths: list[int] | None = None, block_size: int = 16) -> tuple[torch.Tensor, list[float]]:
-    """The same stream through the re-rotating sink cache. With `lengths` (from `stream_gauge`) it evicts
-    exactly the tokens ManifoldCache evicted (its sinks are whole blocks of `block_size`); without, it keeps
-    `sink + window - 1` tokens as SinkCache did."""
-    prefill = sink + window - 1
-    steps = [(0, prefill), *((t, t + 1) for t in range(prefill, ids.shape[1]))]
-    if lengths is not None and len(lengths) != len(steps):
-        raise ValueError(f"lengths: expected {len(steps)} entries (one per step), got {len(lengths)}")
-    if lengths is not None:
-        sink, window = -(-sink // block_size) * block_size, ids.shape[1]
-    cache = RerotatingSinkCache.for_model(model, num_sink_tokens=sink, window_length=window)
-    logits, times = [], []
-    for index, (start, end) in enumerate(steps):
-        t0 = time.perf_counter()
-        logits.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits[:, -1])
-        if lengths is not None and cache.get_seq_length() > lengths[index]:
-            cache.shift(cache.get_seq_length() - lengths[index])
-        times.append(time.perf_counter() - t0)
-    return torch.cat(logits), times
-
-
-# ----------------------------------------------------------------------------- the five steps
+# ----------------------------------------------------------------------------- the six steps
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 Key orthogonality (mean and largest |cos| between distinct keys), attention entropy (bits; mean over heads of
 each head's mean over the tokens, and the spread), the value manifold (share of variance on the first principal
-component, its correlation with the tokens' attention entropy).  See `gaugecompile.geometry`.
+component, its correlation with the tokens' attention entropy).  See `gaugecompile.research.geometry`.
 """
 
 from __future__ import annotations
@@ -26,39 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write probes.json and probes.png there")
 
 
-def _plot(layers, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [g.layer for g in layers]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(x, [g.key_abs_cos_mean for g in layers], "o-", label="mean |cos|")
-    axes[0].plot(x, [g.key_abs_cos_max for g in layers], "s--", label="max |cos|")
-    axes[0].set(title="key orthogonality", xlabel="layer", ylabel="|cos| between distinct keys")
-    axes[0].legend()
-    for g in layers:
-        axes[1].scatter([g.layer] * len(g.entropy_bits), g.entropy_bits, s=8, alpha=0.4, color="grey")
-    mean = [sum(g.entropy_bits) / len(g.entropy_bits) for g in layers]
-    spread = [sum(g.entropy_spread_bits) / len(g.entropy_spread_bits) for g in layers]
-    axes[1].errorbar(x, mean, yerr=spread, fmt="o-", capsize=3, label="mean over heads (bar: spread)")
-    axes[1].set(title="attention entropy", xlabel="layer", ylabel="bits")
-    axes[1].legend()
-    axes[2].plot(x, [g.value_pc_share[0] for g in layers], "o-", label="PC1 share of variance")
-    axes[2].plot(x, [abs(g.value_pc1_entropy_corr) for g in layers], "s--", label="|corr(PC1, entropy)|")
-    axes[2].set(title="value manifold", xlabel="layer", ylim=(0, 1))
-    axes[2].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..cli.demo import text_ids
-    from ..geometry import probe_geometry
+    from ..bench.prompts import text_ids
     from ..models import model_from_args
+    from ..research.geometry import probe_geometry
+    from ..research.geometry_plot import plot_geometry
 
     model, tokenizer = model_from_args(args)
     if args.text is not None:
@@ -80,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
               f"{g.value_pc1_entropy_corr:>12.3f}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        name = model.config.name_or_path or type(model).__name__
         (args.out / "probes.json").write_text(json.dumps({"model": name, "tokens": ids.shape[1],
                                                           "layers": [g.as_dict() for g in layers]}, indent=1))
-        _plot(layers, args.out / "probes.png", f"{name}: {ids.shape[1]} tokens")
+        plot_geometry(layers, args.out / "probes.png", f"{name}: {ids.shape[1]} tokens")
         print(f"wrote {args.out / 'probes.json'} and {args.out / 'probes.png'}", file=sys.stderr)
     return 0 if all(torch.isfinite(torch.tensor(g.key_abs_cos_mean)) for g in layers) else 1

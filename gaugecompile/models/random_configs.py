@@ -33,9 +33,8 @@ def random_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     kwargs = dict(_COMMON) if arch != "gptj" else dict(vocab_size=_COMMON["vocab_size"])
     kwargs.update(_OVERRIDES[arch])
     kwargs.update(overrides)
-    config = transformers.AutoConfig.for_model(arch, **kwargs)
-    config._attn_implementation = kwargs.get("attn_implementation", "sdpa")
-    return config
+    kwargs.setdefault("attn_implementation", "sdpa")
+    return transformers.AutoConfig.for_model(arch, **kwargs)
 
 
 def random_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

@@ -34,6 +34,7 @@ import inspect
 import json
 import multiprocessing
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ import transformers
 from transformers import DynamicCache
 
 from ..cache.rope_config import apply_keys_rotation, rotated_width
+from ..ops.counters import runs
 from .families import SWEEP_STATUS
 
 __all__ = ["FamilyResult", "check_family", "rotary_causal_lm_types", "tiny_config"]
@@ -188,6 +190,8 @@ def _build(config):
     from ..cache.rope_probe import small_model
 
     for attn in ("sdpa", "eager"):
+        # transformers takes the implementation in a config's constructor or a built model's
+        # set_attn_implementation; this config exists already and the model is built from it: no public setter
         config._attn_implementation = attn
         try:
             return small_model(config, max_params=20_000_000)
@@ -299,45 +303,27 @@ def _reference(model, module, ids: torch.Tensor, rope_layers: set[int]) -> Dynam
     return edited
 
 
-@contextlib.contextmanager
-def _counting_kernel_runs(runs: list[int]):
-    """Count, into runs[0], the rotated-query attention kernel's runs on the CPU (the op and the masked op's fast
-    path both reach `cpu_attention`; the custom op's body is opaque to Dynamo, so compiled graphs count too), and
-    into runs[1] the masked op's runs that handed the step back to masked attention over the view."""
-    from ..ops import attention, masked_attention
-
-    kernel, fallback = attention.cpu_attention, masked_attention._masked_view_attention
-
-    def counting(fn, i):
-        def counted(*args, **kwargs):
-            runs[i] += 1
-            return fn(*args, **kwargs)
-        return counted
-
-    attention.cpu_attention = counting(kernel, 0)
-    masked_attention._masked_view_attention = counting(fallback, 1)
-    try:
-        yield
-    finally:
-        attention.cpu_attention, masked_attention._masked_view_attention = kernel, fallback
-
-
-def _steps(model, cache, ids: torch.Tensor | None, last_step_runs: list[int] | None = None,
+def _steps(model, cache, ids: torch.Tensor | None, last_step_runs: Counter[str] | None = None,
            cut: bool = True) -> torch.Tensor:
     """Logits of the steps after the prompt `ids` and the cut (None: `cache` holds the cut prompt already; `cut`
-    False: no cut); `last_step_runs` gets the kernel's runs and the masked op's fallbacks in the last step."""
+    False: no cut); `last_step_runs` gets the op's run-time counts (`gaugecompile.ops.counters.runs`) of the last
+    step: "kernel", the rotated-query kernel's runs (the op's and the masked op's fast path; the custom op's body
+    is opaque to Dynamo, so compiled graphs count too), "masked_fallback", the masked op's runs that handed the
+    step back to masked attention over the view."""
     with torch.no_grad():
         if ids is not None:
             model(input_ids=ids, past_key_values=cache, use_cache=True)
             if cut:
                 cache.delete(0, *_CUT)
-        logits, runs = [], [0, 0]
-        for i, t in enumerate(_STEPS):
-            counting = last_step_runs is not None and i == len(_STEPS) - 1
-            with _counting_kernel_runs(runs) if counting else contextlib.nullcontext():
-                logits.append(model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits)
+
+        def step(token: int) -> torch.Tensor:
+            return model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+
+        logits = [step(t) for t in _STEPS[:-1]]
+        before = runs.copy()
+        logits.append(step(_STEPS[-1]))
         if last_step_runs is not None:
-            last_step_runs[:] = runs
+            last_step_runs.update(runs - before)
         return torch.cat(logits, 1)
 
 
@@ -446,13 +432,13 @@ def check_family(model_type: str, *, compile_check: bool = True) -> FamilyResult
             torch._dynamo.reset()
             compiled = torch.compile(model, backend=functools.partial(gauge_backend, inner="eager",
                                                                       report_sink=sink))
-            runs: list[int] = [0, 0]
+            ran: Counter[str] = Counter()
             with torch._dynamo.config.patch(_DYNAMO_CONFIG.get(model_type, {})):
-                got = _steps(compiled, new_cache(), ids, runs, cut=not hybrid)
+                got = _steps(compiled, new_cache(), ids, ran, cut=not hybrid)
             result.checks["compiled"] = bool(torch.allclose(got, eager, rtol=_TOL, atol=_TOL))
-            result.checks["rewritten"] = f"{runs[0]}/{attention}"
-            if runs[0] < attention:
-                result.detail = _why_not_rewritten([entry[0] for entry in sink], runs[1])
+            result.checks["rewritten"] = f"{ran['kernel']}/{attention}"
+            if ran["kernel"] < attention:
+                result.detail = _why_not_rewritten([entry[0] for entry in sink], ran["masked_fallback"])
     except Exception as exc:  # noqa: BLE001 -- anything but a refusal at construction is a failure
         result.detail = f"{type(exc).__name__}: {str(exc)[:240]}"
         return result

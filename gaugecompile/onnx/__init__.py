@@ -4,8 +4,8 @@ onnxruntime after checking the inputs; `CacheStep` turns a transformers step ove
 into a module whose pools, block table, deltas and write slots are inputs, ready for export;
 `OrtCausalLM` generates with such a file (transformers' generate() over a ManifoldCache)."""
 
+from .cache_step import CacheStep, PoolView
 from .causal_lm import OrtCausalLM
-from .decode import CacheStep, PoolView
 from .export import export_onnx
 from .function import DOMAIN, OP_TYPE
 from .runtime import run

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..cache import ManifoldCache
 from .in_place import in_place_pool_outputs
-from .runtime import _check_mapping, _feeds
+from .runtime import checked_feeds
 
 __all__ = ["OrtCausalLM"]
 
@@ -137,8 +137,7 @@ class OrtCausalLM(GenerationMixin):
             inputs = [input_ids, positions, step.block_table, step.block_delta, step.block_lens,
                       step.slots.view(rows, q), torch.empty(0, step.length, dtype=torch.int64), *cache.k_pools,
                       *cache.v_pools]
-            feeds = _feeds(self.session, [t.detach().cpu() for t in inputs])  # numpy views of the tensors
-            _check_mapping(feeds)
+            feeds = checked_feeds(self.session, [t.detach().cpu() for t in inputs])  # numpy views of the tensors
             logits = self._run(feeds, cache)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 

@@ -84,7 +84,7 @@ class _RollBack(Exception):  # noqa: N818 -- a signal: undo the step just captur
 def _cache_step(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any] | None):
     """(CacheStep, its inputs) for a model called over a ManifoldCache, the cache left as it was; else None."""
     from ..cache import ManifoldCache
-    from .decode import CacheStep
+    from .cache_step import CacheStep
 
     cache = (kwargs or {}).get("past_key_values")
     if not isinstance(cache, ManifoldCache):
@@ -95,7 +95,7 @@ def _cache_step(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str
                          f"past_key_values only, got {len(args)} args and kwargs {extra}")
     captured = []
     try:
-        with cache._transaction():
+        with cache.transaction():
             captured.extend(CacheStep.capture(model, cache, args[0])[:2])
             raise _RollBack
     except _RollBack:  # the transaction has restored the cache; the step's pools were cloned before it ran

@@ -6,7 +6,7 @@ input and what the model expects.  Exported graphs cannot check values (ONNX has
 gather wraps negative ids), so the mapping inputs of the two exported forms -- the op
 (`q, k_pool, ..., block_lens` or `seq_lens`) and a `CacheStep` (`block_table, block_delta, block_lens,
 slots, view_sizes, k_pools_*`) -- are checked here against the pools they index, as the kernels check them
-(`gaugecompile.ops.checks.check_mapping_values`).
+(`gaugecompile.block_tables.check_mapping_values`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-__all__ = ["run"]
+__all__ = ["run", "checked_feeds"]
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -50,7 +50,21 @@ def _check(arg: ort.NodeArg, value: np.ndarray) -> None:
         raise TypeError(f"inputs[{name!r}]: expected dtype {np.dtype(want_dtype).name}, got {value.dtype.name}")
 
 
-def _feeds(session: ort.InferenceSession, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
+def checked_feeds(session: ort.InferenceSession,
+                  inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
+    """`inputs` (name -> array, or arrays in signature order; numpy arrays or tensors) as the feed of `session`:
+    contiguous numpy arrays by input name, each checked against the signature (names, rank, fixed dims, dtype)
+    and the mapping inputs against the pools they index (`_check_mapping`).  ValueError/TypeError name the input
+    and what the model expects, where onnxruntime's own errors would not, and where a graph could not check at
+    all (an out-of-range block id is gathered, not refused).  `run` and `OrtCausalLM` feed through it."""
+    feeds = _signature_feeds(session, inputs)
+    _check_mapping(feeds)
+    return feeds
+
+
+def _signature_feeds(session: ort.InferenceSession,
+                     inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
+    """The feed by input name, each array checked against the signature only."""
     args = session.get_inputs()
     names = [a.name for a in args]
     if isinstance(inputs, Mapping):
@@ -75,7 +89,7 @@ def _feeds(session: ort.InferenceSession, inputs: Mapping[str, Any] | Sequence[A
 
 def _check_mapping(feeds: dict[str, np.ndarray]) -> None:
     """Block ids, token counts, deltas and write slots of a feed, against the pools they index."""
-    from ..ops.checks import as_block_lens, check_mapping_values
+    from ..block_tables import as_block_lens, check_mapping_values
 
     pool = feeds.get("k_pool", feeds.get("k_pools_0"))
     if pool is None or "block_table" not in feeds or "block_delta" not in feeds or pool.ndim != 4:
@@ -118,6 +132,4 @@ def run(
     if not providers or unknown:
         raise ValueError(f"providers: expected a non-empty subset of {available}, got {providers}")
     session = ort.InferenceSession(path, providers=providers)
-    feeds = _feeds(session, inputs)
-    _check_mapping(feeds)
-    return session.run(None, feeds)
+    return session.run(None, checked_feeds(session, inputs))

@@ -92,6 +92,7 @@ def probe_geometry(model: torch.nn.Module, input_ids: torch.Tensor, past_key_val
         seen[layer_idx] = (k[0].detach(), v[0].detach())
         return k, v
 
+    # transformers has a public setter (set_attn_implementation) but no public getter of the implementation
     previous = model.config._attn_implementation
     cache.update = recording_update
     try:

@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .cache.chunk import KVChunk
-from .cache.manifold import ManifoldCache
-from .ops.materialize import materialize_kv
+from ..cache import KVChunk, ManifoldCache
+from ..ops.materialize import materialize_kv
 
 __all__ = ["ChunkPlacement", "PlacementRun", "learn_gaps", "grid_search"]
 
@@ -63,7 +62,7 @@ class ChunkPlacement(torch.nn.Module):
                                  "placement reads whole-block prefixes, as chunks from ManifoldCache.prefill are")
             blocks += p.phys.tolist()
             counts += p.b.tolist()
-            shifts += p.shift.tolist()
+            shifts += p.delta.tolist()
             owner += [i] * len(p)
         self.cache = cache
         self.chunks = chunks

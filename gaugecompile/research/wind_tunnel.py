@@ -3,8 +3,8 @@ the gap between the model's predictive entropy and the analytic posterior's, in 
 
 The Bayesian-geometry papers (arXiv 2512.22471, 2512.22473) call such a task a wind tunnel: the Bayes-optimal
 prediction is known exactly at every position, so how close a trained model comes to Bayesian inference is a
-number, not an impression, and the geometry probes of `gaugecompile.geometry` can be read on a model whose job is
-known.  This module implements their bijection-elimination task.
+number, not an impression, and the geometry probes of `gaugecompile.research.geometry` can be read on a model whose
+job is known.  This module implements their bijection-elimination task.
 
 The task.  Each sequence draws a fresh uniformly random bijection `pi` of {0..V-1} and shows `K` pairs
 `x_1 pi(x_1) x_2 pi(x_2) ... x_K`.  The inputs never depend on `pi`: by default each repeats an input already

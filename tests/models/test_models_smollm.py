@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from gaugecompile.cli.demo import QUESTION, chat_ids, gauge_forward, greedy, manifold_cache
+from gaugecompile.bench.decode_loops import gauge_forward, greedy, manifold_cache
+from gaugecompile.bench.prompts import QUESTION, chat_ids
 from gaugecompile.models import load
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Geometry probes (`gaugecompile.geometry`): edits preserve them.
+"""Geometry probes (`gaugecompile.research.geometry`): edits preserve them.
 
 Over a ManifoldCache after delete, splice or set_window, the probes of a forward equal those over the
 re-rotated reference (a DynamicCache holding the same tokens' keys, cut and re-rotated to their new positions
@@ -14,8 +14,8 @@ from transformers import DynamicCache
 
 from gaugecompile import RopeSpec
 from gaugecompile.cache import ManifoldCache
-from gaugecompile.geometry import probe_geometry
 from gaugecompile.models.random_configs import random_model
+from gaugecompile.research.geometry import probe_geometry
 
 MODEL = random_model("llama", dtype=torch.float64)
 ROPE = RopeSpec(MODEL.model.rotary_emb.inv_freq)
@@ -81,7 +81,8 @@ def test_edits_preserve_the_geometry(edit):
         for name, x in a.as_dict().items():
             y = b.as_dict()[name]
             assert x == pytest.approx(y, rel=1e-6, abs=1e-8, nan_ok=True), (edit, a.layer, name)
-    assert MODEL.config._attn_implementation == "sdpa"  # the probe's eager switch is undone
+    # the probe's eager switch is undone (read from the config: transformers has no public getter of it)
+    assert MODEL.config._attn_implementation == "sdpa"
 
 
 def test_entropies_are_those_of_the_attention_weights():

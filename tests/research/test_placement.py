@@ -1,4 +1,4 @@
-"""Learnable chunk placement (`gaugecompile.placement`) against independently written references.
+"""Learnable chunk placement (`gaugecompile.research.placement`) against independently written references.
 
 - At whole gaps the placed chunks give the logits of a DynamicCache whose chunk keys were re-rotated to the
   same positions (the integer path) with the query placed by explicit position ids (the model's own RoPE).
@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import gaugecompile.placement as placement_module
+import gaugecompile.research.placement as placement_module
 from gaugecompile import ManifoldCache
 from gaugecompile.bench.baselines import append_rerotated, rope_of_model
 from gaugecompile.models import random_model
 from gaugecompile.ops.materialize import materialize_views
-from gaugecompile.placement import ChunkPlacement, grid_search, learn_gaps
+from gaugecompile.research.placement import ChunkPlacement, grid_search, learn_gaps
 
 SPANS = (7, 10, 5)  # partial last blocks (block size 4)
 

@@ -1,6 +1,6 @@
-"""The Bayesian wind tunnel (`gaugecompile.wind_tunnel`): the closed-form posterior against brute-force enumeration
-of every bijection consistent with the pairs seen, the sampler's invariants, the evaluation against a model that
-is the posterior, and a short training run that lowers the loss."""
+"""The Bayesian wind tunnel (`gaugecompile.research.wind_tunnel`): the closed-form posterior against brute-force
+enumeration of every bijection consistent with the pairs seen, the sampler's invariants, the evaluation against a
+model that is the posterior, and a short training run that lowers the loss."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gaugecompile.geometry import probe_geometry
-from gaugecompile.wind_tunnel import (
+from gaugecompile.research.geometry import probe_geometry
+from gaugecompile.research.wind_tunnel import (
     BijectionTask,
     build_model,
     evaluate,

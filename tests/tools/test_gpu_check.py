@@ -1,8 +1,13 @@
 """The GPU check's pure parts on the CPU: arguments, the step plan and its command lines, the JSON report, the
-per-step timeout and continuation logic (with harmless `python -c` commands), and the no-CUDA path."""
+per-step timeout and continuation logic (with harmless `python -c` commands), and the no-CUDA path.
 
+`tools/gpu_check.py` is a tool of the checkout, not a module of the package: it is loaded by file path, as
+`benchmarks/gpu_check.py` runs it."""
+
+import argparse
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,10 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from gaugecompile.bench import gpu_check as gcheck
 from gaugecompile.bench import gpu_decode
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+gcheck = _load_tool()
 PY = sys.executable
 PLAN_NAMES = ["probe", "install", "install-wheels", "install-project", "machine", "tests-triton", "gpu-decode",
               "onnx-cuda", "demo-help", "demo", "tests-rest"]
@@ -74,7 +89,8 @@ def test_planned_command_lines():
     pytest_cmd = ("PY", "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider")
     assert steps["tests-triton"].command == (*pytest_cmd, "tests/codegen/test_codegen_kernels.py",
                                              "tests/codegen/test_codegen_source.py")
-    assert steps["onnx-cuda"].command == (*pytest_cmd, "tests/onnx/test_onnx_export.py::test_cuda_provider_matches_torch")
+    assert steps["onnx-cuda"].command == (*pytest_cmd,
+                                          "tests/onnx/test_onnx_export.py::test_cuda_provider_matches_torch")
     assert steps["tests-rest"].command == (*pytest_cmd, "--ignore=tests/codegen/test_codegen_kernels.py",
                                            "--ignore=tests/codegen/test_codegen_source.py", "--deselect",
                                            "tests/onnx/test_onnx_export.py::test_cuda_provider_matches_torch")
@@ -157,13 +173,11 @@ def test_run_time_conditions():
 def test_demo_device_option_is_read_from_its_help():
     assert gcheck.demo_device_option("  --device DEVICE  where the model runs") == "--device"
     assert gcheck.demo_device_option("  --device-map MAP\n  --devices N") is None
-    import argparse
-
     from gaugecompile.cli import demo
 
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    has_it = any("--device" in action.option_strings for action in parser._actions)
+    has_it = hasattr(parser.parse_args([]), "device")  # every option's default lands in the namespace
     assert gcheck.demo_device_option(parser.format_help()) == ("--device" if has_it else None)
 
 
@@ -351,7 +365,7 @@ def test_report_round_trip_schema_and_a_failed_step(tmp_path):
              step("skipped", "", skip="for the test")]
     results = gcheck.run_plan(steps, budget_s=60, cwd=tmp_path)
     results[0].figures["nan_value"] = float("nan")  # strict JSON: written as a string
-    started = gcheck._utc_now()
+    started = dt.datetime.now(dt.timezone.utc)
     doc = gcheck.make_report(results, started=started, budget_s=60, argv=["--x"], complete=True)
     assert gcheck.validate_report(doc) == []
     path = gcheck.write_report(tmp_path / "results" / "2026-01-01" / "gpu_check.json", doc)
@@ -369,8 +383,8 @@ def test_report_round_trip_schema_and_a_failed_step(tmp_path):
 
 
 def test_validate_report_finds_problems():
-    doc = gcheck.make_report([result("a", "passed", returncode=0)], started=gcheck._utc_now(), budget_s=1,
-                             argv=[], complete=False)
+    doc = gcheck.make_report([result("a", "passed", returncode=0)], started=dt.datetime.now(dt.timezone.utc),
+                             budget_s=1, argv=[], complete=False)
     assert gcheck.validate_report(doc) == []
     broken = json.loads(json.dumps(doc))
     del broken["machine"]
@@ -392,11 +406,13 @@ def test_default_out_path():
 # ----------------------------------------------------------------------------- main, end to end
 
 
-def test_thin_script_runs_before_any_install():
-    """benchmarks/gpu_check.py loads the module by path (stdlib only), so --help works without the package."""
+@pytest.mark.parametrize("script", ["tools/gpu_check.py", "benchmarks/gpu_check.py"])
+def test_runs_before_any_install(script):
+    """The tool needs only the standard library (the thin script loads it by path), so --help works without the
+    package."""
     env = dict(os.environ, PYTHONPATH="")
-    out = subprocess.run([PY, "-S", str(ROOT / "benchmarks" / "gpu_check.py"), "--help"], capture_output=True,
-                         text=True, env=env, timeout=60)
+    out = subprocess.run([PY, "-S", str(ROOT / script), "--help"], capture_output=True, text=True, env=env,
+                         timeout=60)
     assert out.returncode == 0 and "--budget-s" in out.stdout and "--no-install" in out.stdout
 
 
@@ -430,32 +446,3 @@ def test_a_failed_probe_exits_1(tmp_path, monkeypatch, capsys):
     assert doc["steps"][0]["status"] == "failed" and doc["steps"][0]["returncode"] == 2
     assert doc["cuda_available"] is None and not doc["ok"]
     assert all("could not be confirmed" in s["note"] for s in doc["steps"][1:])
-
-
-# ----------------------------------------------------------------------------- gpu_decode's new dimensions
-
-
-def test_gpu_decode_table_kinds():
-    g = torch.Generator().manual_seed(0)
-    table, delta = gpu_decode.make_table(2, 4, "contiguous", g, device="cpu")
-    assert table.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and not delta.any()
-    table, delta = gpu_decode.make_table(2, 4, "one-delta", g, device="cpu")
-    assert table.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and delta.dtype == torch.int64
-    assert (delta == delta[:, :1]).all() and delta.any()
-    table, delta = gpu_decode.make_table(2, 4, "fragmented", g, device="cpu")
-    assert sorted(table.flatten().tolist()) == list(range(8)) and delta.shape == (2, 4)
-    with pytest.raises(ValueError, match="kind"):
-        gpu_decode.make_table(1, 1, "spiral", g, device="cpu")
-
-
-def test_gpu_decode_table_lines_show_dtype_table_and_same_bytes_copy():
-    header = dict(device="H200", torch="t", triton="tr", date="d", heads=32, kv_heads=8, head_dim=128, block_size=16,
-                  dtype="float16, bfloat16", copy_GBps=4000.0)
-    row = dict(dtype="float16", table="one-delta", batch=1, context=8192, splits=16, op_ms=0.01, op_GBps=3400.0,
-               pct_of_copy=85.0, pct_of_same_bytes_copy=90.0, sdpa_gathered_ms=0.02, gather_rerotate_sdpa_ms=0.5,
-               speedup_vs_gather=50.0, max_rel_err=1e-3)
-    lines = gpu_decode.table_lines(header, [row, dict(row, pct_of_same_bytes_copy=None, context=1024)])
-    assert "| float16 | one-delta | 1 | 8192 | 16 |" in lines[5] and "| 85 | 90 |" in lines[5]
-    assert "| 85 | - |" in lines[6]
-    assert lines[-2].startswith("# context >= 8k at >= 80% of copy bandwidth: 1/1")
-    assert lines[-1] == "# context >= 8k at >= 80% of a copy of the same bytes: 1/1"
