@@ -16,7 +16,6 @@ _PATH = Path(__file__).resolve().parent.parent / "tools" / "gpu_check.py"
 def _load():
     spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
