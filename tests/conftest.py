@@ -11,6 +11,12 @@ import pytest
 
 TRITON_DEVICE = os.environ.get("GAUGECOMPILE_TRITON_DEVICE") or "cpu"
 
+# Under pytest-xdist each worker takes its share of the cores (set before torch is imported, and inherited by the
+# examples and ranks the tests start): with torch's default of one thread per core in every worker, the workers'
+# threads would outnumber the cores and the parallel run would be no faster than a serial one.
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
 if TRITON_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
