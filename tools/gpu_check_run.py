@@ -50,6 +50,13 @@ def _signal_group(pid: int, sig: int) -> bool:
         return False
 
 
+def _interruptible() -> None:
+    """In the step's process before it runs: SIGINT back to its default, so that the interrupt `_stop` sends first
+    reaches pytest even when this check runs where SIGINT is ignored (an ignored signal is inherited across exec:
+    pytest-xdist workers, nohup) -- else the step would only die at SIGTERM, without its summary."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """Stop the step's whole process group: SIGINT first (pytest reports what ran), then SIGTERM, then SIGKILL."""
     for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 2.0)):
@@ -89,7 +96,7 @@ def run_step(step: Step, timeout_s: float | None, *, cwd: Path, tail_chars: int 
         begin = time.monotonic()
         try:
             proc = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=cwd, env=env, start_new_session=True)
+                                    cwd=cwd, env=env, start_new_session=True, preexec_fn=_interruptible)
         except OSError as exc:
             result.note = join_notes(result.note, f"could not start: {exc}")
             return result

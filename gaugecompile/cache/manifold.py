@@ -40,7 +40,7 @@ from .chunk import KVChunk
 from .forward import StepMapping
 from .host import HostState, check_int
 from .layers import FLOATS, build_layers
-from .mapping import seq_pieces
+from .mapping import SeqMap, seq_pieces
 from .padding import ForwardInputs, watch_inputs
 from .pool import BlockAllocator
 from .recompute import RecomputeForward, check_request, choose_tokens, recompute_tokens
@@ -579,7 +579,8 @@ class ManifoldCache(Cache):
             edits.set_window(self.host, sink, window)
 
     # ----------------------------------------------------------------- internals
-    def _get(self, seq: int):
+    def _get(self, seq: int) -> SeqMap:
+        """The map of live sequence `seq`, after settling a pending forward."""
         self.settle()
         return self.host.get(seq)
 
