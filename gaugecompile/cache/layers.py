@@ -46,6 +46,8 @@ class StatelessLayer:
 class AttentionLayer:
     """An attention layer's pools in `storage` (sized by its first write), its RoPE basis and sliding window."""
 
+    packed = False  # one pool holds keys and values (a latent layer's rows)
+
     def __init__(self, index: int, rope: RopeSpec, head_dim: int, window: int | None, storage: BlockStorage) -> None:
         self.index, self.rope, self.head_dim, self.window, self.storage = index, rope, head_dim, window, storage
 
@@ -90,7 +92,7 @@ class AttentionLayer:
         rewritten."""
         if self.storage.k_pools[self.index] is None:
             self.storage.allocate(self.index, key_states.shape[1], key_states.shape[3],
-                                  packed=isinstance(self, LatentLayer))
+                                  packed=self.packed)
         k_pool, v_pool = self.pools
         k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
         k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
@@ -134,6 +136,8 @@ class AttentionLayer:
 class LatentLayer(AttentionLayer):
     """A multi-head latent attention layer: `update(latent [batch, 1, q, R], k_rot [batch, 1, q, r])` stores one
     packed row `[k_rot | latent]` per token; the view comes back as (latent, re-rotated RoPE keys)."""
+
+    packed = True
 
     def __init__(self, index: int, rope: RopeSpec, dims: tuple[int, int], window: int | None,
                  storage: BlockStorage) -> None:
