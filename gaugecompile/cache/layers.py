@@ -18,7 +18,7 @@ from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .rope_config import KVShape
 from .storage import BlockStorage
 
-__all__ = ["AttentionLayer", "LatentLayer", "StatelessLayer", "FLOATS", "build_layers"]
+__all__ = ["AttentionLayer", "LatentLayer", "StatelessLayer", "FLOATS", "build_layers", "window_offset"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -30,6 +30,13 @@ def _storage_error(name: str, t: torch.Tensor, device: torch.device) -> Exceptio
     if t.device != device:
         return ValueError(f"{name}: expected device {device} (the pools'), got {t.device}")
     return None
+
+
+def window_offset(window: int | None, length, q) -> int:
+    """How many of the first view tokens a layer with sliding `window` does not see in a forward of `q` new tokens
+    that ends at `length`: it keeps the W - 1 tokens before the new ones, as transformers' sliding-window cache does
+    (which also fixes what a model whose mask has no window attends to).  0 for a full-attention layer (None)."""
+    return 0 if window is None else max(length - q - window + 1, 0)
 
 
 class StatelessLayer:
@@ -100,10 +107,8 @@ class AttentionLayer:
             v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
 
     def window_offset(self, length, q) -> int:
-        """How many of the first view tokens a sliding layer does not see in a forward of `q` new tokens that ends
-        at `length`: it keeps the W - 1 tokens before the new ones, as transformers' sliding-window cache does
-        (which also fixes what a model whose mask has no window attends to).  0 for a full-attention layer."""
-        return 0 if self.window is None else max(length - q - self.window + 1, 0)
+        """How many of the first view tokens this layer does not see (`window_offset`)."""
+        return window_offset(self.window, length, q)
 
     def view(self, block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor, length, q
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ from . import edits
 from .chunk import KVChunk
 from .forward import StepMapping
 from .host import HostState, check_int
-from .layers import FLOATS, build_layers
+from .layers import FLOATS, build_layers, window_offset
 from .mapping import SeqMap, seq_pieces
 from .padding import ForwardInputs, watch_inputs
 from .pool import BlockAllocator
@@ -249,7 +249,7 @@ class ManifoldCache(Cache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         """(kv_length, kv_offset): the view after the forward, starting at its first key (offset 0); for a
-        sliding-window layer, its last W - 1 tokens before the new ones and those (`AttentionLayer.window_offset`).
+        sliding-window layer, its last W - 1 tokens before the new ones and those (`layers.window_offset`).
 
         transformers asks this once per mask before any layer runs, so this is where a forward does its
         host bookkeeping (`Transactions.begin_forward`, assuming one row per sequence of the batch): the graph
@@ -267,8 +267,7 @@ class ManifoldCache(Cache):
             rows = inputs.rows if inputs is not None and inputs.rows else len(self.host.batch) or 1
             fwd = book.begin_forward(rows, query_length)
         length = fwd.sizes.shape[1]
-        window = self.shape.windows[layer_idx]
-        offset = 0 if window is None else max(length - query_length - window + 1, 0)
+        offset = window_offset(self.shape.windows[layer_idx], length, query_length)
         return length - offset, offset
 
     def expect_inputs(self, inputs: ForwardInputs) -> None:
