@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "RopeSpec", "accumulation_dtype", "reduced_angles", "delta_cos_sin", "block_angles", "rotate", "rotation_tangent",
-    "MAX_ABS_DELTA", "TWO_PI_PARTS", "INV_TWO_PI", "VELTKAMP",
+    "rounded_from", "MAX_ABS_DELTA", "TWO_PI_PARTS", "INV_TWO_PI", "VELTKAMP",
 ]
 
 #: The one delta bound: every delta lies in [-2^31, 2^31) (an int32), where `reduced_angles` is exact to
@@ -215,3 +215,15 @@ class RopeSpec:
         """Rotate `x[..., n, head_dim]` to integer `positions[..., n]` (broadcast over heads by the caller)."""
         cos, sin = self.cos_sin(positions, accumulation_dtype(x.dtype))
         return rotate(x.to(cos.dtype), cos, sin, self.rotary_dim, self.interleaved).to(x.dtype)
+
+
+def rounded_from(values: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether `values` are `basis`'s frequencies (float64) rounded to `dtype` (default: `values`' own): within one
+    spacing of the dtype at each magnitude (what one or two roundings can move a value), subnormals included."""
+    if values.numel() != basis.numel():
+        return False
+    info = torch.finfo(dtype or values.dtype)
+    got = values.detach().reshape(-1).to("cpu", torch.float64)
+    want = basis.detach().reshape(-1).to("cpu", torch.float64)
+    spacing = torch.clamp(want.abs(), min=info.smallest_normal) * info.eps
+    return bool(((got - want).abs() <= spacing).all())

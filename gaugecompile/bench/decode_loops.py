@@ -24,11 +24,11 @@ __all__ = ["manifold_cache", "gauge_forward", "forward_replaced", "prefilled", "
 
 
 def manifold_cache(model, *, batch: int = 1, max_tokens: int, block_size: int = 16):
-    """A ManifoldCache for `model`."""
+    """A ManifoldCache for `model`, built from the model: its dtype, and the basis a cast model rotates in."""
     from ..cache import ManifoldCache
 
-    return ManifoldCache(model.config, max_batch_size=batch, max_tokens=max_tokens, block_size=block_size,
-                         dtype=model.dtype, device=model.device)
+    return ManifoldCache(model, max_batch_size=batch, max_tokens=max_tokens, block_size=block_size,
+                         device=model.device)
 
 
 def gauge_forward(model, *, inner: str = "inductor", report_sink: list | None = None) -> Callable:

@@ -41,10 +41,11 @@ from .forward import StepMapping
 from .host import HostState, check_int
 from .layers import FLOATS, build_layers, window_offset
 from .mapping import SeqMap, seq_pieces
+from .model_basis import check_same_layout, follow_model
 from .padding import ForwardInputs, watch_inputs
 from .pool import BlockAllocator
 from .recompute import RecomputeForward, check_request, choose_tokens, recompute_tokens
-from .rope_config import check_same_layout, read_layout, shared_rope
+from .rope_config import read_layout, shared_rope
 from .states import LayerStates
 from .storage import BlockStorage
 from .tensor_parallel import TensorParallelSync, agreed, local_edit
@@ -82,21 +83,24 @@ class ManifoldCache(Cache):
         dtype: torch.dtype | None = None, device: torch.device | str | None = None, group=None, src: int = 0,
     ) -> None:
         super().__init__(layers=[])
-        if isinstance(config, torch.nn.Module):  # a model: its config, and its forwards hand their masks over
-            watch_inputs(config, ManifoldCache)
-            config = config.config
+        model = config if isinstance(config, torch.nn.Module) else None
+        if model is not None:  # a model: its config, its basis and dtype, and its forwards hand their masks over
+            watch_inputs(model, ManifoldCache)
+            config = model.config
         for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
                             ("block_size", block_size)):
             check_int(name, value, 1)
         #: Each layer's RoPE basis, read from the model's rotary code: its layer type's, or no rotation for a NoPE
         #: layer (whose keys an edit never re-rotates).
         self.layer_ropes, self.shape = read_layout(config)
+        if model is not None:  # a cast model rotates in its rounded frequencies (`model_basis`)
+            self.layer_ropes = follow_model(model, self.layer_ropes)
         #: The layers whose keys and values the pools hold, in the order a forward updates them.
         self.attention_layers = self.shape.attention_layers
         #: A hybrid model's conv/recurrent states of its other layers, per sequence (None: every layer attends).
         self.states = LayerStates(self.shape.state_layers) if self.shape.state_layers else None
-        if dtype is None:
-            dtype = getattr(config, "dtype", None)
+        if dtype is None:  # the model's own (a cast leaves config.dtype as it was), else the config's
+            dtype = getattr(model, "dtype", None) if model is not None else getattr(config, "dtype", None)
             dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
         if dtype not in FLOATS:
             raise TypeError(f"dtype: expected a floating dtype {FLOATS} (keys are rotated in place), got {dtype}")
@@ -442,9 +446,8 @@ class ManifoldCache(Cache):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected shape [1, n], got {got}")
-        config = getattr(model, "config", None)
-        if config is not None:
-            check_same_layout(config, self.shape, self.layer_ropes)
+        if getattr(model, "config", None) is not None:
+            check_same_layout(model, self.shape, self.layer_ropes)
         host, book = self.host, self.transactions
         with self.transaction() as saved:
             host.batch, host.window, host.view_sizes, host.padded = [], None, torch.empty(0, 0), False

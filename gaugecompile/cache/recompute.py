@@ -21,7 +21,7 @@ import torch
 from .host import check_int
 from .layers import AttentionLayer
 from .mapping import SeqMap, plain_copy, seq_pieces, split_at
-from .rope_config import check_same_layout
+from .model_basis import check_same_layout
 
 if TYPE_CHECKING:
     from .manifold import ManifoldCache
@@ -93,7 +93,7 @@ def check_request(cache: ManifoldCache, model: torch.nn.Module, spans) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.is_floating_point():
             raise ValueError(f"spans[{k}]: expected a (start, input_ids [1, n] integer tensor) pair")
     if getattr(model, "config", None) is not None:
-        check_same_layout(model.config, cache.shape, cache.layer_ropes)
+        check_same_layout(model, cache.shape, cache.layer_ropes)
 
 
 def choose_tokens(cache: ManifoldCache, model: torch.nn.Module, seq: int, spans, fraction: float, policy: str,

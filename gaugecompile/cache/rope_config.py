@@ -23,7 +23,7 @@ import torch
 from ..rope import RopeSpec
 from .rope_probe import build_model, probe_layer_rotations
 
-__all__ = ["KVShape", "check_same_layout", "kv_shape_from_config", "layer_ropes_from_config", "read_layout",
+__all__ = ["KVShape", "kv_shape_from_config", "layer_ropes_from_config", "read_layout",
            "rope_from_config", "shared_rope"]
 
 # inv_freq of these schemes changes with the sequence length, so no static basis exists.
@@ -387,21 +387,6 @@ def rope_from_config(config) -> RopeSpec:
     """The static RoPE basis every rotating layer of a transformers decoder config shares (see
     `layer_ropes_from_config`; ValueError when layer types have their own bases)."""
     return shared_rope(layer_ropes_from_config(config))
-
-
-def check_same_layout(config, shape: KVShape, ropes: tuple[RopeSpec, ...]) -> None:
-    """Refuse a model (`config`) whose KV geometry or RoPE bases differ from a cache's `shape` and `ropes`."""
-    if (theirs := kv_shape_from_config(config)) != shape:
-        raise ValueError(f"model: its KV shape {theirs} differs from the cache's {shape}")
-    model_ropes = layer_ropes_from_config(config)
-    differ = [i for i, (a, b) in enumerate(zip(model_ropes, ropes, strict=True)) if a != b]
-    if differ:
-        i = differ[0]
-        raise ValueError(
-            f"model: its RoPE basis (rope theta/scaling, rotary dim or pair layout) differs from the cache's "
-            f"config at layers {differ}: layer {i} inv_freq[:3] {model_ropes[i].inv_freq[:3].tolist()} vs "
-            f"{ropes[i].inv_freq[:3].tolist()}"
-        )
 
 
 def read_layout(config) -> tuple[tuple[RopeSpec, ...], KVShape]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rope import rounded_from
+
 __all__ = ["check_rope_basis"]
 
 #: Relative agreement required: the model's buffer is usually float32 (a few ulp off), the cache's float64.
@@ -29,11 +31,15 @@ RTOL = 1e-5
 def check_rope_basis(query_inv_freq: Tensor, cache_inv_freq: Tensor) -> Tensor:
     query, cache = query_inv_freq.reshape(-1).double(), cache_inv_freq.reshape(-1).double()
     if query.shape != cache.shape or not bool(torch.allclose(query, cache, rtol=RTOL, atol=0.0)):
+        rounded = next((t for t in (torch.bfloat16, torch.float16) if rounded_from(query, cache, t)), None)
+        fix = (f"the model's rotary buffer holds the cache's frequencies rounded to {rounded} (a "
+               "model cast with .to() or .half()): build the cache from the model, ManifoldCache(model, ...), so "
+               "that it follows the model's own basis") if rounded else (
+               "build the cache from the model (or its config: its rope theta, scaling and rotary dim)")
         raise ValueError(
             "rope: the model rotates its queries with inv_freq[:3] "
             f"{query[:3].tolist()} ({query.numel()} frequencies), but the cache re-rotates its keys with "
-            f"{cache[:3].tolist()} ({cache.numel()}): build the cache from the model's config (its rope theta, "
-            "scaling and rotary dim)"
+            f"{cache[:3].tolist()} ({cache.numel()}): {fix}"
         )
     return cache_inv_freq.clone()
 

@@ -1,78 +1,20 @@
-"""Each ManifoldCache operation against an independently built re-rotating reference (tiny Llama, float32).
-
-The reference keeps, per token, its unrotated key and value per layer and its logical position.  To
-score the next tokens it builds a DynamicCache whose keys are re-rotated (with the model's own
-inv_freq, exact float64 angles) to their positions in a frame where the query sits at the view length,
-and runs the model with explicit position_ids.  Next-token logits must agree within 1e-4.
-"""
+"""Each ManifoldCache operation against an independently built re-rotating reference (tiny Llama, float32;
+`tests/rerotated_reference.py`).  Next-token logits must agree within 1e-4."""
 
 import pytest
 import torch
-from transformers import DynamicCache
+from rerotated_reference import RerotatedReference as Ref
 
-from gaugecompile import RopeSpec
 from gaugecompile.cache import ManifoldCache
 from gaugecompile.models import random_model
 
 BS = 4
 MODEL = random_model("llama")
-ROPE = RopeSpec(MODEL.model.rotary_emb.inv_freq)  # the model's own frequencies
-LAYERS = MODEL.config.num_hidden_layers
 ATOL = 1e-4
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _rot(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x [H, n, D] rotated by integer `pos` [n] (exact angles)."""
-    return ROPE.apply(x.double(), pos[None].expand(x.shape[0], -1))
-
-
-class Ref:
-    """Tokens as (logical position, per-layer unrotated key [H, D], per-layer value [H, D])."""
-
-    def __init__(self) -> None:
-        self.toks: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
-        self.next = 0
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run `ids` [1, q] after the current tokens; append them; return logits [q, vocab]."""
-        n, q = len(self.toks), ids.shape[1]
-        dyn = DynamicCache()
-        if n:
-            pos = torch.tensor([p for p, _, _ in self.toks]) - self.next + n
-            for layer in range(LAYERS):
-                k = torch.stack([t[1][layer] for t in self.toks], 1)
-                v = torch.stack([t[2][layer] for t in self.toks], 1)
-                dyn.update(_rot(k, pos)[None].float(), v[None].float(), layer)
-        with torch.no_grad():
-            out = MODEL(input_ids=ids, past_key_values=dyn, position_ids=torch.arange(n, n + q)[None])
-        back = -torch.arange(n, n + q)
-        for i in range(q):
-            ks = [_rot(out.past_key_values.layers[la].keys[0, :, n:], back)[:, i] for la in range(LAYERS)]
-            vs = [out.past_key_values.layers[la].values[0, :, n + i].double() for la in range(LAYERS)]
-            self.toks.append((self.next + i, ks, vs))
-        self.next += q
-        return out.logits[0]
-
-    def delete(self, start: int, end: int) -> None:
-        self.toks = [(p if p < start else p - (end - start), k, v) for p, k, v in self.toks if not start <= p < end]
-        self.next = self.next - (end - start) if self.next >= end else min(self.next, start)
-
-    def splice(self, chunk: list, span: int, at: int) -> None:
-        moved = [(p if p < at else p + span, k, v) for p, k, v in self.toks]
-        self.toks = sorted(moved + [(p + at, k, v) for p, k, v in chunk], key=lambda t: t[0])
-        self.next = at + span if at >= self.next else self.next + span
-
-    def chunk(self, start: int, end: int) -> list:
-        return [(p - start, k, v) for p, k, v in self.toks if start <= p < end]
-
-    def copy(self) -> "Ref":
-        r = Ref()
-        r.toks, r.next = list(self.toks), self.next
-        return r
 
 
 def _step(cache: ManifoldCache, ids: torch.Tensor) -> torch.Tensor:
@@ -92,7 +34,7 @@ def _decode_both(cache, ref, steps: int, seed: int) -> None:
 
 @pytest.mark.parametrize("start,end", [(8, 16), (5, 13), (18, 23), (0, 4)])
 def test_delete_matches_rerotated_reference(start, end):
-    cache, ref = _new_cache(), Ref()
+    cache, ref = _new_cache(), Ref(MODEL)
     prompt = _ids(23, 1)
     torch.testing.assert_close(_step(cache, prompt)[0], ref.step(prompt), rtol=0, atol=ATOL)
     cache.delete(0, start, end)
@@ -103,12 +45,12 @@ def test_delete_matches_rerotated_reference(start, end):
 
 @pytest.mark.parametrize("at", [8, 12, 10**6, 2**30])
 def test_splice_prefilled_chunk(at):
-    cache, ref = _new_cache(), Ref()
+    cache, ref = _new_cache(), Ref(MODEL)
     prompt, doc = _ids(16, 3), _ids(8, 4)
     _step(cache, prompt)
     ref.step(prompt)
     chunk = cache.prefill(MODEL, doc)
-    doc_ref = Ref()
+    doc_ref = Ref(MODEL)
     doc_ref.step(doc)
     cache.splice(0, chunk, at)
     ref.splice(doc_ref.chunk(0, 8), 8, at)
@@ -121,7 +63,7 @@ def test_splice_chunk_of_another_sequence_and_free_all():
     cache = _new_cache()
     a, b = _ids(12, 6), _ids(12, 7)
     _step(cache, torch.cat([a, b]))
-    refs = [Ref(), Ref()]
+    refs = [Ref(MODEL), Ref(MODEL)]
     refs[0].step(a)
     refs[1].step(b)
     chunk = cache.chunk(1, 4, 8)
@@ -137,7 +79,7 @@ def test_splice_chunk_of_another_sequence_and_free_all():
 
 def test_set_window_streaming_over_three_windows():
     sink, window = 4, 8
-    cache, ref = _new_cache(max_tokens=64), Ref()
+    cache, ref = _new_cache(max_tokens=64), Ref(MODEL)
     cache.set_window(sink, window)
     prompt = _ids(6, 9)
     _step(cache, prompt)
@@ -159,7 +101,7 @@ def test_set_window_streaming_over_three_windows():
 
 
 def test_fork_then_divergent_decoding():
-    cache, ref = _new_cache(), Ref()
+    cache, ref = _new_cache(), Ref(MODEL)
     prompt = _ids(10, 11)  # partial last block: forks must copy it on write
     _step(cache, prompt)
     ref.step(prompt)
@@ -180,7 +122,7 @@ def test_reorder_shares_blocks():
     _step(cache, prompts)
     refs = []
     for row in range(3):
-        refs.append(Ref())
+        refs.append(Ref(MODEL))
         refs[-1].step(prompts[row:row + 1])
     cache.reorder(torch.tensor([2, 0, 0]))
     refs = [refs[2].copy(), refs[0].copy(), refs[0].copy()]
