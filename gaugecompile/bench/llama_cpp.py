@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["unavailable", "LlamaCppModel", "bytes_per_token", "median_plain_and_shift"]
+__all__ = ["unavailable", "LlamaCppModel", "bytes_per_token", "median_plain_and_shift", "KV_TYPES"]
+
+#: KV cache types llama.cpp is run with (`-ctk/-ctv`) -> llama-cpp-python's ggml type constant.
+KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
+#: Bytes per element of each KV type (q8_0: blocks of 32 int8 values and one f16 scale).
+KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 
 
 # Load the file and decode a few tokens: a build whose kernels do not run on this CPU crashes the process.
@@ -49,13 +54,18 @@ def unavailable(gguf: Path) -> str | None:
 class LlamaCppModel:
     """One llama.cpp context over a GGUF file, driven token by token with its own KV cache (sequence 0)."""
 
-    def __init__(self, gguf: Path, n_ctx: int, threads: int) -> None:
+    def __init__(self, gguf: Path, n_ctx: int, threads: int, kv: str = "f16") -> None:
         import llama_cpp
 
+        if kv not in KV_TYPES:
+            raise ValueError(f"kv: expected one of {sorted(KV_TYPES)}, got {kv!r}")
         self._lib = llama_cpp
         self.version: str = llama_cpp.__version__
+        kv_type = getattr(llama_cpp, KV_TYPES[kv])
+        # a quantized V cache needs flash attention in llama.cpp; f16 keeps the default path
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=False, verbose=False)
+                                   n_threads_batch=threads, logits_all=False, verbose=False, type_k=kv_type,
+                                   type_v=kv_type, flash_attn=kv != "f16")
         self.n_vocab = self.llm.n_vocab()
         self._memory = llama_cpp.llama_get_memory(self.llm.ctx)
 
@@ -109,10 +119,10 @@ class LlamaCppModel:
         return times, shifted
 
 
-def bytes_per_token(gguf: Path, model: torch.nn.Module, tokens: int) -> dict[str, int]:
+def bytes_per_token(gguf: Path, model: torch.nn.Module, tokens: int, kv: str = "f16") -> dict[str, int]:
     """What one decode step reads at `tokens` of context, each side: weights (llama.cpp: the GGUF's tensors as
     stored; gauge: the float32 parameters, the tied embedding counted once) plus K and V of every layer (llama.cpp:
-    f16; gauge: the model's dtype)."""
+    `kv`, f16 or q8_0; gauge: the model's dtype)."""
     from gguf import GGUFReader
 
     config = model.config
@@ -120,7 +130,7 @@ def bytes_per_token(gguf: Path, model: torch.nn.Module, tokens: int) -> dict[str
     kv_elements = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens
     gguf_weights = sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors)
     torch_weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(llama_cpp=gguf_weights + 2 * kv_elements,
+    return dict(llama_cpp=gguf_weights + int(KV_BYTES[kv] * kv_elements),
                 gauge=torch_weights + next(model.parameters()).element_size() * kv_elements)
 
 

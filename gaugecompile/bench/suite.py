@@ -35,6 +35,7 @@ from gaugecompile.bench.decode_loops import (
     stream_gauge,
 )
 from gaugecompile.bench.measure import log, machine, ratio, timed
+from gaugecompile.bench.precision import scenario_precision
 from gaugecompile.bench.prompts import text_ids
 from gaugecompile.bench.report import plot, print_tables
 from gaugecompile.bench.synthetic import scenario_decode, scenario_reorg
@@ -369,8 +370,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized runs (random Llama unless --model)")
     parser.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 10), metavar="N",
-                        help="run only these scenarios (1-9)")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 11), metavar="N",
+                        help="run only these scenarios (1-10)")
     add_model_arguments(parser)
     return parser
 
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         7: ("7_perplexity", lambda: scenario_perplexity(model, args.quick)),
         8: ("8_chat_decode", lambda: scenario_chat(model, args.quick)),
         9: ("9_llama_cpp", lambda: scenario_llama_cpp(model, gguf_of(args), args.quick)),
+        10: ("10_precision", lambda: scenario_precision(
+            model, lambda n: text_ids(TOKENIZER, model.config.vocab_size, n), gguf_of(args), args.quick)),
     }
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=args.quick,

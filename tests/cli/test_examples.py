@@ -39,6 +39,9 @@ CASES = [
     pytest.param("learn_positions.py", [*RANDOM, "--steps", "4", "--grid", "0", "8"], 300, id="learn_positions"),
     pytest.param("hybrid_model.py", [], 300, id="hybrid_model"),  # a tiny random Qwen3-Next by default
     pytest.param("tensor_parallel.py", [*RANDOM, "--new-tokens", "6"], 300, id="tensor_parallel"),  # 2 gloo ranks
+    pytest.param("low_precision.py", [*RANDOM, "--new-tokens", "6"], 300, id="low_precision-bf16"),
+    pytest.param("low_precision.py", [*RANDOM, "--precision", "int8", "--new-tokens", "6"], 300,
+                 id="low_precision-int8", marks=pytest.mark.slow),
     pytest.param("bayesian_wind_tunnel.py", ["--smoke"], 300, id="bayesian_wind_tunnel"),  # trains its own model
 ]
 

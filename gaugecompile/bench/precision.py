@@ -1,0 +1,130 @@
+"""Decoding at the precision users run (scenario 10): the gauge backend over the same model in float32, cast to
+bfloat16, and with torchao's int8 and int4 weight-only quantization, each beside transformers eager
+(DynamicCache) on the same variant, and llama.cpp on the shipped GGUF with f16 and q8_0 KV where it is installed.
+
+Every variant decodes the same text greedily after prompts of each length; the table gives the median decode step,
+the bytes one step reads (weights as stored, tensor subclasses by their inner tensors, plus every layer's K and
+V at that length), and how many greedy tokens agree with the float32 gauge run.  The bfloat16 variant is a cast
+(`model.to(torch.bfloat16)`, which rounds the rotary buffer: the cache follows the model's basis); its pools are
+bfloat16, the other variants' float32.  torchao's int4 weight-only config has no CPU path in 0.18, so the int4 row
+is `IntxWeightOnlyConfig(int4)`, which stores int4 values in int8 (bytes as int8, values as int4).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import statistics
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from . import llama_cpp
+from .decode_loops import gauge_forward, greedy, manifold_cache
+from .measure import log, ratio
+
+__all__ = ["VARIANTS", "scenario_precision", "variant", "weight_bytes"]
+
+
+def _int8():
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def _int4():
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+
+
+#: name -> (dtype the float32 model is cast to, torchao config factory or None)
+VARIANTS: dict[str, tuple[torch.dtype, Callable | None]] = {
+    "float32": (torch.float32, None),
+    "bfloat16": (torch.bfloat16, None),
+    "int8 weights": (torch.float32, _int8),
+    "int4 weights (intx, int8 storage)": (torch.float32, _int4),
+}
+
+
+def variant(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A copy of the float32 `model` as the variant `name` (cast, or quantized with torchao as its users do)."""
+    dtype, config = VARIANTS[name]
+    copied = copy.deepcopy(model).to(dtype)
+    if config is not None:
+        from torchao.quantization import quantize_
+
+        quantize_(copied, config())
+    return copied.eval()
+
+
+def _stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass (torchao) by its inner tensors, as stored."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters as stored (`parameters()` yields a tied embedding once)."""
+    return sum(_stored_bytes(p) for p in model.parameters())
+
+
+def _kv_bytes(model: torch.nn.Module, tokens: int, element: int) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * element
+
+
+def _decode(forward, prefill, cache, ids, warm: int, steps: int) -> tuple[float, list[int]]:
+    tokens, times = greedy(forward, ids, cache, warm + steps, prefill=prefill)
+    return statistics.median(times[1 + warm:]), tokens
+
+
+def scenario_precision(model, text: Callable[[int], torch.Tensor], gguf, quick: bool) -> dict:
+    """Scenario 10: `text(n)` gives n token ids of the same text for every variant and length."""
+    lengths, steps, warm = ((64,) if quick else (512, 4096)), (4 if quick else 12), 3
+    names = [n for n in VARIANTS if VARIANTS[n][1] is None or importlib.util.find_spec("torchao")]
+    rows, reference = [], {}
+    for name in names:
+        log(f"precision: {name}")
+        m = variant(model, name)
+        eager = m.__class__.forward.__get__(m)
+        forward = gauge_forward(m)
+        weights, element = weight_bytes(m), m.dtype.itemsize
+        for n in lengths:
+            ids = text(n)
+            with torch.no_grad():
+                g_s, g_tok = _decode(forward, eager, manifold_cache(m, max_tokens=n + 64), ids, warm, steps)
+                e_s, e_tok = _decode(eager, eager, DynamicCache(config=m.config), ids, warm, steps)
+            reference.setdefault(n, g_tok)
+            agree = sum(a == b for a, b in zip(g_tok, reference[n], strict=True))
+            rows.append(dict(measure=f"decode step, {name}", baseline="transformers eager, same variant", tokens=n,
+                             gauge_s=g_s, baseline_s=e_s, ratio=ratio(e_s, g_s),
+                             reads_MB=(weights + _kv_bytes(m, n, element)) / 1e6,
+                             tokens_as_float32=f"{agree}/{len(g_tok)}", tokens_equal=g_tok == e_tok))
+        del m, forward
+    reason = llama_cpp.unavailable(gguf) if gguf else "the model was not loaded from a GGUF file"
+    if reason:
+        log(f"precision: llama.cpp skipped ({reason})")
+    else:
+        threads = torch.get_num_threads()
+        for kv in ("f16", "q8_0"):
+            cpp = llama_cpp.LlamaCppModel(gguf, n_ctx=max(lengths) + warm + steps + 64, threads=threads, kv=kv)
+            for n in lengths:
+                log(f"precision: llama.cpp {gguf.name}, {kv} KV, {n} tokens")
+                tokens, times = cpp.decode(text(n)[0].tolist(), warm + steps)
+                s = statistics.median(times[warm:])
+                gauge_int8 = next((r["gauge_s"] for r in rows if r["measure"].endswith("int8 weights")
+                                   and r["tokens"] == n), None)
+                agree = sum(a == b for a, b in zip(tokens, reference[n], strict=True))
+                rows.append(dict(measure=f"decode step, llama.cpp {gguf.stem.rsplit('.', 1)[-1]} weights, {kv} KV",
+                                 baseline="gauge int8 weights (ratio: llama.cpp / gauge)", tokens=n,
+                                 gauge_s=gauge_int8, baseline_s=s, ratio=ratio(s, gauge_int8) if gauge_int8 else None,
+                                 reads_MB=llama_cpp.bytes_per_token(gguf, model, n, kv=kv)["llama_cpp"] / 1e6,
+                                 tokens_as_float32=f"{agree}/{len(tokens)}", tokens_equal=None))
+    return dict(title=f"decode step at the precision users run, after {', '.join(map(str, lengths))} tokens "
+                      f"({steps} steps after {warm})", baseline="transformers eager per variant; llama.cpp", rows=rows)
