@@ -1,6 +1,7 @@
 """Decoding at the precision users run (scenario 10): the gauge backend over the same model in float32, cast to
 bfloat16, and with torchao's int8 and int4 weight-only quantization, each beside transformers eager
-(DynamicCache) on the same variant, and llama.cpp on the shipped GGUF with f16 and q8_0 KV where it is installed.
+(DynamicCache) on the same variant, and llama.cpp on GGUF files of the same weights (F16, Q8_0, Q4_0 and the
+shipped Q4_1, `gguf_variants`) with f16 and q8_0 KV where llama-cpp-python is installed.
 
 Every variant decodes the same text greedily after prompts of each length; the table gives the median decode step,
 the bytes one step reads (weights as stored, tensor subclasses by their inner tensors, plus every layer's K and
@@ -45,8 +46,12 @@ VARIANTS: dict[str, tuple[torch.dtype, Callable | None]] = {
     "float32": (torch.float32, None),
     "bfloat16": (torch.bfloat16, None),
     "int8 weights": (torch.float32, _int8),
+    "int8 weights, bfloat16": (torch.bfloat16, _int8),
     "int4 weights (intx, int8 storage)": (torch.float32, _int4),
 }
+#: llama.cpp weight type -> the gauge variant it is compared with (closest weight bytes and KV precision)
+PEERS = {"F16": "bfloat16", "Q8_0": "int8 weights, bfloat16", "Q4_0": "int4 weights (intx, int8 storage)",
+         "Q4_1": "int4 weights (intx, int8 storage)"}
 
 
 def variant(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -84,8 +89,9 @@ def _decode(forward, prefill, cache, ids, warm: int, steps: int) -> tuple[float,
     return statistics.median(times[1 + warm:]), tokens
 
 
-def scenario_precision(model, text: Callable[[int], torch.Tensor], gguf, quick: bool) -> dict:
-    """Scenario 10: `text(n)` gives n token ids of the same text for every variant and length."""
+def scenario_precision(model, text: Callable[[int], torch.Tensor], ggufs: dict | str, quick: bool) -> dict:
+    """Scenario 10: `text(n)` gives n token ids of the same text for every variant and length; `ggufs` maps
+    llama.cpp weight types to GGUF files of the same model (`gguf_variants`), or says why llama.cpp cannot run."""
     lengths, steps, warm = ((64,) if quick else (512, 4096)), (4 if quick else 12), 3
     names = [n for n in VARIANTS if VARIANTS[n][1] is None or importlib.util.find_spec("torchao")]
     rows, reference = [], {}
@@ -107,24 +113,25 @@ def scenario_precision(model, text: Callable[[int], torch.Tensor], gguf, quick: 
                              reads_MB=(weights + _kv_bytes(m, n, element)) / 1e6,
                              tokens_as_float32=f"{agree}/{len(g_tok)}", tokens_equal=g_tok == e_tok))
         del m, forward
-    reason = llama_cpp.unavailable(gguf) if gguf else "the model was not loaded from a GGUF file"
-    if reason:
-        log(f"precision: llama.cpp skipped ({reason})")
-    else:
-        threads = torch.get_num_threads()
-        for kv in ("f16", "q8_0"):
-            cpp = llama_cpp.LlamaCppModel(gguf, n_ctx=max(lengths) + warm + steps + 64, threads=threads, kv=kv)
+    if isinstance(ggufs, str):
+        log(f"precision: llama.cpp skipped ({ggufs})")
+        ggufs = {}
+    threads = torch.get_num_threads()
+    for weights_type, path in ggufs.items():
+        for kv in llama_cpp.KV_TYPES:
+            cpp = llama_cpp.LlamaCppModel(path, n_ctx=max(lengths) + warm + steps + 64, threads=threads, kv=kv)
             for n in lengths:
-                log(f"precision: llama.cpp {gguf.name}, {kv} KV, {n} tokens")
+                log(f"precision: llama.cpp {path.name}, {kv} KV, {n} tokens")
                 tokens, times = cpp.decode(text(n)[0].tolist(), warm + steps)
                 s = statistics.median(times[warm:])
-                gauge_int8 = next((r["gauge_s"] for r in rows if r["measure"].endswith("int8 weights")
-                                   and r["tokens"] == n), None)
+                peer = next((r["gauge_s"] for r in rows if r["measure"] == f"decode step, {PEERS.get(weights_type)}"
+                             and r["tokens"] == n), None)
                 agree = sum(a == b for a, b in zip(tokens, reference[n], strict=True))
-                rows.append(dict(measure=f"decode step, llama.cpp {gguf.stem.rsplit('.', 1)[-1]} weights, {kv} KV",
-                                 baseline="gauge int8 weights (ratio: llama.cpp / gauge)", tokens=n,
-                                 gauge_s=gauge_int8, baseline_s=s, ratio=ratio(s, gauge_int8) if gauge_int8 else None,
-                                 reads_MB=llama_cpp.bytes_per_token(gguf, model, n, kv=kv)["llama_cpp"] / 1e6,
+                rows.append(dict(measure=f"decode step, llama.cpp {weights_type} weights, {kv} KV",
+                                 baseline=f"gauge {PEERS.get(weights_type)} (ratio: llama.cpp s / gauge s)", tokens=n,
+                                 gauge_s=peer, baseline_s=s, ratio=ratio(s, peer) if peer else None,
+                                 reads_MB=llama_cpp.bytes_per_token(path, model, n, kv=kv)["llama_cpp"] / 1e6,
                                  tokens_as_float32=f"{agree}/{len(tokens)}", tokens_equal=None))
+            del cpp
     return dict(title=f"decode step at the precision users run, after {', '.join(map(str, lengths))} tokens "
                       f"({steps} steps after {warm})", baseline="transformers eager per variant; llama.cpp", rows=rows)

@@ -34,6 +34,7 @@ from gaugecompile.bench.decode_loops import (
     stream_baseline,
     stream_gauge,
 )
+from gaugecompile.bench.gguf_variants import gguf_variants
 from gaugecompile.bench.measure import log, machine, ratio, timed
 from gaugecompile.bench.precision import scenario_precision
 from gaugecompile.bench.prompts import text_ids
@@ -41,7 +42,7 @@ from gaugecompile.bench.report import plot, print_tables
 from gaugecompile.bench.synthetic import scenario_decode, scenario_reorg
 from gaugecompile.cache import ManifoldCache
 from gaugecompile.models import add_model_arguments, model_from_args
-from gaugecompile.models.smollm import fetch_gguf
+from gaugecompile.models.smollm import default_checkpoint, fetch_gguf
 
 TOKENIZER = None  # the loaded model's tokenizer (None for a random model), set by main
 SHARED_TOKENS = 4 * (4096 + 64)  # the largest real-model scenario: 4 beams over 4k tokens
@@ -308,6 +309,19 @@ def gguf_of(args: argparse.Namespace) -> Path | None:
     return path if path.suffix == ".gguf" else None
 
 
+def precision_ggufs(args: argparse.Namespace) -> dict[str, Path] | str:
+    """The GGUF files scenario 10 runs llama.cpp on (the default model: F16, Q8_0, Q4_0 written from its checkpoint
+    beside the shipped Q4_1; `--model FILE.gguf`: that file), or why llama.cpp cannot run."""
+    gguf = gguf_of(args)
+    reason = llama_cpp.unavailable(gguf) if gguf else "the model was not loaded from a GGUF file"
+    if reason:
+        return reason
+    if args.model:
+        return {gguf.name.rsplit(".", 2)[-2]: gguf}
+    log("precision: GGUF files of the checkpoint at F16, Q8_0 and Q4_0 (written once into the user cache)")
+    return gguf_variants(default_checkpoint(), gguf, gguf.parent)
+
+
 def scenario_llama_cpp(model, gguf: Path | None, quick: bool) -> dict:
     """llama.cpp on the same GGUF file (`gaugecompile.bench.llama_cpp`): a greedy decode step after a long prompt,
     and StreamingLLM steps over a full window, its context shift against a `set_window` step."""
@@ -396,7 +410,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         8: ("8_chat_decode", lambda: scenario_chat(model, args.quick)),
         9: ("9_llama_cpp", lambda: scenario_llama_cpp(model, gguf_of(args), args.quick)),
         10: ("10_precision", lambda: scenario_precision(
-            model, lambda n: text_ids(TOKENIZER, model.config.vocab_size, n), gguf_of(args), args.quick)),
+            model, lambda n: text_ids(TOKENIZER, model.config.vocab_size, n), precision_ggufs(args), args.quick)),
     }
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=args.quick,

@@ -24,7 +24,7 @@ def test_scenario_runs_every_variant():
     model = random_model("llama")
     torch._dynamo.reset()
     result = scenario_precision(model, lambda n: torch.randint(0, 128, (1, n), generator=torch.Generator()
-                                                               .manual_seed(0)), None, quick=True)
+                                                               .manual_seed(0)), "no GGUF", quick=True)
     names = [r["measure"] for r in result["rows"]]
     expected = [n for n in VARIANTS if VARIANTS[n][1] is None or importlib.util.find_spec("torchao")]
     assert names == [f"decode step, {n}" for n in expected]
