@@ -8,6 +8,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .attention_detect import AttentionMatch, find_attention
 from .fx_utils import AnalysisError, concrete, layout_root, location, real_mode, size_envs
+from .int8_weights import fuse_int8_weight_matmuls
 from .kv_detect import plan_kv
 from .report import GaugeRefusedError, PassReport, Site
 from .rewriter import check_rewrite, is_impure, rewrite
@@ -109,6 +110,8 @@ class GaugeGraphPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         before = str(graph) if self.keep_graphs else ""
         report = run_on_graph(graph, strict=self.strict)
+        # an Inductor lowering choice, so here and not in run_on_graph (ONNX export runs that one)
+        report.int8_matmuls = fuse_int8_weight_matmuls(graph)
         self.sink.append((report, before, str(graph) if self.keep_graphs else ""))
 
     def uuid(self) -> bytes:

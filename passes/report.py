@@ -43,6 +43,8 @@ class PassReport:
     rewritten: list[Site] = field(default_factory=list)
     refused: list[Site] = field(default_factory=list)
     plain_attention: int = 0
+    #: int8 weight-only matmuls over bfloat16 activations fused into `_weight_int8pack_mm` (`int8_weights.py`)
+    int8_matmuls: int = 0
 
     def add(self, site: Site) -> None:
         (self.rewritten if site.rewritten else self.refused).append(site)
@@ -51,3 +53,4 @@ class PassReport:
         self.rewritten.extend(other.rewritten)
         self.refused.extend(other.refused)
         self.plain_attention += other.plain_attention
+        self.int8_matmuls += other.int8_matmuls
