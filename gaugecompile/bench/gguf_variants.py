@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["LAYER_TENSORS", "gguf_variants", "write_f16"]
+__all__ = ["LAYER_TENSORS", "adjacent_pairs", "gguf_variants", "write_f16"]
 
 #: transformers' per-layer parameter -> llama.cpp's tensor name (under `blk.N.`).
 LAYER_TENSORS = {
@@ -29,7 +29,7 @@ LAYER_TENSORS = {
 _FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
-def _adjacent_pairs(weight: np.ndarray, heads: int) -> np.ndarray:
+def adjacent_pairs(weight: np.ndarray, heads: int) -> np.ndarray:
     """Rows of a q/k projection [heads * d, in] from rotate-half order to adjacent pairs, per head."""
     d = weight.shape[0] // heads
     return weight.reshape(heads, 2, d // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
@@ -71,9 +71,9 @@ def write_f16(checkpoint: Path, shipped: Path, out: Path) -> Path:
     for name, tensor in weights.items():
         array = tensor.to(torch.float32).numpy()
         if name.endswith("q_proj.weight"):
-            array = _adjacent_pairs(array, heads)
+            array = adjacent_pairs(array, heads)
         elif name.endswith("k_proj.weight"):
-            array = _adjacent_pairs(array, kv_heads)
+            array = adjacent_pairs(array, kv_heads)
         writer.add_tensor(_gguf_name(name), array.astype(np.float16 if array.ndim == 2 else np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

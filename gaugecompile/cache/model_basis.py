@@ -65,13 +65,13 @@ def check_same_layout(model: torch.nn.Module, shape: KVShape, ropes: tuple[RopeS
     config = model.config
     if (theirs := kv_shape_from_config(config)) != shape:
         raise ValueError(f"model: its KV shape {theirs} differs from the cache's {shape}")
-    model_ropes = follow_model(model, layer_ropes_from_config(config))
+    config_ropes = layer_ropes_from_config(config)  # (probes the model's code: read once)
+    model_ropes = follow_model(model, config_ropes)
     differ = [i for i, (a, b) in enumerate(zip(model_ropes, ropes, strict=True)) if a != b]
     if differ:
         i = differ[0]
         cast = " (the model was cast after the cache was built from its config: build it from the model, " \
-            "ManifoldCache(model, ...), to follow the rounded frequencies)" if model_ropes != tuple(
-                layer_ropes_from_config(config)) else ""
+            "ManifoldCache(model, ...), to follow the rounded frequencies)" if model_ropes != config_ropes else ""
         raise ValueError(
             f"model: its RoPE basis (rope theta/scaling, rotary dim, pair layout or rounding) differs from the "
             f"cache's at layers {differ}: layer {i} inv_freq[:3] {model_ropes[i].inv_freq[:3].tolist()} vs "

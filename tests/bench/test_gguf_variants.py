@@ -10,13 +10,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gaugecompile.bench.gguf_variants import _adjacent_pairs, write_f16
+from gaugecompile.bench.gguf_variants import adjacent_pairs, write_f16
 from gaugecompile.models import random_model
 from gaugecompile.rope import RopeSpec
 
 
 @given(heads=st.integers(1, 4), half=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_adjacent_pairs_turn_rotate_half_into_interleaved(heads, half, seed):
+def testadjacent_pairs_turn_rotate_half_into_interleaved(heads, half, seed):
     """Rotating x @ W.T with rotate-half pairs equals rotating x @ P(W).T with adjacent pairs, then undoing P."""
     d = 2 * half
     gen = torch.Generator().manual_seed(seed)
@@ -25,9 +25,9 @@ def test_adjacent_pairs_turn_rotate_half_into_interleaved(heads, half, seed):
     pos = torch.arange(3)
     half_rope, pair_rope = RopeSpec.from_base(100.0, d), RopeSpec.from_base(100.0, d, interleaved=True)
     want = half_rope.apply((x @ w.T).view(3, heads, d).transpose(0, 1), pos[None].expand(heads, -1))
-    p = torch.from_numpy(_adjacent_pairs(w.numpy(), heads))
+    p = torch.from_numpy(adjacent_pairs(w.numpy(), heads))
     got = pair_rope.apply((x @ p.T).view(3, heads, d).transpose(0, 1), pos[None].expand(heads, -1))
-    order = torch.from_numpy(_adjacent_pairs(np.arange(d)[:, None], 1)[:, 0])  # adjacent-pair dim -> source dim
+    order = torch.from_numpy(adjacent_pairs(np.arange(d)[:, None], 1)[:, 0])  # adjacent-pair dim -> source dim
     torch.testing.assert_close(got[..., torch.argsort(order)], want, rtol=0, atol=1e-12)
 
 
@@ -54,6 +54,6 @@ def test_write_f16_keeps_metadata_and_every_tensor(tmp_path: Path):
     assert len(tensors) == len(params)
     q = params["model.layers.1.self_attn.q_proj.weight"].detach().numpy()
     stored = np.asarray(tensors["blk.1.attn_q.weight"].data, dtype=np.float32).reshape(q.shape)
-    np.testing.assert_allclose(stored, _adjacent_pairs(q, 4), atol=1e-3)
+    np.testing.assert_allclose(stored, adjacent_pairs(q, 4), atol=1e-3)
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "F16"

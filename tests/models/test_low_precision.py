@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy_choices import assert_same_choices, generate_with_logits
 from hypothesis import given
 from hypothesis import strategies as st
 from rerotated_reference import RerotatedReference
@@ -34,12 +35,7 @@ HOW = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    runs.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:
@@ -61,34 +57,17 @@ def _assert_rewritten(sink: list, layers: int) -> None:
     assert runs["kernel"] > 0 and runs["masked_fallback"] == 0, dict(runs)
 
 
-def _assert_same_choices(want: torch.Tensor, got: torch.Tensor, atol: float) -> None:
-    """Logits [steps, vocab] agree within `atol`; each argmax is equal unless the reference's top two were within
-    `atol` of each other (a tie in the model's dtype)."""
-    want, got = want.float(), got.float()
-    torch.testing.assert_close(got, want, rtol=0, atol=atol)
-    for step, (w, g) in enumerate(zip(want, got, strict=True)):
-        if w.argmax() != g.argmax():
-            top = w.topk(2).values
-            assert top[0] - top[1] <= atol, f"step {step}: token {g.argmax()} against {w.argmax()}, not a tie"
-
-
-def _generate(model, cache, ids, **kw):
-    out = model.generate(ids, past_key_values=cache, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, attention_mask=torch.ones_like(ids), **kw)
-    return out.sequences, torch.cat(out.logits)
-
-
 @pytest.mark.parametrize("how", list(HOW))
 def test_greedy_equals_dynamic_cache_in_the_same_dtype(how):
     model = HOW[how]()
     ids = _ids(9, 0)
-    want_seq, want = _generate(model, DynamicCache(config=model.config), ids, max_new_tokens=8)
+    want_seq, want = generate_with_logits(model, DynamicCache(config=model.config), ids, max_new_tokens=8)
     sink: list = []
     cache = ManifoldCache(model, max_batch_size=1, max_tokens=64, block_size=4)
     assert cache.storage.dtype == model.dtype  # the cast model's dtype, not its config's
-    got_seq, got = _generate(_compiled(model, sink), cache, ids, max_new_tokens=8)
+    got_seq, got = generate_with_logits(_compiled(model, sink), cache, ids, max_new_tokens=8)
     _assert_rewritten(sink, model.config.num_hidden_layers)
-    _assert_same_choices(want, got, ATOL[model.dtype])
+    assert_same_choices(want, got, ATOL[model.dtype])
     if torch.equal(got.argmax(-1), want.argmax(-1)):
         assert torch.equal(got_seq, want_seq)
 
@@ -119,7 +98,7 @@ def test_streaming_equals_the_rerotating_sink_cache(dtype):
     model.forward = model._orig_mod.forward if hasattr(model, "_orig_mod") else model.forward
     want, _ = stream_baseline(model, ids, sink=4, window=12, lengths=lengths, block_size=4)
     assert max(lengths) < ids.shape[1]  # tokens were evicted: later keys sit at shifted positions
-    _assert_same_choices(want, got, ATOL[dtype])
+    assert_same_choices(want, got, ATOL[dtype])
     assert runs["kernel"] > 0 and runs["masked_fallback"] == 0
 
 
@@ -149,7 +128,7 @@ def test_edits_follow_the_cast_models_basis(dtype):
             got.append(compiled(input_ids=tok.view(1, 1), past_key_values=cache).logits[0, -1])
             want.append(ref.step(tok.view(1, 1))[-1])
     _assert_rewritten(sink, model.config.num_hidden_layers)
-    _assert_same_choices(torch.stack(want), torch.stack(got), ATOL[dtype])
+    assert_same_choices(torch.stack(want), torch.stack(got), ATOL[dtype])
 
 
 @given(theta=st.floats(100.0, 1e6), pairs=st.integers(1, 64), dtype=st.sampled_from([torch.bfloat16, torch.float16]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy_choices import assert_same_choices, generate_with_logits
 from transformers import DynamicCache
 
 from gaugecompile.cache import ManifoldCache
@@ -35,18 +36,7 @@ CONFIGS = {
 ATOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    runs.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def _generate(model, cache, ids, **kw):
-    out = model.generate(ids, past_key_values=cache, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, attention_mask=torch.ones_like(ids), **kw)
-    return out.sequences, torch.cat(out.logits).float()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,18 +47,15 @@ def test_quantized_model_is_rewritten_and_equals_its_eager_run(quant, dtype):
     weight = model.model.layers[0].self_attn.q_proj.weight
     assert type(weight).__module__.startswith("torchao"), type(weight)  # quantized, not left as it was
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
-    want_seq, want = _generate(model, DynamicCache(config=model.config), ids, max_new_tokens=8)
+    want_seq, want = generate_with_logits(model, DynamicCache(config=model.config), ids, max_new_tokens=8)
     sink: list = []
     model.compile(backend="gauge", options={"report_sink": sink})
-    got_seq, got = _generate(model, ManifoldCache(model, max_batch_size=1, max_tokens=64, block_size=4), ids,
+    got_seq, got = generate_with_logits(model, ManifoldCache(model, max_batch_size=1, max_tokens=64, block_size=4), ids,
                              max_new_tokens=8)
     reports = [r for r, _, _ in sink if r.rewritten or r.refused]
     assert reports and all(not r.refused and len(r.rewritten) == model.config.num_hidden_layers for r in reports)
     assert runs["kernel"] > 0 and runs["masked_fallback"] == 0, dict(runs)
-    torch.testing.assert_close(got, want, rtol=0, atol=ATOL[dtype])
-    for step, (w, g) in enumerate(zip(want, got, strict=True)):  # equal choices, or a tie in this dtype
-        top = w.topk(2).values
-        assert w.argmax() == g.argmax() or top[0] - top[1] <= ATOL[dtype], f"step {step}"
+    assert_same_choices(want, got, ATOL[dtype])
     if torch.equal(got.argmax(-1), want.argmax(-1)):
         assert torch.equal(got_seq, want_seq)
 
