@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["LAYER_TENSORS", "adjacent_pairs", "gguf_variants", "write_f16"]
+__all__ = ["LAYER_TENSORS", "adjacent_pairs", "gguf_variants", "weight_type", "write_f16"]
 
 #: transformers' per-layer parameter -> llama.cpp's tensor name (under `blk.N.`).
 LAYER_TENSORS = {
@@ -93,15 +93,20 @@ def _quantize(source: Path, out: Path, kind: str) -> Path:
     return out
 
 
-def gguf_variants(checkpoint: Path, shipped: Path, directory: Path) -> dict[str, Path]:
-    """{"F16", "Q8_0", "Q4_0", shipped type: path}, written into `directory` where missing."""
+def weight_type(gguf: Path) -> str:
+    """The weight type a GGUF file is named with, `NAME.TYPE.gguf` (as the shipped file and these are)."""
+    return gguf.name.rsplit(".", 2)[-2]
+
+
+def gguf_variants(checkpoint: Path, shipped: Path, directory: Path) -> list[Path]:
+    """The F16, Q8_0 and Q4_0 files of `shipped`'s model (written into `directory` where missing), and `shipped`."""
     stem = shipped.name.rsplit(".", 2)[0]
-    files = {"F16": directory / f"{stem}.F16.gguf"}
-    if not files["F16"].exists():
-        write_f16(checkpoint, shipped, files["F16"].with_suffix(".tmp")).rename(files["F16"])
+    f16 = directory / f"{stem}.F16.gguf"
+    if not f16.exists():
+        write_f16(checkpoint, shipped, f16.with_suffix(".tmp")).rename(f16)
+    files = [f16]
     for kind in _FTYPES:
-        files[kind] = directory / f"{stem}.{kind}.gguf"
-        if not files[kind].exists():
-            _quantize(files["F16"], files[kind].with_suffix(".tmp"), kind).rename(files[kind])
-    files[shipped.name.rsplit(".", 2)[1]] = shipped
-    return files
+        files.append(directory / f"{stem}.{kind}.gguf")
+        if not files[-1].exists():
+            _quantize(f16, files[-1].with_suffix(".tmp"), kind).rename(files[-1])
+    return [*files, shipped]

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .measure import kv_elements, weight_bytes
+
 __all__ = ["unavailable", "LlamaCppModel", "bytes_per_token", "median_plain_and_shift", "KV_TYPES"]
 
 #: KV cache types llama.cpp is run with (`-ctk/-ctv`) -> llama-cpp-python's ggml type constant.
@@ -121,17 +123,14 @@ class LlamaCppModel:
 
 def bytes_per_token(gguf: Path, model: torch.nn.Module, tokens: int, kv: str = "f16") -> dict[str, int]:
     """What one decode step reads at `tokens` of context, each side: weights (llama.cpp: the GGUF's tensors as
-    stored; gauge: the float32 parameters, the tied embedding counted once) plus K and V of every layer (llama.cpp:
-    `kv`, f16 or q8_0; gauge: the model's dtype)."""
+    stored; gauge: the parameters as stored, the tied embedding counted once) plus K and V of every layer
+    (llama.cpp: `kv`, f16 or q8_0; gauge: the model's dtype)."""
     from gguf import GGUFReader
 
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_elements = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens
+    elements = kv_elements(model.config, tokens)
     gguf_weights = sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors)
-    torch_weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(llama_cpp=gguf_weights + int(KV_BYTES[kv] * kv_elements),
-                gauge=torch_weights + next(model.parameters()).element_size() * kv_elements)
+    return dict(llama_cpp=gguf_weights + int(KV_BYTES[kv] * elements),
+                gauge=weight_bytes(model) + model.dtype.itemsize * elements)
 
 
 def median_plain_and_shift(times: list[float], shifted: list[bool]) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["log", "timed", "ratio", "machine"]
+__all__ = ["log", "timed", "ratio", "machine", "weight_bytes", "kv_elements"]
 
 
 def log(message: str) -> None:
@@ -41,6 +41,25 @@ def timed(fn: Callable[[], object], repeat: int = 5, undo: Callable[[], object] 
 def ratio(base: float, gauge: float) -> float:
     """How many times faster gauge is than the baseline (inf where gauge took no measurable time)."""
     return base / gauge if gauge > 0 else float("inf")
+
+
+def _stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass (torchao) by its inner tensors, as stored."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters as stored (`parameters()` yields a tied embedding once)."""
+    return sum(_stored_bytes(p) for p in model.parameters())
+
+
+def kv_elements(config, tokens: int) -> int:
+    """K and V elements of every layer of a decoder `config` at `tokens` of context (what a decode step reads)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens
 
 
 def machine() -> dict:

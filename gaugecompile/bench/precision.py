@@ -23,9 +23,10 @@ from transformers import DynamicCache
 
 from . import llama_cpp
 from .decode_loops import gauge_forward, greedy, manifold_cache
-from .measure import log, ratio
+from .gguf_variants import weight_type
+from .measure import kv_elements, log, ratio, weight_bytes
 
-__all__ = ["VARIANTS", "scenario_precision", "variant", "weight_bytes"]
+__all__ = ["PEERS", "VARIANTS", "scenario_precision", "variant"]
 
 
 def _int8():
@@ -65,33 +66,14 @@ def variant(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return copied.eval()
 
 
-def _stored_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds: a tensor subclass (torchao) by its inner tensors, as stored."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(_stored_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters as stored (`parameters()` yields a tied embedding once)."""
-    return sum(_stored_bytes(p) for p in model.parameters())
-
-
-def _kv_bytes(model: torch.nn.Module, tokens: int, element: int) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * element
-
-
 def _decode(forward, prefill, cache, ids, warm: int, steps: int) -> tuple[float, list[int]]:
     tokens, times = greedy(forward, ids, cache, warm + steps, prefill=prefill)
     return statistics.median(times[1 + warm:]), tokens
 
 
-def scenario_precision(model, text: Callable[[int], torch.Tensor], ggufs: dict | str, quick: bool) -> dict:
-    """Scenario 10: `text(n)` gives n token ids of the same text for every variant and length; `ggufs` maps
-    llama.cpp weight types to GGUF files of the same model (`gguf_variants`), or says why llama.cpp cannot run."""
+def scenario_precision(model, text: Callable[[int], torch.Tensor], ggufs: list | str, quick: bool) -> dict:
+    """Scenario 10: `text(n)` gives n token ids of the same text for every variant and length; `ggufs` lists GGUF
+    files of the same model (`gguf_variants`; each named `NAME.TYPE.gguf`), or says why llama.cpp cannot run."""
     lengths, steps, warm = ((64,) if quick else (512, 4096)), (4 if quick else 12), 3
     names = [n for n in VARIANTS if VARIANTS[n][1] is None or importlib.util.find_spec("torchao")]
     rows, reference = [], {}
@@ -110,25 +92,27 @@ def scenario_precision(model, text: Callable[[int], torch.Tensor], ggufs: dict |
             agree = sum(a == b for a, b in zip(g_tok, reference[n], strict=True))
             rows.append(dict(measure=f"decode step, {name}", baseline="transformers eager, same variant", tokens=n,
                              gauge_s=g_s, baseline_s=e_s, ratio=ratio(e_s, g_s),
-                             reads_MB=(weights + _kv_bytes(m, n, element)) / 1e6,
+                             reads_MB=(weights + element * kv_elements(m.config, n)) / 1e6,
                              tokens_as_float32=f"{agree}/{len(g_tok)}", tokens_equal=g_tok == e_tok))
         del m, forward
     if isinstance(ggufs, str):
         log(f"precision: llama.cpp skipped ({ggufs})")
-        ggufs = {}
+        ggufs = []
     threads = torch.get_num_threads()
-    for weights_type, path in ggufs.items():
+    for path in ggufs:
+        weights_type = weight_type(path)
+        peer_name = PEERS.get(weights_type)
         for kv in llama_cpp.KV_TYPES:
             cpp = llama_cpp.LlamaCppModel(path, n_ctx=max(lengths) + warm + steps + 64, threads=threads, kv=kv)
             for n in lengths:
                 log(f"precision: llama.cpp {path.name}, {kv} KV, {n} tokens")
                 tokens, times = cpp.decode(text(n)[0].tolist(), warm + steps)
                 s = statistics.median(times[warm:])
-                peer = next((r["gauge_s"] for r in rows if r["measure"] == f"decode step, {PEERS.get(weights_type)}"
+                peer = next((r["gauge_s"] for r in rows if r["measure"] == f"decode step, {peer_name}"
                              and r["tokens"] == n), None)
                 agree = sum(a == b for a, b in zip(tokens, reference[n], strict=True))
                 rows.append(dict(measure=f"decode step, llama.cpp {weights_type} weights, {kv} KV",
-                                 baseline=f"gauge {PEERS.get(weights_type)} (ratio: llama.cpp s / gauge s)", tokens=n,
+                                 baseline=f"gauge {peer_name} (ratio: llama.cpp s / gauge s)", tokens=n,
                                  gauge_s=peer, baseline_s=s, ratio=ratio(s, peer) if peer else None,
                                  reads_MB=llama_cpp.bytes_per_token(path, model, n, kv=kv)["llama_cpp"] / 1e6,
                                  tokens_as_float32=f"{agree}/{len(tokens)}", tokens_equal=None))

@@ -309,7 +309,7 @@ def gguf_of(args: argparse.Namespace) -> Path | None:
     return path if path.suffix == ".gguf" else None
 
 
-def precision_ggufs(args: argparse.Namespace) -> dict[str, Path] | str:
+def precision_ggufs(args: argparse.Namespace) -> list[Path] | str:
     """The GGUF files scenario 10 runs llama.cpp on (the default model: F16, Q8_0, Q4_0 written from its checkpoint
     beside the shipped Q4_1; `--model FILE.gguf`: that file), or why llama.cpp cannot run."""
     gguf = gguf_of(args)
@@ -317,7 +317,7 @@ def precision_ggufs(args: argparse.Namespace) -> dict[str, Path] | str:
     if reason:
         return reason
     if args.model:
-        return {gguf.name.rsplit(".", 2)[-2]: gguf}
+        return [gguf]
     log("precision: GGUF files of the checkpoint at F16, Q8_0 and Q4_0 (written once into the user cache)")
     return gguf_variants(default_checkpoint(), gguf, gguf.parent)
 

@@ -5,7 +5,8 @@ import importlib.util
 
 import torch
 
-from gaugecompile.bench.precision import VARIANTS, scenario_precision, variant, weight_bytes
+from gaugecompile.bench.measure import weight_bytes
+from gaugecompile.bench.precision import VARIANTS, scenario_precision, variant
 from gaugecompile.models import random_model
 
 

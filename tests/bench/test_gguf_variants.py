@@ -57,3 +57,10 @@ def test_write_f16_keeps_metadata_and_every_tensor(tmp_path: Path):
     np.testing.assert_allclose(stored, adjacent_pairs(q, 4), atol=1e-3)
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "F16"
+
+
+def test_weight_type_is_read_from_the_file_name():
+    from gaugecompile.bench.gguf_variants import weight_type
+
+    assert weight_type(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "Q4_1"
+    assert weight_type(Path("/cache/model.v2.F16.gguf")) == "F16"
