@@ -10,7 +10,7 @@ that model's basis is the config's and nothing changes.
 
 Which buffer belongs to which layer is not written anywhere, so buffers are matched by value: a buffer named
 `*inv_freq` whose values are a layer basis's frequencies rounded to the buffer's dtype is that basis in the model.
-A basis whose matches agree with it to float32 rounding (`ops.rope_check.RTOL`, what the compiled graphs check at
+A basis whose matches agree with it to float32 rounding (`ops.rope_check.same_basis`, what the compiled graphs check at
 run time) is kept as it is; one matched only by rounded buffers takes the buffers' values, exactly (a bfloat16 or
 float16 value is a float64 value); two matches rounded differently are refused, since the model rotates one
 basis in two ways.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.rope_check import RTOL
+from ..ops.rope_check import same_basis
 from ..rope import RopeSpec, rounded_from
 from .rope_config import KVShape, kv_shape_from_config, layer_ropes_from_config
 
@@ -33,10 +33,6 @@ def rotary_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if name.rsplit(".", 1)[-1].endswith("inv_freq") and buf.is_floating_point() and buf.numel()}
 
 
-def _agrees(values: torch.Tensor, basis: torch.Tensor) -> bool:
-    return bool(torch.allclose(values.detach().reshape(-1).to("cpu", torch.float64), basis, rtol=RTOL, atol=0.0))
-
-
 def follow_model(model: torch.nn.Module, ropes: tuple[RopeSpec, ...]) -> tuple[RopeSpec, ...]:
     """`ropes` (a config's per-layer bases) as `model` rotates them: each basis that the model's rotary buffers
     hold only rounded (a cast model) replaced by the buffers' exact values; ValueError where a basis is held at two
@@ -45,7 +41,7 @@ def follow_model(model: torch.nn.Module, ropes: tuple[RopeSpec, ...]) -> tuple[R
     followed: dict[RopeSpec, RopeSpec] = {}
     for rope in dict.fromkeys(r for r in ropes if not r.is_identity):
         matches = {name: buf for name, buf in buffers.items() if rounded_from(buf, rope.inv_freq)}
-        if not matches or all(_agrees(buf, rope.inv_freq) for buf in matches.values()):
+        if not matches or all(same_basis(buf, rope.inv_freq) for buf in matches.values()):
             continue
         values = {name: buf.detach().reshape(-1).to("cpu", torch.float64) for name, buf in matches.items()}
         first = next(iter(values))

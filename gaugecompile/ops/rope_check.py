@@ -21,16 +21,22 @@ from torch import Tensor
 
 from ..rope import rounded_from
 
-__all__ = ["check_rope_basis"]
+__all__ = ["check_rope_basis", "same_basis"]
 
 #: Relative agreement required: the model's buffer is usually float32 (a few ulp off), the cache's float64.
 RTOL = 1e-5
 
 
+def same_basis(a: Tensor, b: Tensor) -> bool:
+    """Whether two frequency vectors (any float dtype, any device) are one basis to float32 rounding (`RTOL`)."""
+    a, b = a.detach().reshape(-1).to("cpu", torch.float64), b.detach().reshape(-1).to("cpu", torch.float64)
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=RTOL, atol=0.0))
+
+
 @torch.library.custom_op("gauge::check_rope_basis", mutates_args=())
 def check_rope_basis(query_inv_freq: Tensor, cache_inv_freq: Tensor) -> Tensor:
     query, cache = query_inv_freq.reshape(-1).double(), cache_inv_freq.reshape(-1).double()
-    if query.shape != cache.shape or not bool(torch.allclose(query, cache, rtol=RTOL, atol=0.0)):
+    if not same_basis(query, cache):
         rounded = next((t for t in (torch.bfloat16, torch.float16) if rounded_from(query, cache, t)), None)
         fix = (f"the model's rotary buffer holds the cache's frequencies rounded to {rounded} (a "
                "model cast with .to() or .half()): build the cache from the model, ManifoldCache(model, ...), so "
