@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gaugecompile.block_tables import check_mapping_values
+from gaugecompile.kv_format import format_of
 from gaugecompile.rope import accumulation_dtype, block_angles
 
 from .cache import cache_dir
@@ -139,10 +140,11 @@ def _check_real_deltas(block_table: Tensor, block_delta: Tensor, block_lens: Ten
 def native_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
-    softcap: float = 0.0,
+    softcap: float = 0.0, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Rotated-query attention on shape-checked CPU inputs (pools with unit stride in head_dim); the kernel checks
-    the values (ids, counts, deltas) and raises ValueError naming the argument.
+    """Rotated-query attention on shape-checked CPU inputs (pools of any KV format with unit stride in head_dim,
+    scales beside compressed ones); the kernel checks the values (ids, counts, deltas) and raises ValueError naming
+    the argument.
 
     inv_freq: float64 [rotary_dim // 2].  Returns out (q's dtype, contiguous) and lse (float32, float64 for float64
     inputs).
@@ -153,27 +155,33 @@ def native_attention(
         _check_real_deltas(block_table, block_delta, block_lens, k_pool, q.shape[2])
         block_delta = _delta_keys(block_delta)
     return lib.attention(q, k_pool, v_pool, block_table, block_delta, block_lens, cos, sin, float(scale),
-                         bool(causal), int(window), float(softcap), bool(interleaved))
+                         bool(causal), int(window), float(softcap), bool(interleaved), k_scale, v_scale)
 
 
 def native_materialize(
     k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor,
-    rotary_dim: int, interleaved: bool, length: int,
+    rotary_dim: int, interleaved: bool, length: int, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+    as_stored: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Gather + re-rotate on shape-checked CPU inputs (contiguous pools): K/V [batch, num_kv_heads, length, head_dim].
+    """Gather + re-rotate on shape-checked CPU inputs (contiguous pools): K/V [batch, num_kv_heads, length, head_dim],
+    in the pool's dtype where `as_stored` (a float format), else in float32 (float64 pools: float64), rows widened
+    (compressed ones dequantized) before they are rotated.
 
     The kernel checks the values (ids, counts summing to `length`, deltas) and raises ValueError naming the argument."""
-    acc = accumulation_dtype(k_pool.dtype)
+    fmt = format_of(k_pool, k_scale)
+    dtype = k_pool.dtype if as_stored and not fmt.scaled else accumulation_dtype(k_pool.dtype)
+    acc = accumulation_dtype(dtype)
     cos, sin = block_angles(block_delta, inv_freq, acc)
-    shape = (block_table.shape[0], k_pool.shape[2], int(length), k_pool.shape[3])
-    k_out, v_out = k_pool.new_empty(shape), v_pool.new_empty(shape)
+    head_dim = fmt.head_dim(k_pool.shape[3])
+    shape = (block_table.shape[0], k_pool.shape[2], int(length), head_dim)
+    k_out, v_out = k_pool.new_empty(shape, dtype=dtype), v_pool.new_empty(shape, dtype=dtype)
     if k_out.numel() == 0:
         return k_out, v_out
     _check_real_deltas(block_table, block_delta, block_lens, k_pool, 0, int(length))
     empty = k_pool.new_empty((0,), dtype=acc)
-    dtype = str(k_pool.dtype).removeprefix("torch.")
-    lib = native_library(KernelSpec(k_pool.shape[3], rotary_dim, interleaved, k_pool.shape[1], 1, dtype))
+    name = str(dtype).removeprefix("torch.")
+    lib = native_library(KernelSpec(head_dim, rotary_dim, interleaved, k_pool.shape[1], 1, name))
     lib.materialize(k_pool, v_pool, _table(block_table), _delta_keys(block_delta), _table(block_lens),
                     empty if cos is None else cos.contiguous(), empty if sin is None else sin.contiguous(),
-                    bool(interleaved), k_out, v_out)
+                    bool(interleaved), k_out, v_out, k_scale, v_scale)
     return k_out, v_out

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     reports: list = []
     model.compile(backend="gauge", options={"report_sink": reports})
     cache = ManifoldCache(model, max_batch_size=1, max_tokens=ids.shape[1] + 3 * args.new_tokens + 64)
-    print(f"cache: {cache.storage.dtype} pools")
+    print(f"cache: {cache.kv_format.name} pools")
     runs.clear()
     with torch.no_grad():
         got = model.generate(ids, past_key_values=cache, **kwargs)

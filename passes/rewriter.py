@@ -36,6 +36,7 @@ from .rope_detect import match_rope
 
 RQA = torch.ops.gauge.rotated_query_attention.default
 RQA_MASKED = torch.ops.gauge.rotated_query_attention_masked.default
+MATERIALIZE_SCHEMA = torch.ops.gauge.materialize_kv.default._schema
 CHECK_ROPE = torch.ops.gauge.check_rope_basis.default
 
 
@@ -287,10 +288,10 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
     if site.tiled_heads:
         q = _regroup_heads(b, q, shape(site.k)[1], tiled=True)
     if site.check_mask:
-        kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args
+        kp, vp, table, delta, lens, inv_freq, rot, inter, length = plan.pieces[0].materialize.args[:9]
         inv_freq = _checked_inv_freq(b, site, inv_freq)
         call = b(RQA_MASKED, q, kp, vp, table, delta, lens, inv_freq, rot, inter, length, site.scale,
-                 site.masks[0], plan.pieces[0].first, site.softcap, site.sinks)
+                 site.masks[0], plan.pieces[0].first, site.softcap, site.sinks, *_scales(plan.pieces[0].materialize))
         new_out, lse = b(operator.getitem, call, 0), b(operator.getitem, call, 1)
         site.kernels.append((val(q), val(kp), rot, inter, flags[0]))
     else:
@@ -306,6 +307,17 @@ def rewrite(graph: fx.Graph, site: AttentionMatch, plan: KVPlan, flags: list[boo
     new_out = _match_layout(b, new_out, site.out)
     site.out.replace_all_uses_with(new_out)
     return new_out
+
+
+def _scales(materialize: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    """The scales (k_scale, v_scale) a `materialize_kv` node reads its compressed pools with (None, None for float
+    pools): the op reads the pools in place with the same scales."""
+    schema = MATERIALIZE_SCHEMA.arguments
+    found = []
+    for name in ("k_scale", "v_scale"):
+        index = next(i for i, a in enumerate(schema) if a.name == name)
+        found.append(materialize.args[index] if len(materialize.args) > index else materialize.kwargs.get(name))
+    return found[0], found[1]
 
 
 def _regroup_heads(b: Builder, x: fx.Node, num_kv: int, tiled: bool) -> fx.Node:
@@ -343,7 +355,8 @@ def _piece_attention(b: Builder, q: fx.Node, site: AttentionMatch, plan: KVPlan,
         window = 0
         if site.window_by_slice:  # the last length - first tokens of the view
             window = b(operator.sub, piece.materialize.args[8], piece.first)
-        call = b(RQA, q, *args, site.scale, causal, window, site.softcap)
+        scales = _scales(piece.materialize) if piece.materialize is not None else (None, None)
+        call = b(RQA, q, *args, site.scale, causal, window, site.softcap, *scales)
         site.kernels.append((val(q), val(args[0]), args[6], args[7], causal))
         outs.append((b(operator.getitem, call, 0), b(operator.getitem, call, 1)))
     if len(outs) == 1:

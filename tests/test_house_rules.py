@@ -20,7 +20,7 @@ SOURCES = {"gaugecompile": ROOT / "gaugecompile", "gaugecompile.passes": ROOT / 
 
 #: Packages (or top-level modules) from the bottom up: each may import the ones before it, never one after it.
 LAYERS = (
-    ("gaugecompile.rope", "gaugecompile.block_tables"),
+    ("gaugecompile.rope", "gaugecompile.block_tables", "gaugecompile.kv_format"),
     ("gaugecompile.codegen",),
     ("gaugecompile.ops",),
     ("gaugecompile.cache",),

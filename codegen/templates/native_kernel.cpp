@@ -8,9 +8,11 @@
 // (the width of every dot product, rescale and value accumulation, unrolled over vector registers of the machine
 // it is compiled on).  The rotary dim and pairing only shape the query rotation, which runs once per block and
 // query row (O(d), off the per-key path), and the block size, GQA group and query length only change loop trip
-// counts, so on the CPU they are run-time arguments; the four dtypes are template instances of the same code
-// (float16/bfloat16 pools are widened to float32 per row, float64 stays float64).  That keeps the number of
-// compilations at the number of head dims a process meets.
+// counts, so on the CPU they are run-time arguments; the pool formats are template instances of the same code
+// (gaugecompile/kv_format.py: float16/bfloat16 rows are widened to float32, int8/float8/int4 codes dequantized with
+// their scales, per row in registers; float64 stays float64), and the queries are read and the output written in
+// the accumulation type whatever the model's dtype.  That keeps the number of compilations at the number of head
+// dims a process meets.
 //
 // Design of `attention` (one call per layer):
 // - Entry j of a row holds slots [0, lens[j]) of its block (the op's mapping).  Rows of equal view length whose
@@ -78,32 +80,108 @@ constexpr int64_t CHUNK_BYTES = 256 << 10;  // K and V bytes a chunk aims at (fe
 template <typename S> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// Widen one row of D elements to the accumulation type.
-template <typename S, typename A> inline void load_row(const S* src, A* dst) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<A>(src[d]);
+// The pool formats of gaugecompile/kv_format.py, each a row of D channels as stored (`Elem`s, `packing` channels an
+// element) and, for the compressed ones, `scaled`: one bfloat16 scale per group of GROUP channels in a scale tensor
+// beside the pool.  `load` widens a row to the accumulation type in registers; every format's values are exact
+// float32 products of a code and a scale, so this equals kv_format.dequantize bit for bit.
+constexpr int64_t GROUP = D % 32 == 0 ? 32 : D;  // channels per scale (kv_format.group_size)
+constexpr int64_t GROUPS = D / GROUP;
+template <typename E> struct FloatPool {
+  using Elem = E;
+  static constexpr bool scaled = false;
+  static constexpr int64_t width = D;  // elements of a row
+};
+struct Int8Pool {
+  using Elem = int8_t;
+  static constexpr bool scaled = true;
+  static constexpr int64_t width = D;
+};
+struct Fp8Pool {  // float8_e4m3fn, read as its bits
+  using Elem = uint8_t;
+  static constexpr bool scaled = true;
+  static constexpr int64_t width = D;
+};
+struct Int4Pool {  // codes + 8 in nibbles: byte i of a group holds channels i (low) and i + GROUP / 2 (high)
+  using Elem = uint8_t;
+  static constexpr bool scaled = true;
+  static constexpr int64_t width = D / 2;
+};
+using Scale = uint16_t;  // bfloat16 bits
+template <typename P> constexpr int64_t row_bytes() {
+  return P::width * static_cast<int64_t>(sizeof(typename P::Elem)) + (P::scaled ? GROUPS * 2 : 0);
 }
-template <> inline void load_row<c10::BFloat16, float>(const c10::BFloat16* src, float* dst) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t d = 0; d < D; ++d) {
-    uint32_t u = static_cast<uint32_t>(bits[d]) << 16;
-    std::memcpy(dst + d, &u, sizeof(float));
+
+inline float bf16_bits(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(float));
+  return f;
+}
+
+// float8 e4m3fn bits to float: normal numbers by moving the exponent and mantissa into place (bias 7 -> 127),
+// subnormals (exponent 0) as mantissa * 2^-9; branch-free, so the loop over a row vectorises.  (0x7f/0xff are NaN
+// in e4m3fn; kv_format never writes them.)
+inline float fp8_bits(uint8_t b) {
+  const uint32_t em = b & 0x7fu;
+  uint32_t u = (em << 20) + (120u << 23);
+  float f;
+  std::memcpy(&f, &u, sizeof(float));
+  const float sub = static_cast<float>(em) * 0.001953125f;
+  f = em < 8 ? sub : f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(float));
+  bits |= static_cast<uint32_t>(b & 0x80u) << 24;
+  std::memcpy(&f, &bits, sizeof(float));
+  return f;
+}
+
+// Widen one row to the accumulation type A (sc: the row's scales, unused by float formats).
+template <typename P, typename A> inline void load_row(const typename P::Elem* src, const Scale* sc, A* dst) {
+  if constexpr (std::is_same_v<P, Int8Pool>) {
+    for (int64_t g = 0; g < GROUPS; ++g) {
+      const float s = bf16_bits(sc[g]);
+#pragma omp simd
+      for (int64_t i = 0; i < GROUP; ++i) dst[g * GROUP + i] = static_cast<float>(src[g * GROUP + i]) * s;
+    }
+  } else if constexpr (std::is_same_v<P, Fp8Pool>) {
+    for (int64_t g = 0; g < GROUPS; ++g) {
+      const float s = bf16_bits(sc[g]);
+#pragma omp simd
+      for (int64_t i = 0; i < GROUP; ++i) dst[g * GROUP + i] = fp8_bits(src[g * GROUP + i]) * s;
+    }
+  } else if constexpr (std::is_same_v<P, Int4Pool>) {
+    constexpr int64_t H2 = GROUP / 2;
+    for (int64_t g = 0; g < GROUPS; ++g) {
+      const float s = bf16_bits(sc[g]);
+      const uint8_t* b = src + g * H2;
+      float* o = dst + g * GROUP;
+#pragma omp simd
+      for (int64_t i = 0; i < H2; ++i) {
+        o[i] = (static_cast<float>(b[i] & 15) - 8.0f) * s;
+        o[H2 + i] = (static_cast<float>(b[i] >> 4) - 8.0f) * s;
+      }
+    }
+  } else if constexpr (std::is_same_v<typename P::Elem, c10::BFloat16>) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t d = 0; d < D; ++d) dst[d] = bf16_bits(bits[d]);
+#if defined(__F16C__)
+  } else if constexpr (std::is_same_v<typename P::Elem, c10::Half>) {
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+    for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+#endif
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<A>(src[d]);
   }
 }
-#if defined(__F16C__)
-template <> inline void load_row<c10::Half, float>(const c10::Half* src, float* dst) {
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
-  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
-}
-#endif
 
-// A row of the pool in the accumulation type: the row itself when the types agree, else widened into buf.
-template <typename S, typename A> inline const A* row(const S* src, A* buf) {
-  if constexpr (std::is_same_v<S, A>) {
+// A row of the pool in the accumulation type: the row itself when it is stored so, else widened into buf.
+template <typename P, typename A> inline const A* row(const typename P::Elem* src, const Scale* sc, A* buf) {
+  if constexpr (std::is_same_v<P, FloatPool<A>>) {
     return src;
   } else {
-    load_row<S, A>(src, buf);
+    load_row<P, A>(src, sc, buf);
     return buf;
   }
 }
@@ -130,9 +208,9 @@ template <int N, typename A> inline void dot_n(const A* q, const A* k, A* out) {
 // Ask for one row of D elements (every cache line of it) to be brought into L2.  An asm statement, not
 // __builtin_prefetch: GCC 12's dead code elimination drops the builtin from this kernel's loops (the object then
 // held no prefetch instruction at all), and a volatile asm is never dropped.
-template <typename S> inline void prefetch_row(const S* p) {
-  constexpr int64_t LINE = 64 / sizeof(S);
-  for (int64_t d = 0; d < D; d += LINE) {
+template <typename P> inline void prefetch_row(const typename P::Elem* row) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t d = 0; d < P::width * static_cast<int64_t>(sizeof(typename P::Elem)); d += 64) {
 #if defined(__x86_64__) || defined(__i386__)
     asm volatile("prefetcht1 %0" : : "m"(p[d]));
 #elif defined(__aarch64__)
@@ -419,15 +497,19 @@ struct Item {
 };
 
 // Up to CHUNK consecutive view tokens of an item, from one or more table entries: each token's K and V rows (of head
-// 0), and the runs of equal deltas (each run's tokens are scored with one rotation of the query).
-template <typename S> struct ChunkRows {
+// 0) with their scales (compressed formats), and the runs of equal deltas (each run's tokens are scored with one
+// rotation of the query).
+template <typename P> struct ChunkRows {
+  using E = typename P::Elem;
   int64_t n = 0;              // tokens
   int64_t pos = 0;            // view position of the first
   int64_t runs = 0;           // runs of equal deltas
   int64_t run_entry[CHUNK];   // a table entry of each run (its delta and angles)
   int64_t run_end[CHUNK];     // the token after each run
-  const S* k[CHUNK];
-  const S* v[CHUNK];
+  const E* k[CHUNK];
+  const E* v[CHUNK];
+  const Scale* ks[CHUNK];
+  const Scale* vs[CHUNK];
 };
 
 struct Segment {
@@ -487,28 +569,49 @@ Views read_views(const at::Tensor& table, const at::Tensor& block_delta, const a
   return v;
 }
 
-template <typename S>
+// A pool's elements and its scales (nullptr for float formats) as the kernels read them.
+template <typename P> struct PoolRows {
+  const typename P::Elem* data;
+  int64_t s0, s1, s2;  // strides of blocks, tokens and heads, in elements
+  const Scale* scales;
+  int64_t c0, c1, c2;
+  PoolRows(const at::Tensor& pool, const at::Tensor& scale)
+      : data(static_cast<const typename P::Elem*>(pool.const_data_ptr())),
+        s0(pool.stride(0)), s1(pool.stride(1)), s2(pool.stride(2)),
+        scales(P::scaled ? static_cast<const Scale*>(scale.const_data_ptr()) : nullptr),
+        c0(P::scaled ? scale.stride(0) : 0), c1(P::scaled ? scale.stride(1) : 0), c2(P::scaled ? scale.stride(2) : 0) {}
+  const typename P::Elem* at(int64_t block, int64_t token) const { return data + block * s0 + token * s1; }
+  const Scale* scales_at(int64_t block, int64_t token) const {
+    return P::scaled ? scales + block * c0 + token * c1 : nullptr;
+  }
+  const Scale* head_scales(const Scale* token_scales, int64_t h) const {
+    return P::scaled ? token_scales + h * c2 : nullptr;
+  }
+};
+
+// q, out: the accumulation type A (float, or double over float64 pools); the pools: format P.
+template <typename P>
 void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                    const at::Tensor& k_scale, const at::Tensor& v_scale,
                     const at::Tensor& table, const at::Tensor& block_delta, const at::Tensor& lens,
                     const at::Tensor& cos, const at::Tensor& sin, double scale, bool causal, int64_t window,
                     double softcap, bool interleaved, const at::Tensor& out, const at::Tensor& lse) {
-  using A = typename Acc<S>::type;
+  using E = typename P::Elem;
+  using A = typename Acc<E>::type;
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2);
   const int64_t bs = k_pool.size(1), Hkv = k_pool.size(2), G = H / Hkv;
   const int64_t width = table.size(1);
   const bool rotated = cos.numel() > 0;
   const int64_t half = rotated ? cos.size(2) : 0;
-  const S* qp = q.const_data_ptr<S>();
-  const S* kp = k_pool.const_data_ptr<S>();
-  const S* vp = v_pool.const_data_ptr<S>();
-  const int64_t ks0 = k_pool.stride(0), ks1 = k_pool.stride(1), ks2 = k_pool.stride(2);
-  const int64_t vs0 = v_pool.stride(0), vs1 = v_pool.stride(1), vs2 = v_pool.stride(2);
+  const A* qp = q.const_data_ptr<A>();
+  const PoolRows<P> kr(k_pool, k_scale), vr(v_pool, v_scale);
+  const int64_t ks2 = kr.s2, vs2 = vr.s2;
   const int64_t* tp = table.const_data_ptr<int64_t>();
   const int64_t* dp = block_delta.const_data_ptr<int64_t>();
   const int64_t* lp = lens.const_data_ptr<int64_t>();
   const A* cp = rotated ? cos.const_data_ptr<A>() : nullptr;
   const A* sp = rotated ? sin.const_data_ptr<A>() : nullptr;
-  S* op = out.data_ptr<S>();
+  A* op = out.data_ptr<A>();
   A* lsep = lse.data_ptr<A>();
   const Views views = read_views(table, block_delta, lens, Q, -1, k_pool.size(0), bs);
   const int64_t* vlen = views.length.data();
@@ -551,7 +654,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
 
   // Tokens per chunk: about CHUNK_BYTES of K and V rows, at most CHUNK (the next chunk is prefetched into L2 while one
   // is read; a longer lookahead measured slower).
-  const int64_t token_bytes = 2 * Hkv * D * static_cast<int64_t>(sizeof(S));
+  const int64_t token_bytes = 2 * Hkv * row_bytes<P>();
   int64_t chunk_len = CHUNK;
   while (chunk_len > 8 && chunk_len * token_bytes > CHUNK_BYTES) chunk_len /= 2;
 
@@ -581,10 +684,10 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    std::vector<A> qs, qr, sc, scale_by, kb(TILE_KEYS * D), vb;  // kb/vb: rows widened from float16/bfloat16 pools
-    if constexpr (!std::is_same_v<S, A>) vb.resize(CHUNK * std::min<int64_t>(Hkv, MAX_KV_HEADS_PER_PASS) * D);
+    std::vector<A> qs, qr, sc, scale_by, kb(TILE_KEYS * D), vb;  // kb/vb: rows widened from other formats
+    if constexpr (!std::is_same_v<P, FloatPool<A>>) vb.resize(CHUNK * std::min<int64_t>(Hkv, MAX_KV_HEADS_PER_PASS) * D);
     std::vector<char> live;
-    ChunkRows<S> chunk_rows[2];  // the chunk being read and the next one (prefetched meanwhile)
+    ChunkRows<P> chunk_rows[2];  // the chunk being read and the next one (prefetched meanwhile)
     for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
       const Item& item = items[it];
       const Segment& s = segs[item.seg];
@@ -600,10 +703,9 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
           const int64_t b = order[s.first + i];
           for (int64_t g = 0; g < G; ++g) {
             for (int64_t t = 0; t < Q; ++t) {
-              const S* src = qp + ((b * H + h * G + g) * Q + t) * D;
+              const A* src = qp + ((b * H + h * G + g) * Q + t) * D;
               A* dst = qs.data() + row_index(h, i, g, t, s.count, G, Q) * D;
-              load_row<S, A>(src, dst);
-              for (int64_t d = 0; d < D; ++d) dst[d] *= static_cast<A>(scale);
+              for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * static_cast<A>(scale);
             }
           }
         }
@@ -624,7 +726,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       const int64_t* row_table = tp + s.rep * width;
       const int64_t* row_delta = dp + s.rep * width;
       int64_t cj = item.j0, cc = 0;
-      const auto fill = [&](ChunkRows<S>& ch) {
+      const auto fill = [&](ChunkRows<P>& ch) {
         ch.n = ch.runs = 0;
         while (cj < item.j1 && ch.n < chunk_len) {
           if (cc >= row_lens[cj]) {
@@ -634,12 +736,18 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
           }
           if (ch.n == 0) ch.pos = views.start[s.rep * width + cj] + cc;
           const int64_t take = std::min(chunk_len - ch.n, row_lens[cj] - cc);
-          const S* k0 = kp + row_table[cj] * ks0 + cc * ks1;
-          const S* v0 = vp + row_table[cj] * vs0 + cc * vs1;
+          const E* k0 = kr.at(row_table[cj], cc);
+          const E* v0 = vr.at(row_table[cj], cc);
+          const Scale* kc0 = kr.scales_at(row_table[cj], cc);
+          const Scale* vc0 = vr.scales_at(row_table[cj], cc);
           if (ch.runs == 0 || row_delta[cj] != row_delta[ch.run_entry[ch.runs - 1]]) ch.run_entry[ch.runs++] = cj;
           for (int64_t t = 0; t < take; ++t) {
-            ch.k[ch.n + t] = k0 + t * ks1;
-            ch.v[ch.n + t] = v0 + t * vs1;
+            ch.k[ch.n + t] = k0 + t * kr.s1;
+            ch.v[ch.n + t] = v0 + t * vr.s1;
+            if constexpr (P::scaled) {
+              ch.ks[ch.n + t] = kc0 + t * kr.c1;
+              ch.vs[ch.n + t] = vc0 + t * vr.c1;
+            }
           }
           ch.n += take;
           ch.run_end[ch.runs - 1] = ch.n;
@@ -650,12 +758,12 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
       // head (a stride of a token's heads, which the hardware prefetchers do not follow), and asking for the keys too
       // measured faster on an AVX-512 VM (SmolLM2's shapes -8 to -10%, 32/8 heads x 128 unchanged), also where the
       // blocks are adjacent and the prefetchers could follow them.
-      const auto prefetch = [&](const ChunkRows<S>& ch, int64_t t, int64_t h) {
-        prefetch_row(ch.v[t] + h * vs2);
-        prefetch_row(ch.k[t] + h * ks2);
+      const auto prefetch = [&](const ChunkRows<P>& ch, int64_t t, int64_t h) {
+        prefetch_row<P>(ch.v[t] + h * vs2);
+        prefetch_row<P>(ch.k[t] + h * ks2);
       };
-      ChunkRows<S>* cur = &chunk_rows[0];
-      ChunkRows<S>* ahead = &chunk_rows[1];
+      ChunkRows<P>* cur = &chunk_rows[0];
+      ChunkRows<P>* ahead = &chunk_rows[1];
       fill(*cur);
       for (int64_t t = 0; t < cur->n; ++t) {  // the item's first chunk is asked for before its first use
         for (int64_t h = 0; h < Hkv; ++h) prefetch(*cur, t, h);
@@ -684,7 +792,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
               for (int64_t h = 0; h < Hkv; ++h) {
                 const float* kt[TILE_KEYS];
                 for (int64_t t = 0; t < TILE_KEYS; ++t) {  // a short tile repeats its last key (scores not stored)
-                  kt[t] = row(cur->k[t0 + std::min(t, tn - 1)] + h * ks2, kb.data() + t * D);
+                  const int64_t tk = t0 + std::min(t, tn - 1);
+                  kt[t] = row<P, A>(cur->k[tk] + h * ks2, kr.head_scales(cur->ks[tk], h), kb.data() + t * D);
                   if (t0 + t < ahead->n) prefetch(*ahead, t0 + t, h);
                 }
                 score_rows(qcur + h * per_head * D, per_head, kt, tn, sc.data() + h * per_head * CHUNK + t0, CHUNK);
@@ -694,7 +803,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
             for (int64_t t = t_begin; t < t_end; ++t) {
               for (int64_t h = 0; h < Hkv; ++h) {
                 if (t < ahead->n) prefetch(*ahead, t, h);
-                const A* krow = row(cur->k[t] + h * ks2, kb.data());
+                const A* krow = row<P, A>(cur->k[t] + h * ks2, kr.head_scales(cur->ks[t], h), kb.data());
                 dots(qcur + h * per_head * D, per_head, krow, sc.data() + h * per_head * CHUNK + t, CHUNK);
               }
             }
@@ -731,7 +840,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
           const int64_t hn = std::min<int64_t>(MAX_KV_HEADS_PER_PASS, Hkv - h0);
           for (int64_t t = 0; t < nc; ++t) {
             for (int64_t h = 0; h < hn; ++h) {
-              vrows[t * hn + h] = row(cur->v[t] + (h0 + h) * vs2, vb.data() + (t * hn + h) * D);
+              vrows[t * hn + h] = row<P, A>(cur->v[t] + (h0 + h) * vs2, vr.head_scales(cur->vs[t], h0 + h),
+                                            vb.data() + (t * hn + h) * D);
             }
           }
           for (int64_t h = 0; h < hn; ++h) {
@@ -783,35 +893,41 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
           const A* a = m + 2 * rows + r * D;
           for (int64_t d = 0; d < D; ++d) o[d] += a[d] * w;
         }
-        S* dst = op + (bh * Q + t) * D;
+        A* dst = op + (bh * Q + t) * D;
         const A nan = std::numeric_limits<A>::quiet_NaN();
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<S>(total > 0 ? o[d] / total : nan);
+        for (int64_t d = 0; d < D; ++d) dst[d] = total > 0 ? o[d] / total : nan;
         lsep[bh * Q + t] = total > 0 ? big + std::log(total) : neg_inf;
       }
     }
   });
 }
 
-template <typename S>
-void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table,
-                      const at::Tensor& block_delta, const at::Tensor& lens, const at::Tensor& cos,
-                      const at::Tensor& sin, bool interleaved, const at::Tensor& k_out, const at::Tensor& v_out) {
-  using A = typename Acc<S>::type;
+// K/V views in O: the pool's own type for float formats (rows copied as they are where not rotated), or the
+// accumulation type (widened or dequantized rows).
+template <typename P, typename O>
+void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& k_scale,
+                      const at::Tensor& v_scale, const at::Tensor& table, const at::Tensor& block_delta,
+                      const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                      const at::Tensor& k_out, const at::Tensor& v_out) {
+  using A = typename Acc<O>::type;
+  constexpr bool as_stored = std::is_same_v<P, FloatPool<O>>;
   const int64_t B = table.size(0), width = table.size(1);
   const int64_t bs = k_pool.size(1), Hkv = k_pool.size(2), L = k_out.size(2);
   const bool rotated = cos.numel() > 0;
   const int64_t half = rotated ? cos.size(2) : 0;
-  const S* kp = k_pool.const_data_ptr<S>();
-  const S* vp = v_pool.const_data_ptr<S>();
+  const PoolRows<P> kr(k_pool, k_scale), vr(v_pool, v_scale);
   const int64_t* tp = table.const_data_ptr<int64_t>();
   const int64_t* lp = lens.const_data_ptr<int64_t>();
   const A* cp = rotated ? cos.const_data_ptr<A>() : nullptr;
   const A* sp = rotated ? sin.const_data_ptr<A>() : nullptr;
-  S* ko = k_out.data_ptr<S>();
-  S* vo = v_out.data_ptr<S>();
+  O* ko = k_out.data_ptr<O>();
+  O* vo = v_out.data_ptr<O>();
   const Views views = read_views(table, block_delta, lens, 0, L, k_pool.size(0), bs);
   at::parallel_for(0, B * width, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> x(D), y(D);
+    const auto store = [](const A* src, O* dst) {
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<O>(src[d]);
+    };
     for (int64_t bj = begin; bj < end; ++bj) {
       const int64_t b = bj / width, j = bj % width;
       const int64_t phys = tp[bj];
@@ -819,70 +935,132 @@ void materialize_impl(const at::Tensor& k_pool, const at::Tensor& v_pool, const 
       const A* cs = rotated ? cp + (b * width + j) * half : nullptr;
       const A* sn = rotated ? sp + (b * width + j) * half : nullptr;
       for (int64_t t = 0; t < n_tok; ++t) {
+        const Scale* kc = kr.scales_at(phys, t);
+        const Scale* vc = vr.scales_at(phys, t);
         for (int64_t h = 0; h < Hkv; ++h) {
-          const int64_t src = ((phys * bs + t) * Hkv + h) * D;
+          const typename P::Elem* ksrc = kr.at(phys, t) + h * kr.s2;
+          const typename P::Elem* vsrc = vr.at(phys, t) + h * vr.s2;
           const int64_t dst = ((b * Hkv + h) * L + tok0 + t) * D;
-          std::memcpy(vo + dst, vp + src, sizeof(S) * D);
-          if (!rotated) {
-            std::memcpy(ko + dst, kp + src, sizeof(S) * D);
-            continue;
+          if constexpr (as_stored) {
+            std::memcpy(vo + dst, vsrc, sizeof(O) * D);
+            if (!rotated) {
+              std::memcpy(ko + dst, ksrc, sizeof(O) * D);
+              continue;
+            }
+          } else {
+            load_row<P, A>(vsrc, vr.head_scales(vc, h), x.data());
+            store(x.data(), vo + dst);
           }
-          load_row<S, A>(kp + src, x.data());
-          rotate(x.data(), y.data(), cs, sn, half, interleaved, A(1));
-          for (int64_t d = 0; d < D; ++d) ko[dst + d] = static_cast<S>(y[d]);
+          load_row<P, A>(ksrc, kr.head_scales(kc, h), x.data());
+          if (rotated) {
+            rotate(x.data(), y.data(), cs, sn, half, interleaved, A(1));
+            store(y.data(), ko + dst);
+          } else {
+            store(x.data(), ko + dst);
+          }
         }
       }
     }
   });
 }
 
-template <typename F> void dispatch(at::ScalarType dtype, F&& fn) {
+// Calls fn(P{}) for the format of a pool of `dtype` (kv_format.FORMATS: float8_e4m3fn read as bits, uint8 = int4).
+template <typename F> void dispatch_pool(at::ScalarType dtype, F&& fn) {
   switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kDouble: fn(double{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "q: expected float16, bfloat16, float32 or float64, got ", dtype);
+    case at::kFloat: fn(FloatPool<float>{}); break;
+    case at::kDouble: fn(FloatPool<double>{}); break;
+    case at::kHalf: fn(FloatPool<c10::Half>{}); break;
+    case at::kBFloat16: fn(FloatPool<c10::BFloat16>{}); break;
+    case at::kChar: fn(Int8Pool{}); break;
+    case at::kFloat8_e4m3fn: fn(Fp8Pool{}); break;
+    case at::kByte: fn(Int4Pool{}); break;
+    default:
+      TORCH_CHECK_TYPE(false, "k_pool: expected a KV format (float64, float32, bfloat16, float16, int8, float8_e4m3fn "
+                       "or uint8 for int4), got ", dtype);
+  }
+}
+
+// The format's scales, or an empty tensor for float formats; checked against the pool (a compiled graph or an
+// exported program calls the kernel without the Python wrapper).
+template <typename P>
+at::Tensor scales_of(const std::optional<at::Tensor>& scale, const at::Tensor& pool, const char* name) {
+  if constexpr (!P::scaled) {
+    TORCH_CHECK_VALUE(!scale.has_value(), name, ": a ", pool.scalar_type(), " pool has no scales, got a tensor");
+    return at::empty({0}, pool.options());
+  } else {
+    TORCH_CHECK_VALUE(scale.has_value(), name, ": a ", pool.scalar_type(), " pool needs its scales, got None");
+    const at::Tensor& s = *scale;
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kBFloat16 && s.dim() == 4 && s.size(0) == pool.size(0) &&
+                          s.size(1) == pool.size(1) && s.size(2) == pool.size(2) && s.size(3) == GROUPS &&
+                          s.stride(3) == 1,
+                      name, ": expected bfloat16 scales [", pool.size(0), ", ", pool.size(1), ", ", pool.size(2),
+                      ", ", GROUPS, "] beside the pool, got ", s.scalar_type(), " ", s.sizes());
+    return s;
   }
 }
 
 // The op as Python calls it, once per layer: the conversions and allocations are made here, where they cost
 // nanoseconds instead of microseconds of Python each (no copy where the mapping is already int64 and contiguous).
+// The queries are read, and the output written, in the accumulation type (O(q) beside the pools' O(L)).
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                              const at::Tensor& table, const at::Tensor& block_delta,
                                              const at::Tensor& lens, const std::optional<at::Tensor>& cos,
                                              const std::optional<at::Tensor>& sin,
                                              double scale, bool causal, int64_t window, double softcap,
-                                             bool interleaved) {
+                                             bool interleaved, const std::optional<at::Tensor>& k_scale,
+                                             const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.size(3) == D, "q: this kernel was generated for head_dim ", D, ", got ", q.size(3));
   TORCH_CHECK_VALUE(window >= 0, "window: expected an int >= 0 (0: no sliding window), got ", window);
   TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap),
                     "softcap: expected a finite number >= 0 (0: no logit soft-capping), got ", softcap);
-  const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  TORCH_CHECK_TYPE(v_pool.scalar_type() == k_pool.scalar_type(), "v_pool: expected k_pool's dtype ",
+                   k_pool.scalar_type(), ", got ", v_pool.scalar_type());
+  const bool wide = k_pool.scalar_type() == at::kDouble;
+  TORCH_CHECK_TYPE(wide == (q.scalar_type() == at::kDouble), "q: float64 queries go with float64 pools only, got ",
+                   q.scalar_type(), " over ", k_pool.scalar_type());
+  const at::ScalarType acc = wide ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(acc));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
   if (out.numel() == 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
+    return {out.to(q.scalar_type()), lse};
   }
   const auto as_long = [](const at::Tensor& t) { return t.to(at::kLong).contiguous(); };
   const at::Tensor none = at::empty({0}, q.options().dtype(acc));
-  const at::Tensor qc = q.contiguous(), tc = as_long(table), dc = as_long(block_delta), lc = as_long(lens);
+  const at::Tensor qc = q.to(acc).contiguous(), tc = as_long(table), dc = as_long(block_delta), lc = as_long(lens);
   const at::Tensor cc = cos.has_value() ? cos->contiguous() : none, sc = sin.has_value() ? sin->contiguous() : none;
-  dispatch(q.scalar_type(), [&](auto tag) {
-    using S = decltype(tag);
-    attention_impl<S>(qc, k_pool, v_pool, tc, dc, lc, cc, sc, scale, causal, window, softcap, interleaved, out, lse);
+  dispatch_pool(k_pool.scalar_type(), [&](auto tag) {
+    using P = decltype(tag);
+    const at::Tensor ksc = scales_of<P>(k_scale, k_pool, "k_scale"), vsc = scales_of<P>(v_scale, v_pool, "v_scale");
+    attention_impl<P>(qc, k_pool, v_pool, ksc, vsc, tc, dc, lc, cc, sc, scale, causal, window, softcap, interleaved,
+                      out, lse);
   });
-  return {out, lse};
+  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
 }
 
+// k_out/v_out: the pool's dtype (float formats), or its accumulation dtype (rows widened, compressed ones
+// dequantized, before they are rotated; the caller casts from there).
 void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& table,
                  const at::Tensor& block_delta, const at::Tensor& lens, const at::Tensor& cos, const at::Tensor& sin,
-                 bool interleaved, const at::Tensor& k_out, const at::Tensor& v_out) {
-  TORCH_CHECK(k_pool.size(3) == D, "k_pool: this kernel was generated for head_dim ", D, ", got ", k_pool.size(3));
-  dispatch(k_pool.scalar_type(), [&](auto tag) {
-    using S = decltype(tag);
-    materialize_impl<S>(k_pool, v_pool, table, block_delta, lens, cos, sin, interleaved, k_out, v_out);
+                 bool interleaved, const at::Tensor& k_out, const at::Tensor& v_out,
+                 const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  dispatch_pool(k_pool.scalar_type(), [&](auto tag) {
+    using P = decltype(tag);
+    TORCH_CHECK(k_pool.size(3) == P::width, "k_pool: this kernel was generated for head_dim ", D, ", got a row of ",
+                k_pool.size(3), " elements");
+    const at::Tensor ksc = scales_of<P>(k_scale, k_pool, "k_scale"), vsc = scales_of<P>(v_scale, v_pool, "v_scale");
+    using E = typename P::Elem;
+    using A = typename Acc<E>::type;
+    if constexpr (!P::scaled) {
+      if (k_out.scalar_type() == k_pool.scalar_type()) {
+        materialize_impl<P, E>(k_pool, v_pool, ksc, vsc, table, block_delta, lens, cos, sin, interleaved, k_out,
+                               v_out);
+        return;
+      }
+    }
+    TORCH_CHECK(k_out.scalar_type() == c10::CppTypeToScalarType<A>::value,
+                "k_out: expected views in the pool's dtype or its accumulation dtype, got ", k_out.scalar_type());
+    materialize_impl<P, A>(k_pool, v_pool, ksc, vsc, table, block_delta, lens, cos, sin, interleaved, k_out, v_out);
   });
 }
 
@@ -894,10 +1072,10 @@ void materialize(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::T
 
 GAUGE_TORCH_LIBRARY(GAUGE_NAMESPACE, m) {
   m.def("attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor block_delta, Tensor lens, "
-        "Tensor? cos, Tensor? sin, float scale, bool causal, int window, float softcap, bool interleaved) "
-        "-> (Tensor, Tensor)",
+        "Tensor? cos, Tensor? sin, float scale, bool causal, int window, float softcap, bool interleaved, "
+        "Tensor? k_scale, Tensor? v_scale) -> (Tensor, Tensor)",
         &attention);
   m.def("materialize(Tensor k_pool, Tensor v_pool, Tensor table, Tensor block_delta, Tensor lens, Tensor cos, "
-        "Tensor sin, bool interleaved, Tensor(a!) k_out, Tensor(b!) v_out) -> ()",
+        "Tensor sin, bool interleaved, Tensor(a!) k_out, Tensor(b!) v_out, Tensor? k_scale, Tensor? v_scale) -> ()",
         &materialize);
 }

@@ -69,6 +69,15 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return dict(platform=platform.platform(), cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                python=platform.python_version())
+    return dict(platform=platform.platform(), cpu=cpu, isa=isa_path(), cores=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), python=platform.python_version())
+
+
+def isa_path() -> str:
+    """The vector ISA the native kernels are compiled for here (-march=native): "AVX-512", "AVX2" or another."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))).split()
+    except (OSError, StopIteration):
+        return platform.machine()
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
 

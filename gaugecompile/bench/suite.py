@@ -24,6 +24,7 @@ from transformers import DynamicCache, StaticCache
 
 from gaugecompile.bench import llama_cpp
 from gaugecompile.bench.baselines import append_rerotated, rope_of_model
+from gaugecompile.bench.compressed import scenario_compressed
 from gaugecompile.bench.decode_loops import (
     forward_replaced,
     gauge_forward,
@@ -384,8 +385,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized runs (random Llama unless --model)")
     parser.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 11), metavar="N",
-                        help="run only these scenarios (1-10)")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 12), metavar="N",
+                        help="run only these scenarios (1-11)")
     add_model_arguments(parser)
     return parser
 
@@ -411,6 +412,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         9: ("9_llama_cpp", lambda: scenario_llama_cpp(model, gguf_of(args), args.quick)),
         10: ("10_precision", lambda: scenario_precision(
             model, lambda n: text_ids(TOKENIZER, model.config.vocab_size, n), precision_ggufs(args), args.quick)),
+        11: ("11_compressed_kv", lambda: scenario_compressed(
+            model, lambda n: text_ids(TOKENIZER, model.config.vocab_size, n), args.quick)),
     }
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    machine=machine(), quick=args.quick,

@@ -44,7 +44,7 @@ def _rows(args: argparse.Namespace) -> tuple[list[tuple[str, int, int]], int, in
     config = random_config("llama", num_hidden_layers=layers, num_attention_heads=4 * args.kv_heads,
                            num_key_value_heads=args.kv_heads, hidden_size=4 * args.kv_heads * dim,
                            max_position_embeddings=4 * n)
-    cache = ManifoldCache(config, max_batch_size=4, max_tokens=n + 2048, block_size=16, dtype=torch.float16,
+    cache = ManifoldCache(config, max_batch_size=4, max_tokens=n + 2048, block_size=16, kv_dtype=torch.float16,
                           group=dist.group.WORLD)
     per_token = layers * 2 * heads * dim * 2  # K and V, float16, this rank's heads
     cache.new_sequences(1)

@@ -37,9 +37,10 @@ def place(host: HostState, rows: int, q: int, inputs: ForwardInputs | None
     return the flat pool slots of the q new tokens of each row, row-major (a padding token's is a slot of the trash
     block), each row's layout (None: no padding) and its query frame (logical - view position).
 
-    New tokens fill the free slots of a row's last block when only that entry refers to it, its delta is the new
-    tokens' and no padding lies between them (else its tokens are copied to a fresh block first, or the new ones
-    start a fresh block), then fresh blocks."""
+    New tokens fill the free slots of a row's last block when its delta is the new tokens' and no padding lies
+    between them (a block other entries share is first copied to a fresh one, bytes as they are), then fresh
+    blocks; otherwise they start a fresh block and the last one keeps its tokens and its delta: no stored key is
+    ever re-rotated (or re-quantized), at the cost of the free slots it leaves."""
     if not host.batch:
         host.batch = [host.new_seq(SeqMap()) for _ in range(rows)]
     elif rows != len(host.batch):
@@ -71,8 +72,9 @@ def place(host: HostState, rows: int, q: int, inputs: ForwardInputs | None
             raise ValueError(f"input: sequence {seq} would pass logical position max_position={host.max_position}")
         frame = m.next_logical - lay.position if k else m.next_logical - m.length
         frames.append(frame)
-        r = int(m.counts[-1]) % bs if len(m.counts) and not lay.fresh else 0  # a last block with room left
-        cow = r > 0 and (allocator.refcount[m.blocks[-1]] > 1 or m.delta[-1] != frame)
+        # a last block with room left, in the new tokens' frame
+        r = int(m.counts[-1]) % bs if len(m.counts) and not lay.fresh and m.delta[-1] == frame else 0
+        cow = r > 0 and allocator.refcount[m.blocks[-1]] > 1
         fresh = -(-(r + k) // bs) - (1 if r else 0)
         plans.append((seq, m, frame, r, cow, fresh, lay))
         needed += fresh + cow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kv_format import quantize
 from ..ops.materialize import materialize_kv
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .rope_config import KVShape
@@ -62,6 +63,11 @@ class AttentionLayer:
     def pools(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.storage.k_pools[self.index], self.storage.v_pools[self.index]
 
+    @property
+    def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The pools' scales (None for a float format)."""
+        return self.storage.k_scales[self.index], self.storage.v_scales[self.index]
+
     def check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> Exception | None:
         """Why K/V ([batch, kv_heads, q, head_dim]) do not fit the pools, or None (static checks: guards, not
         run-time work, under torch.compile)."""
@@ -93,43 +99,51 @@ class AttentionLayer:
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store the new tokens ([batch, heads, q, dim], packed) at the flat pool `slots`, row-major.  A first write
-        sizes the pools, traced inline under torch.compile (Dynamo replays the store after the graph): a graph
-        break here would split the layer's rotated query from its attention, and the site could not be
-        rewritten."""
+        """Store the new tokens ([batch, heads, q, dim], packed) at the flat pool `slots`, row-major, in the pools'
+        format (quantized here, once: `kv_format.quantize`).  A first write sizes the pools, traced inline under
+        torch.compile (Dynamo replays the store after the graph): a graph break here would split the layer's
+        rotated query from its attention, and the site could not be rewritten."""
         if self.storage.k_pools[self.index] is None:
             self.storage.allocate(self.index, key_states.shape[1], key_states.shape[3],
                                   packed=self.packed)
-        k_pool, v_pool = self.pools
-        k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
-        k_flat.index_copy_(0, slots, key_states.transpose(1, 2).reshape(-1, *k_pool.shape[2:]).to(k_pool.dtype))
-        if v_pool is not k_pool:
-            v_flat.index_copy_(0, slots, value_states.transpose(1, 2).reshape(-1, *v_pool.shape[2:]).to(v_pool.dtype))
+        rows = [key_states.transpose(1, 2).flatten(0, 1)]  # [batch * q, heads, dim]
+        if not self.packed:
+            rows.append(value_states.transpose(1, 2).flatten(0, 1))
+        self.overwrite(*(quantize(r, self.storage.format) for r in rows), slots=slots)
 
     def window_offset(self, length, q) -> int:
         """How many of the first view tokens this layer does not see (`window_offset`)."""
         return window_offset(self.window, length, q)
 
-    def view(self, block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor, length, q
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The materialised keys and values the layer attends to after a forward of `q` tokens ending at `length`
-        (gather + re-rotate by each entry's delta: the node the gauge backend rewrites)."""
-        k_pool, v_pool = self.pools
-        k, v = materialize_kv(k_pool, v_pool, block_table, block_delta, self.rope, length, block_lens)
+    def view(self, block_table: torch.Tensor, block_delta: torch.Tensor, block_lens: torch.Tensor, length, q,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The materialised keys and values the layer attends to after a forward of `q` tokens ending at `length`,
+        in the model's `dtype` (gather + dequantize + re-rotate by each entry's delta: the node the gauge backend
+        rewrites)."""
+        (k_pool, v_pool), (k_scale, v_scale) = self.pools, self.scales
+        k, v = materialize_kv(k_pool, v_pool, block_table, block_delta, self.rope, length, block_lens,
+                              k_scale=k_scale, v_scale=v_scale, dtype=dtype)
         if offset := self.window_offset(length, q):
             k, v = k[:, :, offset:], v[:, :, offset:]
         return k, v
 
-    def overwrite(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
-        """Replace the tokens at the flat pool `slots` by `keys`/`values` ([k, heads, dim], as `stored` made them)."""
-        k_pool, v_pool = self.pools
-        k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slots, keys)
-        v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slots, values)
+    def overwrite(self, *stored: tuple[torch.Tensor, torch.Tensor | None], slots: torch.Tensor) -> None:
+        """Put rows at the flat pool `slots`: (codes, scales) of the keys, then of the values (not for a packed
+        layer), as `kv_format.quantize` made them."""
+        targets = ((self.storage.k_pools, self.storage.k_scales), (self.storage.v_pools, self.storage.v_scales))
+        for (codes, scale), (pools, scales) in zip(stored, targets, strict=False):
+            for new, t in ((codes, pools[self.index]), (scale, scales[self.index])):
+                if t is not None:  # float8 as its bytes (index_copy_ has no float8 kernel on the CPU)
+                    flat, new = t.view(-1, *t.shape[2:]), new.to(t.dtype)
+                    if t.dtype == torch.float8_e4m3fn:
+                        flat, new = flat.view(torch.uint8), new.view(torch.uint8)
+                    flat.index_copy_(0, slots, new)
 
     def stored(self, key_states: torch.Tensor, value_states: torch.Tensor, delta: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One row's new K/V ([1, heads, k, dim], rotated in the query's frame) as the pools would store them:
-        keys rotated by `-delta` (per token) into their blocks' frames (a NoPE layer's as the model wrote them)."""
+        """One row's new K/V ([1, heads, k, dim], rotated in the query's frame) as the pools would store them
+        (a float format: the recompute refuses compressed ones): keys rotated by `-delta` (per token) into their
+        blocks' frames (a NoPE layer's as the model wrote them)."""
         k_pool, v_pool = self.pools
         keys = key_states[0].transpose(0, 1)  # [k, Hkv, D]
         if not self.rope.is_identity:

@@ -1,18 +1,14 @@
 """`ManifoldCache`: a transformers Cache whose reorganisations are O(blocks) edits of a block table.
 
 This module is the cache's face: transformers' `Cache` API and the public edits.  The work is done by its parts:
-- `host.py`: the mapping (sequences of table entries, batch, view length, window, chunks) and its coordinates;
-- `edits.py`: fork, reorder, delete, splice, window and the rest as changes of that mapping;
-- `forward.py` and `transactions.py`: a forward's placement and tables, and the transactions every operation
-  and forward runs in (one that raises leaves the cache exactly as it was);
-- `layers.py`: per layer, how an update is checked, stored in the pools and read back;
-- `states.py`, `recompute.py`, `padding.py`, `tensor_parallel.py`: a hybrid model's states, recompute forwards,
-  padded batches, and edits agreed across tensor-parallel ranks.
+`host.py` (the mapping: sequences of table entries, batch, view length, window, chunks), `edits.py` (edits as
+changes of that mapping), `forward.py` and `transactions.py` (a forward's placement and tables; the transactions
+every operation runs in), `layers.py` (per layer: how an update is checked, stored and read back), `states.py`,
+`recompute.py`, `padding.py`, `tensor_parallel.py` (hybrid states, recompute, padded batches, agreed edits).
 
-Positions.  `get_seq_length()` is the view length of the batch (the tokens the cache holds per row), as for any
-transformers cache, so `generate()` continues after an edit with the ids of the view: the model rotates each new
-key at `view + i` and the cache stores it at that *stored* position; each entry's `delta` brings its keys into
-the query's frame (`host.py`).  With no edits every delta is 0.
+Positions.  `get_seq_length()` is the view length of the batch (tokens per row), as for any transformers cache, so
+`generate()` continues after an edit with the ids of the view: the model rotates each new key at `view + i`, stored
+at that position; each entry's `delta` brings its keys into the query's frame (`host.py`; 0 with no edits).
 
 Under torch.compile.  `update()` returns `gaugecompile.materialize_kv(...)` of the untouched pools (gather +
 re-rotate), so every attention implementation is exact eagerly; compiled with the gauge backend that node is
@@ -34,6 +30,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from transformers.cache_utils import Cache
 
+from ..kv_format import kv_format
 from ..rope import MAX_ABS_DELTA, RopeSpec
 from . import edits
 from .chunk import KVChunk
@@ -63,6 +60,10 @@ class ManifoldCache(Cache):
     a forward with k times as many rows as sequences forks each sequence k times first, so a prompt
     prefilled once is shared by all beams or samples of a later `generate`.
 
+    `kv_dtype`: how the pools store keys and values, whatever the model's dtype (default: the model's): a float
+    dtype, or "int8", "float8_e4m3fn", "int4" with scales beside the pools (`gaugecompile.kv_format`); a token is
+    quantized once, when written, and no edit re-rotates or re-quantizes it.
+
     Logical positions stay below `max_position` (2^31 minus the pool's capacity in tokens), so that every
     block delta stays below the op's bound `gaugecompile.rope.MAX_ABS_DELTA` = 2^31, where angles are exact.
 
@@ -80,7 +81,8 @@ class ManifoldCache(Cache):
 
     def __init__(
         self, config, *, max_batch_size: int, max_tokens: int, block_size: int = 16,
-        dtype: torch.dtype | None = None, device: torch.device | str | None = None, group=None, src: int = 0,
+        kv_dtype: str | torch.dtype | None = None, device: torch.device | str | None = None, group=None,
+        src: int = 0,
     ) -> None:
         super().__init__(layers=[])
         model = config if isinstance(config, torch.nn.Module) else None
@@ -99,11 +101,12 @@ class ManifoldCache(Cache):
         self.attention_layers = self.shape.attention_layers
         #: A hybrid model's conv/recurrent states of its other layers, per sequence (None: every layer attends).
         self.states = LayerStates(self.shape.state_layers) if self.shape.state_layers else None
-        if dtype is None:  # the model's own (a cast leaves config.dtype as it was), else the config's
-            dtype = getattr(model, "dtype", None) if model is not None else getattr(config, "dtype", None)
-            dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        if dtype not in FLOATS:
-            raise TypeError(f"dtype: expected a floating dtype {FLOATS} (keys are rotated in place), got {dtype}")
+        if kv_dtype is None:  # the model's own (a cast leaves config.dtype as it was), else the config's
+            kv_dtype = getattr(model, "dtype", None) if model is not None else getattr(config, "dtype", None)
+            kv_dtype = kv_dtype if isinstance(kv_dtype, torch.dtype) and kv_dtype in FLOATS else torch.float32
+        self.kv_format = kv_format(kv_dtype)  #: how the pools store keys and values (`gaugecompile.kv_format`)
+        for i in self.shape.attention_layers:
+            self.kv_format.check_head_dim(self.shape.head_dims[i], "kv_dtype")
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         num_blocks = -(-max_tokens // block_size) + max_batch_size
@@ -112,7 +115,8 @@ class ManifoldCache(Cache):
         if self.max_position < 1:
             raise ValueError(f"max_tokens: the pool's {num_blocks * block_size} slots exceed 2^31, got {max_tokens}")
         self.allocator = BlockAllocator(num_blocks)
-        self.storage = BlockStorage(self.layer_ropes, num_blocks, block_size, dtype, torch.device(device or "cpu"))
+        self.storage = BlockStorage(self.shape.num_layers, num_blocks, block_size, self.kv_format,
+                                    torch.device(device or "cpu"))
         self.host = HostState(self.allocator, self.storage, self.states, block_size=block_size,
                               max_batch_size=max_batch_size, max_position=self.max_position)
         self.transactions = Transactions(self.host, self.attention_layers)
@@ -360,7 +364,7 @@ class ManifoldCache(Cache):
         q = key_states.shape[2]
         fwd = book.forward_for(layer_idx, key_states.shape[0], q)
         layer.write(*layer.pack(key_states, value_states), fwd.slots)
-        k, v = layer.view(fwd.block_table, fwd.block_delta, fwd.block_lens, fwd.sizes.shape[1], q)
+        k, v = layer.view(fwd.block_table, fwd.block_delta, fwd.block_lens, fwd.sizes.shape[1], q, key_states.dtype)
         book.layer_written()
         return layer.unpack(k, v, key_states, value_states)
 

@@ -70,9 +70,10 @@ class RecomputeForward:
             old_k = k_pool.view(-1, *k_pool.shape[2:])[self.slots]
             old_v = v_pool.view(-1, *v_pool.shape[2:])[self.slots]
             raise ProbeDone(((keys - old_k).double() ** 2).sum((1, 2)) + ((values - old_v).double() ** 2).sum((1, 2)))
-        layer.overwrite(keys, values, self.slots)
+        layer.overwrite((keys, None), (values, None), slots=self.slots)
         self.layers_written = layer.index + 1
-        k, v = layer.view(self.block_table, self.block_delta, self.block_lens, self.length, key_states.shape[2])
+        k, v = layer.view(self.block_table, self.block_delta, self.block_lens, self.length, key_states.shape[2],
+                          key_states.dtype)
         return layer.unpack(k, v, key_states, value_states)
 
 POLICIES = ("first", "deviation")
@@ -83,6 +84,9 @@ def check_request(cache: ManifoldCache, model: torch.nn.Module, spans) -> None:
     if latent := cache.shape.latent_layers:
         raise ValueError(f"model: layers {list(latent)} cache multi-head latent attention; recompute rewrites "
                          "keys and values in place, which it does not do for a latent (not supported yet)")
+    if cache.kv_format.scaled:
+        raise ValueError(f"cache: its kv_dtype {cache.kv_format.name!r} is quantized once, when a token is written; "
+                         "recompute rewrites cached keys and values in place, which it does for float formats only")
     if sliding := cache.shape.sliding_layers:
         raise ValueError(f"model: layers {sliding} have sliding windows; recompute runs its tokens under one "
                          "explicit mask, which would not bound them (not supported yet)")

@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache
 from ..ops.materialize import materialize_kv
 from ..rope import RopeSpec
 
-__all__ = ["PoolView", "CacheStep"]
+__all__ = ["PoolView", "CacheStep", "require_float_pools"]
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,6 +79,13 @@ class PoolView(Cache):
         k, v = materialize_kv(pools[0], pools[1], self.block_table, self.block_delta, self.rope, self.length,
                               self.block_lens)
         return _cast(k, key_states.dtype), _cast(v, value_states.dtype)
+
+
+def require_float_pools(cache, name: str) -> None:
+    """ValueError naming `name` when the cache's pools are compressed: the exported step carries float pools."""
+    if cache.kv_format.scaled:
+        raise ValueError(f"{name}: kv_dtype {cache.kv_format.name!r} pools (codes with scales) do not export yet; "
+                         "the ai.gauge node and the exported step read float pools (float32, bfloat16, float16)")
 
 
 class CacheStep(torch.nn.Module):
@@ -145,6 +152,7 @@ class CacheStep(torch.nn.Module):
 
         if not isinstance(cache, ManifoldCache):
             raise TypeError(f"cache: expected a gaugecompile ManifoldCache, got {type(cache).__name__}")
+        require_float_pools(cache, "cache")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected a [batch, q_len] tensor, got {shape}")

@@ -26,6 +26,7 @@ from transformers import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..cache import ManifoldCache
+from .cache_step import require_float_pools
 from .in_place import in_place_pool_outputs
 from .runtime import checked_feeds
 
@@ -124,6 +125,7 @@ class OrtCausalLM(GenerationMixin):
         cache = past_key_values
         if not isinstance(cache, ManifoldCache):
             raise TypeError(f"past_key_values: expected a gaugecompile ManifoldCache, got {type(cache).__name__}")
+        require_float_pools(cache, "past_key_values")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids: expected [rows, q_len], got {got}")

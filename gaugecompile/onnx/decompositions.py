@@ -19,7 +19,10 @@ __all__ = ["DECOMPOSITIONS"]
 
 
 def _rotated_query_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
-                             interleaved, scale, causal, window=0, softcap=0.0):
+                             interleaved, scale, causal, window=0, softcap=0.0, k_scale=None, v_scale=None):
+    if k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale: the ai.gauge node reads float pools; {k_pool.dtype} pools with scales (a "
+                         "compressed kv_dtype) do not export yet")
     if window:
         raise ValueError(f"window: the ai.gauge node has no sliding window (got window={window}); export models "
                          "whose attention layers see their whole view")

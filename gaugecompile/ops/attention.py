@@ -4,7 +4,8 @@ Schema (the contract the passes, the codegen and the ONNX export rely on):
 
     rotated_query_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
         Tensor block_delta, Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
-        float scale, bool causal, int window=0, float softcap=0.0) -> (Tensor out, Tensor lse)
+        float scale, bool causal, int window=0, float softcap=0.0, Tensor? k_scale=None,
+        Tensor? v_scale=None) -> (Tensor out, Tensor lse)
 
 Entry j of row b is slots [0, block_lens[b, j]) of block block_table[b, j], rotated by block_delta[b, j];
 a row's view is its entries in order (`gaugecompile.block_tables` says it in code), so an edit off block boundaries
@@ -12,6 +13,9 @@ shortens or starts an entry instead of moving the tokens after it.  Query t sits
 p = length - q_len + t; `causal` hides the keys after p, a sliding `window` W > 0 the keys at p - W and before
 (`masks.hidden_keys`), and the kernels skip the blocks no query sees; `softcap` c > 0 caps the scaled
 scores to c * tanh(s / c) before the mask (Gemma 2's logit soft-capping).  `inv_freq` is float64 `[rotary_dim // 2]`.
+The pools hold any KV format of `gaugecompile.kv_format` (float, or int8/float8/int4 codes with `k_scale`/`v_scale`
+beside them under the same block ids), read and dequantized in registers with float32 accumulation, whatever q's
+float dtype.
 `lse` is `[batch, num_heads, q_len]`, float32
 (float64 for float64 inputs).  The CPU kernel is the generated native code (`gaugecompile.codegen.native`,
 compiled on first use), or the torch loop of `paged_attention` where no C++ compiler exists; the CUDA
@@ -47,7 +51,8 @@ IMPLS = ("auto", "native", "loop", "triton", "reference")
 def cpu_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
-    softcap: float = 0.0, *, native: bool | None = None,
+    softcap: float = 0.0, k_scale: Tensor | None = None, v_scale: Tensor | None = None, *,
+    native: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The CPU kernel: native code when it can be built (`native=None`), else (or with `native=False`) the loop.
 
@@ -58,28 +63,28 @@ def cpu_attention(
         native = native_available() and k_pool.stride(-1) == 1 and v_pool.stride(-1) == 1
     kernel = native_attention if native else paged_attention
     return kernel(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, scale,
-                  causal, window, softcap)
+                  causal, window, softcap, k_scale, v_scale)
 
 
 @torch.library.custom_op("gauge::rotated_query_attention", mutates_args=())
 def _rqa_op(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
-    softcap: float = 0.0,
+    softcap: float = 0.0, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     runs["kernel"] += 1
     if q.device.type == "cuda":
         from .triton_attention import triton_attention  # on first use: it imports Triton
 
         return triton_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
-                                rotary_dim, interleaved, scale, causal, window, softcap)
+                                rotary_dim, interleaved, scale, causal, window, softcap, k_scale, v_scale)
     return cpu_attention(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
-                         scale, causal, window, softcap)
+                         scale, causal, window, softcap, k_scale, v_scale)
 
 
 @_rqa_op.register_fake
 def _rqa_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
-              scale, causal, window=0, softcap=0.0):
+              scale, causal, window=0, softcap=0.0, k_scale=None, v_scale=None):
     # the kernels return contiguous outputs whatever q's strides are; the fake must say the same
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
@@ -102,11 +107,11 @@ class _Implementation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, forward, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim,
-                interleaved, scale, causal, window, softcap):
+                interleaved, scale, causal, window, softcap, k_scale, v_scale):
         ctx.save_for_backward(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq)
-        ctx.attrs = (rotary_dim, interleaved, scale, causal, window, softcap)
+        ctx.attrs = (rotary_dim, interleaved, scale, causal, window, softcap, k_scale, v_scale)
         return forward(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
-                       scale, causal, window, softcap)
+                       scale, causal, window, softcap, k_scale, v_scale)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
@@ -126,6 +131,8 @@ def rotated_query_attention(
     causal: bool = True,
     window: int = 0,
     softcap: float = 0.0,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
     impl: str = "auto",
     return_lse: bool = False,
 ):
@@ -138,7 +145,8 @@ def rotated_query_attention(
     seq_lens: tokens per table entry [batch, max_blocks] (entry j holds slots [0, n) of its block), or
     view lengths [batch] of views whose blocks are full but the last.  window: W > 0 limits each query to
     its last W view tokens, itself included (a sliding-window layer); blocks before every query's window are
-    not read.  softcap: c > 0 caps the scaled scores to c * tanh(s / c) (logit soft-capping).
+    not read.  softcap: c > 0 caps the scaled scores to c * tanh(s / c) (logit soft-capping).  k_scale/v_scale: the
+    scales beside compressed pools (`gaugecompile.kv_format`; `kv_format.quantize` makes both), None for float pools.
     impl: "auto" (the registered op: native CPU kernel, Triton on CUDA), "native"
     (the generated C++ kernel, CPU only), "loop" (the torch loop, the fallback where no compiler exists, on
     any device), "triton" (generated kernels; on the CPU only under TRITON_INTERPRET=1), "reference"
@@ -150,13 +158,15 @@ def rotated_query_attention(
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return reference_attention(q, k_pool, v_pool, block_table, block_delta, seq_lens, rope, scale=scale,
-                                   causal=causal, window=window, softcap=softcap, return_lse=return_lse)
+                                   causal=causal, window=window, softcap=softcap, k_scale=k_scale, v_scale=v_scale,
+                                   return_lse=return_lse)
     q_len = q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
     block_lens = as_block_lens(seq_lens, block_table, k_pool, q_len)
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim, window, softcap)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim, window, softcap,
+                           k_scale, v_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     args = (q, k_pool, v_pool, block_table, block_delta, block_lens, rope.inv_freq.to(q.device),
-            rope.rotary_dim, rope.interleaved, scale, bool(causal), window, float(softcap))
+            rope.rotary_dim, rope.interleaved, scale, bool(causal), window, float(softcap), k_scale, v_scale)
     if impl == "auto":
         out, lse = torch.ops.gauge.rotated_query_attention(*args)
     elif impl in ("native", "loop"):

@@ -5,13 +5,15 @@ Schema:
 
     rotated_query_attention_backward(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k_pool,
         Tensor v_pool, Tensor block_table, Tensor block_delta, Tensor block_lens, Tensor inv_freq,
-        int rotary_dim, bool interleaved, float scale, bool causal, int window=0, float softcap=0.0)
-        -> (Tensor dq, Tensor dk_pool, Tensor dv_pool, Tensor d_block_delta)
+        int rotary_dim, bool interleaved, float scale, bool causal, int window=0, float softcap=0.0,
+        Tensor? k_scale=None, Tensor? v_scale=None) -> (Tensor dq, Tensor dk_pool, Tensor dv_pool, Tensor d_block_delta)
 
 Written out (not autograd) because it runs inside a custom-op kernel, where autograd is off.
 Per sequence it re-forms the view exactly as the reference does (O(L*d), like any attention
 backward), applies the softmax-attention adjoint, rotates the key gradient back to storage by
-R(delta)^T = R(-delta), and scatter-adds both gradients into the pool slots the view read.  A
+R(delta)^T = R(-delta), and scatter-adds both gradients into the pool slots the view read.  Compressed pools
+(with scales) are dequantized first: their codes have no gradient, so dk_pool/dv_pool are then the gradients of the
+dequantized values (q's dtype), which `op_gradients` drops; dq and the deltas' gradient are exact as for floats.  A
 learnable delta moves every key of its entry along the rotation's tangent (`rotation_tangent`), so its
 gradient is the view keys' gradient dotted with their tangents, summed over the entry's tokens.
 """
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..block_tables import view_tokens
+from ..kv_format import dequantized_pools
 from ..rope import accumulation_dtype, delta_cos_sin, rotate, rotation_tangent
 from .masks import hidden_keys
 from .reference import rerotate
@@ -65,13 +68,15 @@ def _sequence_backward(grad_out, grad_lse, q, k_pool, v_pool, slots, deltas, inv
 def attention_backward(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
     block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float,
-    causal: bool, window: int = 0, softcap: float = 0.0,
+    causal: bool, window: int = 0, softcap: float = 0.0, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk_pool, dv_pool, d_block_delta) for the op's (out, lse) cotangents; computed in float32/float64.
 
     d_block_delta ([batch, max_blocks], the accumulation dtype) is the gradient of real-valued deltas, and zero
     for integer ones (which have none)."""
     cdt = accumulation_dtype(q.dtype)
+    if k_scale is not None:
+        k_pool, v_pool = dequantized_pools(k_pool, v_pool, k_scale, v_scale, q.dtype)
     block_size = k_pool.shape[1]
     delta_grad = block_delta.is_floating_point()
     k32, v32 = k_pool.to(cdt), v_pool.to(cdt)
@@ -99,23 +104,29 @@ def attention_backward(
 def _rqa_backward_op(
     grad_out: Tensor, grad_lse: Tensor, q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor,
     block_delta: Tensor, block_lens: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
-    scale: float, causal: bool, window: int = 0, softcap: float = 0.0,
+    scale: float, causal: bool, window: int = 0, softcap: float = 0.0, k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return attention_backward(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens,
-                              inv_freq, rotary_dim, interleaved, scale, causal, window, softcap)
+                              inv_freq, rotary_dim, interleaved, scale, causal, window, softcap, k_scale, v_scale)
 
 
 @_rqa_backward_op.register_fake
-def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, *rest):
+def _rqa_backward_fake(grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq,
+                       rotary_dim, interleaved, scale, causal, window=0, softcap=0.0, k_scale=None, v_scale=None):
     d_delta = block_delta.new_empty(block_delta.shape, dtype=accumulation_dtype(q.dtype))
+    if k_scale is not None:  # gradients of the dequantized values
+        shape = (*k_pool.shape[:3], q.shape[-1])
+        return torch.empty_like(q), q.new_empty(shape), q.new_empty(shape), d_delta
     return torch.empty_like(q), torch.empty_like(k_pool), torch.empty_like(v_pool), d_delta
 
 
 def op_gradients(saved: tuple[Tensor, ...], attrs: tuple, grad_out: Tensor | None,
                  grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
     """Gradients for (q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq) from the saved inputs, the
-    attributes (rotary_dim, interleaved, scale, causal, window, softcap) and the cotangents: the one adjoint of every
-    implementation.  block_delta has one where it is real-valued (a learnable delta)."""
+    attributes (rotary_dim, interleaved, scale, causal, window, softcap, k_scale, v_scale) and the cotangents: the
+    one adjoint of every implementation.  block_delta has one where it is real-valued (a learnable delta); pools of
+    codes have none."""
     q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq = saved
     if grad_out is None:
         grad_out = torch.zeros_like(q)
@@ -124,4 +135,6 @@ def op_gradients(saved: tuple[Tensor, ...], attrs: tuple, grad_out: Tensor | Non
     dq, dk, dv, d_delta = torch.ops.gauge.rotated_query_attention_backward(
         grad_out, grad_lse, q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, *attrs)
     d_delta = d_delta.to(block_delta.dtype) if block_delta.is_floating_point() else None
+    if len(attrs) > 6 and attrs[6] is not None:  # compressed pools: codes have no gradient
+        dk = dv = None
     return dq, dk, dv, None, d_delta, None, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..block_tables import INDEX_DTYPES
+from ..kv_format import format_of
 
 __all__ = ["check_attention_inputs"]
 
@@ -28,8 +29,13 @@ def check_attention_inputs(
     rotary_dim: int,
     window: int = 0,
     softcap: float = 0.0,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Raise TypeError/ValueError naming the first argument that breaks the op's contract."""
+    """Raise TypeError/ValueError naming the first argument that breaks the op's contract.
+
+    The pools may hold any KV format (`gaugecompile.kv_format`), the same for both, with their scales beside them
+    where compressed; float64 queries go with float64 pools (the exact path) and only they."""
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),
                     ("block_delta", block_delta), ("block_lens", block_lens)):
         if not isinstance(t, torch.Tensor):
@@ -43,12 +49,17 @@ def check_attention_inputs(
     if v_pool.shape != k_pool.shape:
         raise ValueError(f"v_pool: expected the shape of k_pool {tuple(k_pool.shape)}, got {tuple(v_pool.shape)}")
     batch, num_heads, q_len, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, pool_dim = k_pool.shape
+    num_blocks, block_size, num_kv_heads, pool_width = k_pool.shape
     if q.dtype not in _FLOATS:
         raise TypeError(f"q: expected a floating dtype {_FLOATS}, got {q.dtype}")
-    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+    fmt = format_of(k_pool, k_scale, "k_pool")
+    format_of(v_pool, v_scale, "v_pool")
+    if v_pool.dtype != k_pool.dtype:
+        raise TypeError(f"v_pool: expected k_pool's dtype {k_pool.dtype}, got {v_pool.dtype}")
+    if (q.dtype == torch.float64) != (k_pool.dtype == torch.float64):
+        raise TypeError(f"k_pool: float64 queries go with float64 pools only, got {q.dtype} queries over "
+                        f"{k_pool.dtype} pools")
+    pool_dim = fmt.head_dim(pool_width)
     for name, t in (("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table),
                     ("block_delta", block_delta), ("block_lens", block_lens)):
         if t.device != q.device:

@@ -5,16 +5,16 @@ Schema:
 
     rotated_query_attention_masked(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_table,
         Tensor block_delta, Tensor block_lens, Tensor inv_freq, int rotary_dim, bool interleaved,
-        SymInt length, float scale, Tensor mask, SymInt first=0, float softcap=0.0, Tensor? sinks=None)
-        -> (Tensor out, Tensor lse)
+        SymInt length, float scale, Tensor mask, SymInt first=0, float softcap=0.0, Tensor? sinks=None,
+        Tensor? k_scale=None, Tensor? v_scale=None) -> (Tensor out, Tensor lse)
 
 Meaning: `softmax(cap(scale * q K^T) + mask) V` (cap: `masks.soft_capped`, the identity for softcap 0;
 with `sinks` [batch, heads, q_len, 1], one more logit per row in the softmax, whose column is dropped), and
 `lse` the log-sum-exp of the masked scores without the sinks (float32, float64 for float64 inputs), for models
 that read it themselves (Granite's post-attention sink scaling)
-with `K, V = materialize_kv(...)[first:length]` (heads repeated for GQA): the view from token `first` on, as
-a sliding-window layer of a ManifoldCache slices it; `mask` is boolean (True = visible) or additive and
-broadcasts to `[batch, heads, q_len, length - first]`.  The passes
+with `K, V = materialize_kv(...)[first:length]` (heads repeated for GQA; compressed pools with their scales): the
+view from token `first` on, as a sliding-window layer of a ManifoldCache slices it; `mask` is boolean (True =
+visible) or additive and broadcasts to `[batch, heads, q_len, length - first]`.  The passes
 emit it where a mask reaches the attention as a graph input (transformers builds it in another graph when a
 cache's bookkeeping breaks the frame), so its structure cannot be proven at compile time.  At run time one
 elementwise pass over the mask decides (`sliding_window_of`): where the keys before `first` and the mask
@@ -108,7 +108,8 @@ def padded_causal_lens(mask: Tensor, block_table: Tensor, block_lens: Tensor, q_
 
 def _padded_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor,
                       block_lens: Tensor, tail: Tensor, inv_freq: Tensor, rotary_dim: int, interleaved: bool,
-                      scale: float, softcap: float) -> tuple[Tensor, Tensor]:
+                      scale: float, softcap: float, k_scale: Tensor | None, v_scale: Tensor | None
+                      ) -> tuple[Tensor, Tensor]:
     """The op over rows of their own lengths (`block_lens` without padding), as `padded_causal_lens` defines it: rows
     whose queries are all real in one call; in a row with `tail` < q_len real queries, those run causally over its
     view and the padding queries before them non-causally over the tokens before its new ones (0 if none)."""
@@ -116,7 +117,8 @@ def _padded_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Te
     held = block_lens.sum(1)
     rows = torch.nonzero(tail == q_len).flatten()
     call = lambda q, table, delta, lens, causal: torch.ops.gauge.rotated_query_attention(  # noqa: E731
-        q, k_pool, v_pool, table, delta, lens, inv_freq, rotary_dim, interleaved, scale, causal, 0, softcap)
+        q, k_pool, v_pool, table, delta, lens, inv_freq, rotary_dim, interleaved, scale, causal, 0, softcap, k_scale,
+        v_scale)
     if len(rows) == q.shape[0]:
         return call(q, block_table, block_delta, block_lens, q_len > 1)
     out = q.new_zeros(q.shape)
@@ -158,7 +160,7 @@ def _masked_view_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: 
 def _masked_op(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, length: int, scale: float, mask: Tensor, first: int = 0,
-    softcap: float = 0.0, sinks: Tensor | None = None,
+    softcap: float = 0.0, sinks: Tensor | None = None, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     q_len = q.shape[2]
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], 0, length)
@@ -171,10 +173,10 @@ def _masked_op(
         if padded is None:
             out, lse = torch.ops.gauge.rotated_query_attention(q, k_pool, v_pool, block_table, block_delta,
                                                                block_lens, inv_freq, rotary_dim, interleaved, scale,
-                                                               q_len > 1, window, softcap)
+                                                               q_len > 1, window, softcap, k_scale, v_scale)
         else:
             out, lse = _padded_attention(q, k_pool, v_pool, block_table, block_delta, *padded, inv_freq,
-                                         rotary_dim, interleaved, scale, softcap)
+                                         rotary_dim, interleaved, scale, softcap, k_scale, v_scale)
         if sinks is None:
             return out, lse
         # a sink adds exp(sink) to the denominator: out * exp(lse) / (exp(lse) + exp(sink))
@@ -182,12 +184,11 @@ def _masked_op(
         return (out * weight[..., None].to(out.dtype)).contiguous(), lse
     runs["masked_fallback"] += 1
     k, v = materialize_views(k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved,
-                             length)
-    return _masked_view_attention(q, k[:, :, first:].to(q.dtype), v[:, :, first:].to(q.dtype), scale, mask,
-                                  softcap, sinks)
+                             length, k_scale, v_scale, q.dtype)
+    return _masked_view_attention(q, k[:, :, first:], v[:, :, first:], scale, mask, softcap, sinks)
 
 
 @_masked_op.register_fake
 def _masked_fake(q, k_pool, v_pool, block_table, block_delta, block_lens, inv_freq, rotary_dim, interleaved, length,
-                 scale, mask, first=0, softcap=0.0, sinks=None):
+                 scale, mask, first=0, softcap=0.0, sinks=None, k_scale=None, v_scale=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))

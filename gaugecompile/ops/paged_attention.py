@@ -19,9 +19,12 @@ skipped unread.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..block_tables import check_mapping_values
+from ..kv_format import dequantize
 from ..rope import accumulation_dtype, block_angles, rotate
 from .masks import hidden_at, soft_capped
 
@@ -59,11 +62,14 @@ def _runs(table: list[int], deltas: list[int], lens: list[int], block_size: int,
     return tiles
 
 
-def tile_kv(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """Blocks `ids` of the pool as [n, block_size, Hkv, D]: a view when consecutive, else a copy."""
+def tile_kv(pool: torch.Tensor, scale: torch.Tensor | None, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Blocks `ids` of the pool as values [n, block_size, Hkv, D] in `dtype` (read as a view when consecutive, else
+    gathered; compressed blocks dequantized with their scales)."""
     if ids == list(range(ids[0], ids[0] + len(ids))):
-        return pool[ids[0] : ids[0] + len(ids)]
-    return pool.index_select(0, torch.tensor(ids, device=pool.device))
+        blocks = slice(ids[0], ids[0] + len(ids))
+        return dequantize(pool[blocks], None if scale is None else scale[blocks], dtype)
+    index = torch.tensor(ids, device=pool.device)
+    return dequantize(pool.index_select(0, index), None if scale is None else scale.index_select(0, index), dtype)
 
 
 class _Softmax:
@@ -103,8 +109,17 @@ class _Softmax:
         return part
 
 
+class Pools(NamedTuple):
+    """The pools a view reads, with their scales (None for float formats)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+
+
 def _attend(
-    state: _Softmax, qg: torch.Tensor, row_pos: torch.Tensor | None, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    state: _Softmax, qg: torch.Tensor, row_pos: torch.Tensor | None, pools: Pools,
     table: list[int], deltas: list[int], lens: list[int], cos: torch.Tensor | None, sin: torch.Tensor | None,
     first: int, end: int, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int,
     softcap: float,
@@ -112,7 +127,7 @@ def _attend(
     """Fold entries [first, end) of a view into `state`, for queries qg [Hkv, R, D] whose view positions are
     row_pos [R] (None unless causal or windowed).  table/deltas/lens/cos/sin are indexed by entry; cos/sin may
     be None when every delta is 0."""
-    block_size = k_pool.shape[1]
+    block_size = pools.k.shape[1]
     cdt = qg.dtype
     tile_blocks = max(1, TILE_TOKENS // block_size)
     tok0 = sum(lens[:first])
@@ -132,8 +147,8 @@ def _attend(
         else:
             mask = torch.arange(block_size)[None, :] < torch.tensor(counts)[:, None]
             held = mask.flatten().nonzero().squeeze(1).to(qg.device)
-        kb = tile_kv(k_pool, table[j0:j1]).to(cdt)  # [n, bs, Hkv, D]
-        vb = tile_kv(v_pool, table[j0:j1]).to(cdt)
+        kb = tile_kv(pools.k, pools.k_scale, table[j0:j1], cdt)  # [n, bs, Hkv, D]
+        vb = tile_kv(pools.v, pools.v_scale, table[j0:j1], cdt)
         if all(d == deltas[j0] for d in deltas[j0:j1]):
             qr = qg if deltas[j0] == 0 else rotate(qg, cos[j0], -sin[j0], rotary_dim, interleaved)  # [Hkv, R, D]
             s = torch.matmul(qr, kb.flatten(0, 1)[held].permute(1, 2, 0))  # [Hkv, R, T]
@@ -169,7 +184,7 @@ def _row(t: torch.Tensor | None, r: int) -> torch.Tensor | None:
 
 
 def _group(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: list[list[int]], deltas: list[list[int]],
+    q: torch.Tensor, pools: Pools, tables: list[list[int]], deltas: list[list[int]],
     lens: list[list[int]], cos: torch.Tensor, sin: torch.Tensor, length: int, rotary_dim: int, interleaved: bool,
     scale: float, causal: bool, window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +194,7 @@ def _group(
     cos/sin are [b, max_blocks, F], or None when every delta is 0.
     """
     rows, num_heads, q_len, head_dim = q.shape
-    num_kv = k_pool.shape[2]
+    num_kv = pools.k.shape[2]
     group = num_heads // num_kv
     n_blocks = [_entries(n) for n in lens]
     per_row = group * q_len
@@ -189,12 +204,12 @@ def _group(
     row_pos = torch.arange(length - q_len, length, device=q.device).repeat(group) if masked else None  # per row
     shared = _shared_blocks(tables, deltas, lens, min(n_blocks)) if rows > 1 else n_blocks[0]
     state = _Softmax()
-    _attend(state, qg, row_pos.repeat(rows) if masked else None, k_pool, v_pool, tables[0], deltas[0], lens[0],
+    _attend(state, qg, row_pos.repeat(rows) if masked else None, pools, tables[0], deltas[0], lens[0],
             _row(cos, 0), _row(sin, 0), 0, shared, rotary_dim, interleaved, scale, causal, window, softcap)
     outs, lses = [], []
     for r in range(rows):
         mine = state.rows(r * per_row, (r + 1) * per_row)
-        _attend(mine, qg[:, r * per_row : (r + 1) * per_row], row_pos, k_pool, v_pool, tables[r], deltas[r], lens[r],
+        _attend(mine, qg[:, r * per_row : (r + 1) * per_row], row_pos, pools, tables[r], deltas[r], lens[r],
                 _row(cos, r), _row(sin, r), shared, n_blocks[r], rotary_dim, interleaved, scale, causal, window,
                 softcap)
         out, lse = mine.result(per_row, head_dim, qg)
@@ -207,23 +222,26 @@ def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
     block_delta: torch.Tensor, block_lens: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
     interleaved: bool, scale: float, causal: bool, window: int = 0, softcap: float = 0.0,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated-query attention for a batch (shape-checked inputs); out in q's dtype, lse float32/64."""
+    """Rotated-query attention for a batch (shape-checked inputs, pools of any KV format); out in q's dtype, lse
+    float32/64."""
     cdt = accumulation_dtype(q.dtype)
+    pools = Pools(k_pool, v_pool, k_scale, v_scale)
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     cos, sin = block_angles(block_delta, inv_freq, cdt)  # [B, width, F], once for every row and layer
     tables, deltas, lens = block_table.tolist(), block_delta.tolist(), block_lens.tolist()
     totals = [sum(n) for n in lens]
     groups = sorted(set(totals))
     if len(groups) == 1:  # ManifoldCache's case: one view length for the whole batch
-        out, lse = _group(q.to(cdt), k_pool, v_pool, tables, deltas, lens, cos, sin, groups[0], rotary_dim,
+        out, lse = _group(q.to(cdt), pools, tables, deltas, lens, cos, sin, groups[0], rotary_dim,
                           interleaved, scale, causal, window, softcap)
         return out.to(q.dtype), lse
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=cdt, device=q.device)
     for length in groups:
         idx = [b for b, n in enumerate(totals) if n == length]
-        o, l_ = _group(q[idx].to(cdt), k_pool, v_pool, [tables[b] for b in idx], [deltas[b] for b in idx],
+        o, l_ = _group(q[idx].to(cdt), pools, [tables[b] for b in idx], [deltas[b] for b in idx],
                        [lens[b] for b in idx], None if cos is None else cos[idx], None if sin is None else sin[idx],
                        length, rotary_dim, interleaved, scale, causal, window, softcap)
         out[idx], lse[idx] = o.to(q.dtype), l_

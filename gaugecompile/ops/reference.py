@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..block_tables import as_block_lens, check_mapping_values, view_tokens
+from ..kv_format import dequantized_pools
 from ..rope import RopeSpec, accumulation_dtype, delta_cos_sin, rotate
 from .checks import check_attention_inputs
 from .masks import hidden_keys, soft_capped
@@ -57,10 +58,13 @@ def reference_attention(
     causal: bool = True,
     window: int = 0,
     softcap: float = 0.0,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     impl: str = "reference",
     return_lse: bool = False,
 ):
-    """Same contract as `rotated_query_attention`; computes in q's dtype (float64 stays float64).
+    """Same contract as `rotated_query_attention`; computes in q's dtype (float64 stays float64), over the pools
+    as values in that dtype (compressed ones dequantized by `kv_format.dequantize`, their one definition).
 
     `impl` is accepted for signature compatibility and must be "reference".
     """
@@ -68,9 +72,11 @@ def reference_attention(
         raise ValueError(f"impl: reference_attention only has impl='reference', got {impl!r}")
     q_len = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
     block_lens = as_block_lens(seq_lens, block_table, k_pool, q_len)
-    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim, window, softcap)
+    check_attention_inputs(q, k_pool, v_pool, block_table, block_delta, block_lens, rope.rotary_dim, window, softcap,
+                           k_scale, v_scale)
     check_mapping_values(block_table, block_delta, block_lens, k_pool.shape[0], k_pool.shape[1], q.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    k_pool, v_pool = dequantized_pools(k_pool, v_pool, k_scale, v_scale, q.dtype)
     outs, lses = [], []
     for b in range(q.shape[0]):
         slots, deltas = view_tokens(block_table[b], block_delta[b], block_lens[b], k_pool.shape[1])

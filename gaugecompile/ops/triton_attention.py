@@ -61,7 +61,8 @@ def _functional(mode, op, types, args, kwargs):
 def triton_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, block_delta: Tensor, block_lens: Tensor,
     inv_freq: Tensor, rotary_dim: int, interleaved: bool, scale: float, causal: bool, window: int = 0,
-    softcap: float = 0.0, *, num_splits: int | None = None,
+    softcap: float = 0.0, k_scale: Tensor | None = None, v_scale: Tensor | None = None, *,
+    num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rotated-query attention through the generated Triton kernels: (out in q's dtype, lse [B, H, Q]).
 
@@ -69,6 +70,9 @@ def triton_attention(
     On the CPU it needs TRITON_INTERPRET=1 (set before triton is imported).  `num_splits`: None
     chooses the split-KV factor from the shapes and the GPU, 1 forbids splitting, n > 1 forces n.
     """
+    if k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale: the Triton kernels read float pools only; a {k_pool.dtype} (compressed) pool runs "
+                         "on the CPU kernels")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits: expected None or a positive int, got {num_splits!r}")
     return torch.ops.gauge.rotated_query_attention_triton(

@@ -50,7 +50,7 @@ def _model(family: str):
 
 
 def _cache(model) -> ManifoldCache:
-    return ManifoldCache(model.config, max_batch_size=2, max_tokens=128, block_size=4, dtype=model.dtype)
+    return ManifoldCache(model.config, max_batch_size=2, max_tokens=128, block_size=4, kv_dtype=model.dtype)
 
 
 PROMPT = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))

@@ -27,7 +27,7 @@ VOCAB = MODEL.config.vocab_size
 
 def _cache(model=MODEL, **kw) -> ManifoldCache:
     kw = dict(max_batch_size=4, max_tokens=160, block_size=4) | kw
-    return ManifoldCache(model.config, dtype=torch.float64, **kw)
+    return ManifoldCache(model.config, kv_dtype=torch.float64, **kw)
 
 
 def _reference_logits(model, toks: list[tuple[int, int]], new: list[int], next_pos: int) -> torch.Tensor:
@@ -337,7 +337,7 @@ def test_pools_are_sized_by_the_first_update_not_the_config():
     config says: the pools take the model's, the logits are DynamicCache's, other head counts are refused."""
     model = random_model("llama", dtype=torch.float64, num_attention_heads=4, num_key_value_heads=2)
     cache = ManifoldCache(random_config("llama", num_attention_heads=4, num_key_value_heads=4), max_batch_size=2,
-                          max_tokens=64, block_size=4, dtype=torch.float64)
+                          max_tokens=64, block_size=4, kv_dtype=torch.float64)
     assert cache.k_pools == [None] * model.config.num_hidden_layers and cache.bytes_per_block == 0
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -369,7 +369,7 @@ def test_a_failed_first_forward_drops_the_pools_it_sized():
 def test_finding_5_kv_that_do_not_fit_the_pools_are_refused_before_any_change(override):
     model = random_model("llama", dtype=torch.float64, **override)
     cache = ManifoldCache(random_config("llama", num_hidden_layers=1), max_batch_size=2, max_tokens=64,
-                          block_size=4, dtype=torch.float64)
+                          block_size=4, kv_dtype=torch.float64)
     before = snapshot(cache)
     with pytest.raises(ValueError, match="key_states|layer_idx"), torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
@@ -426,10 +426,10 @@ def test_finding_7_compiled_graphs_check_the_mapping_values():
         step(q, torch.tensor([[0, 1]]), delta, torch.tensor([[4, 3]]))
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
-def test_finding_7_integer_caches_are_refused(dtype):
-    with pytest.raises(TypeError, match="dtype: expected a floating dtype"):
-        ManifoldCache(MODEL.config, max_batch_size=1, max_tokens=8, dtype=dtype)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8, "int3", "fp8"])
+def test_finding_7_caches_of_no_kv_format_are_refused(dtype):
+    with pytest.raises(ValueError, match="kv_dtype: expected one of"):
+        ManifoldCache(MODEL.config, max_batch_size=1, max_tokens=8, kv_dtype=dtype)
 
 
 def test_finding_7_prefill_refuses_a_model_with_another_rope_theta():
@@ -445,7 +445,7 @@ def _other_theta_cache() -> ManifoldCache:
     """A cache built from a config whose rope theta differs from MODEL's, prefilled and edited (deltas nonzero)."""
     config = copy.deepcopy(MODEL.config)
     config.rope_parameters = {**config.rope_parameters, "rope_theta": 10 * config.rope_parameters["rope_theta"]}
-    cache = ManifoldCache(config, max_batch_size=1, max_tokens=64, block_size=4, dtype=torch.float64)
+    cache = ManifoldCache(config, max_batch_size=1, max_tokens=64, block_size=4, kv_dtype=torch.float64)
     with torch.no_grad():
         MODEL(input_ids=torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1)),
               past_key_values=cache, use_cache=True)

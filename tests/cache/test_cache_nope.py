@@ -31,7 +31,7 @@ START, END = 2, 5  # off the block boundaries (block size 4)
 
 
 def _cache() -> ManifoldCache:
-    return ManifoldCache(CONFIG, max_batch_size=2, max_tokens=128, block_size=4, dtype=torch.float64)
+    return ManifoldCache(CONFIG, max_batch_size=2, max_tokens=128, block_size=4, kv_dtype=torch.float64)
 
 
 def _reference_after_delete() -> DynamicCache:

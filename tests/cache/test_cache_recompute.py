@@ -20,7 +20,7 @@ PREFIX, DOC, SUFFIX, NEW = (torch.randint(0, VOCAB, (1, n), generator=GEN) for n
 
 def _spliced(suffix: bool = False, max_tokens: int = 128) -> ManifoldCache:
     """PREFIX (+ SUFFIX) prefilled together, DOC prefilled alone and spliced after PREFIX."""
-    cache = ManifoldCache(MODEL.config, max_batch_size=2, max_tokens=max_tokens, block_size=4, dtype=torch.float64)
+    cache = ManifoldCache(MODEL.config, max_batch_size=2, max_tokens=max_tokens, block_size=4, kv_dtype=torch.float64)
     with torch.no_grad():
         MODEL(input_ids=torch.cat([PREFIX, SUFFIX], 1) if suffix else PREFIX, past_key_values=cache, use_cache=True)
     chunk = cache.prefill(MODEL, DOC)
@@ -163,7 +163,7 @@ def test_every_family_recomputes_to_the_reprefill(arch):
     model = random_model(arch, dtype=torch.float64)
     gen = torch.Generator().manual_seed(1)
     prefix, doc, new = (torch.randint(0, model.config.vocab_size, (1, n), generator=gen) for n in (9, 7, 3))
-    cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=128, block_size=4, dtype=torch.float64)
+    cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=128, block_size=4, kv_dtype=torch.float64)
     with torch.no_grad():
         model(input_ids=prefix, past_key_values=cache, use_cache=True)
     chunk = cache.prefill(model, doc)

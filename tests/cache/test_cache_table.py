@@ -88,7 +88,7 @@ OPS = st.lists(
 @settings(max_examples=60)
 @given(first=st.integers(1, 13), ops=OPS)
 def test_random_operations_match_token_list(first, ops):
-    cache = ManifoldCache(CONFIG, max_batch_size=8, max_tokens=400, block_size=BS, dtype=torch.float64)
+    cache = ManifoldCache(CONFIG, max_batch_size=8, max_tokens=400, block_size=BS, kv_dtype=torch.float64)
     model = Model()
     counter = [0]
     _append_fresh(cache, model, first, counter)
@@ -168,7 +168,7 @@ def _delete(cache, model, seq, start, end):
 def test_unaligned_edits_copy_at_most_the_split_block():
     """Issue 14, finding 6: a cut off block boundaries is never refused, and copies only the block it splits
     (entries carry their own token counts), however many tokens come after it."""
-    cache = ManifoldCache(CONFIG, max_batch_size=2, max_tokens=400, block_size=BS, dtype=torch.float64)
+    cache = ManifoldCache(CONFIG, max_batch_size=2, max_tokens=400, block_size=BS, kv_dtype=torch.float64)
     model, counter = Model(), [0]
     _append_fresh(cache, model, 60 * BS + 2, counter)
     copied = []
@@ -197,7 +197,7 @@ def test_unaligned_edits_copy_at_most_the_split_block():
 
 
 def test_full_pool_raises_before_any_change():
-    cache = ManifoldCache(CONFIG, max_batch_size=1, max_tokens=12, block_size=BS, dtype=torch.float64)
+    cache = ManifoldCache(CONFIG, max_batch_size=1, max_tokens=12, block_size=BS, kv_dtype=torch.float64)
     model, counter = Model(), [0]
     _append_fresh(cache, model, 10, counter)
     ids = cache.fork(0, 1)

@@ -8,6 +8,11 @@ middle of a block copy) and interrupted forwards (layers 0..k of 3, then nothing
 whole state -- tables, refcounts, free list, batch, view length, window -- must equal what it was before,
 and after every step each view must hold exactly the model's tokens, every key rotated to its logical
 position in the frame of the next query.  Freeing everything at the end must leave no block in use.
+
+The same machine runs over compressed pools (int8, float8, int4: `CompressedCacheMachine`), where it also checks
+the contract that makes them worth having: no edit ever changes a stored byte.  Every slot a view reads holds,
+codes and scales bit for bit, what `kv_format.quantize` made of its token when it was written, whatever deletes,
+splices, windows, reorders, forks and frees came since (a copy-on-write copy is bytes as they are).
 """
 
 
@@ -20,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from gaugecompile import materialize_kv
 from gaugecompile.cache import CachePoolFullError, ManifoldCache
+from gaugecompile.kv_format import dequantize, quantize
 from gaugecompile.models.random_configs import random_config
 
 BS = 4
@@ -59,9 +65,14 @@ class _Nothing:
 
 
 class CacheMachine(RuleBasedStateMachine):
+    KV_DTYPE: str = "float64"
+
     def __init__(self) -> None:
         super().__init__()
-        self.cache = ManifoldCache(CONFIG, max_batch_size=6, max_tokens=120, block_size=BS, dtype=torch.float64)
+        self.cache = ManifoldCache(CONFIG, max_batch_size=6, max_tokens=120, block_size=BS, kv_dtype=self.KV_DTYPE)
+        #: per token: the rows written for it (key codes, key scales, value codes, value scales) and the view
+        #: position its key was rotated at
+        self.written: dict[int, tuple[tuple, int]] = {}
         self.spy = WindowSpy(self.cache)
         self.heads, self.dim = CONFIG.num_key_value_heads, self.cache.shape.head_dim
         self.toks: dict[int, list[tuple[int, int]]] = {}
@@ -144,6 +155,10 @@ class CacheMachine(RuleBasedStateMachine):
                 assert snapshot(cache) == before
             return
         self.counter += n_rows * q
+        fmt = cache.kv_format
+        for r, row in enumerate(ids):
+            for i, t in enumerate(row):
+                self.written[t] = (quantize(keys[r, :, i], fmt) + quantize(vals[r, :, i], fmt), view + i)
         batch = list(cache.batch)
         for seq, row in zip(batch, ids, strict=True):
             self.toks.setdefault(seq, [])
@@ -280,11 +295,42 @@ class CacheMachine(RuleBasedStateMachine):
             blocks, deltas, counts = cache.mapping(s)
             layer = len(toks) % LAYERS
             k, v = materialize_kv(cache.k_pools[layer], cache.v_pools[layer], torch.tensor([blocks]),
-                                  torch.tensor([deltas]), cache.rope, len(toks), torch.tensor([counts]))
-            assert v[0, 0, :, 0].tolist() == [float(t) for t, _ in toks]
-            want = torch.stack([cache.rope.apply(_key(t, self.heads, self.dim),
-                                                 torch.tensor([p - self.next[s] + len(toks)])) for t, p in toks], 1)
-            torch.testing.assert_close(k[0], want, rtol=0, atol=1e-9)
+                                  torch.tensor([deltas]), cache.rope, len(toks), torch.tensor([counts]),
+                                  k_scale=cache.storage.k_scales[layer], v_scale=cache.storage.v_scales[layer],
+                                  dtype=torch.float64)
+            if not cache.kv_format.scaled:
+                assert v[0, 0, :, 0].tolist() == [float(t) for t, _ in toks]
+                want = torch.stack([cache.rope.apply(_key(t, self.heads, self.dim),
+                                                     torch.tensor([p - self.next[s] + len(toks)])) for t, p in toks], 1)
+                torch.testing.assert_close(k[0], want, rtol=0, atol=1e-9)
+                continue
+            # compressed: the view is the written rows dequantized, each key rotated from where it was written to its
+            # view position (float32 arithmetic)
+            rows = [self.written[t] for t, _ in toks]
+            want_v = torch.stack([dequantize(w[0][2], w[0][3]) for w in rows], 1).double()
+            want_k = torch.stack([cache.rope.apply(dequantize(w[0][0], w[0][1]).double(),
+                                                   torch.tensor([p - self.next[s] + len(toks) - w[1]]))
+                                  for w, (_, p) in zip(rows, toks, strict=True)], 1)
+            torch.testing.assert_close(v[0], want_v, rtol=0, atol=0)
+            torch.testing.assert_close(k[0], want_k, rtol=1e-5, atol=1e-5)
+
+    @invariant()
+    def stored_rows_are_as_written(self):
+        """No edit changes a stored byte: every slot a view reads holds its token's rows as first written."""
+        cache, storage = self.cache, self.cache.storage
+        for s, toks in self.toks.items():
+            blocks, _, counts = cache.mapping(s)
+            slots = [b * BS + j for b, n in zip(blocks, counts, strict=True) for j in range(n)]
+            assert len(slots) == len(toks)
+            for layer in range(LAYERS) if toks else ():
+                stored = [storage.k_pools[layer], storage.k_scales[layer], storage.v_pools[layer],
+                          storage.v_scales[layer]]
+                for slot, (t, _) in zip(slots, toks, strict=True):
+                    for have, want in zip(stored, self.written[t][0], strict=True):
+                        if have is None:
+                            continue
+                        row = have.view(-1, *have.shape[2:])[slot]
+                        assert torch.equal(row.view(torch.uint8), want.view(torch.uint8)), (s, t, layer)
 
     def teardown(self):
         for chunk, _, _ in self.chunks:
@@ -297,6 +343,28 @@ class CacheMachine(RuleBasedStateMachine):
 TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(max_examples=120, stateful_step_count=30, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
+
+
+class CompressedCacheMachine(CacheMachine):
+    KV_DTYPE = "int8"
+
+
+class Float8CacheMachine(CacheMachine):
+    KV_DTYPE = "float8_e4m3fn"
+
+
+class Int4CacheMachine(CacheMachine):
+    KV_DTYPE = "int4"
+
+
+_COMPRESSED_SETTINGS = settings(max_examples=30, stateful_step_count=30, deadline=None,
+                                suppress_health_check=[HealthCheck.too_slow])
+TestCompressedCacheMachine = CompressedCacheMachine.TestCase
+TestCompressedCacheMachine.settings = _COMPRESSED_SETTINGS
+TestFloat8CacheMachine = Float8CacheMachine.TestCase
+TestFloat8CacheMachine.settings = _COMPRESSED_SETTINGS
+TestInt4CacheMachine = Int4CacheMachine.TestCase
+TestInt4CacheMachine.settings = _COMPRESSED_SETTINGS
 
 
 @pytest.mark.parametrize("layers", [0, 1, 2])

@@ -42,6 +42,9 @@ CASES = [
     pytest.param("low_precision.py", [*RANDOM, "--new-tokens", "6"], 300, id="low_precision-bf16"),
     pytest.param("low_precision.py", [*RANDOM, "--precision", "int8", "--new-tokens", "6"], 300,
                  id="low_precision-int8", marks=pytest.mark.slow),
+    pytest.param("compressed_cache.py", [*RANDOM, "--new-tokens", "6"], 300, id="compressed_cache-int8"),
+    pytest.param("compressed_cache.py", [*RANDOM, "--kv-dtype", "int4", "--new-tokens", "6"], 300,
+                 id="compressed_cache-int4", marks=pytest.mark.slow),
     pytest.param("bayesian_wind_tunnel.py", ["--smoke"], 300, id="bayesian_wind_tunnel"),  # trains its own model
 ]
 

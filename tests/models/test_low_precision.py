@@ -64,7 +64,7 @@ def test_greedy_equals_dynamic_cache_in_the_same_dtype(how):
     want_seq, want = generate_with_logits(model, DynamicCache(config=model.config), ids, max_new_tokens=8)
     sink: list = []
     cache = ManifoldCache(model, max_batch_size=1, max_tokens=64, block_size=4)
-    assert cache.storage.dtype == model.dtype  # the cast model's dtype, not its config's
+    assert cache.kv_format.storage == model.dtype  # the cast model's dtype, not its config's
     got_seq, got = generate_with_logits(_compiled(model, sink), cache, ids, max_new_tokens=8)
     _assert_rewritten(sink, model.config.num_hidden_layers)
     assert_same_choices(want, got, ATOL[model.dtype])
@@ -160,7 +160,7 @@ def test_one_basis_rounded_two_ways_is_refused():
 def test_a_cache_built_from_the_config_before_a_cast_says_how_to_follow_it():
     """Built from the config of a model cast later, the compiled step refuses at run time, naming the fix."""
     model = random_model("llama")
-    cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=64, block_size=4, dtype=torch.bfloat16)
+    cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=64, block_size=4, kv_dtype=torch.bfloat16)
     model = model.to(torch.bfloat16)
     model.compile(backend="gauge")
     with pytest.raises(Exception, match=r"rounded to torch.bfloat16.*ManifoldCache\(model"), torch.no_grad():

@@ -164,7 +164,8 @@ def test_cpu_kernel_reads_a_shared_prefix_once_for_all_rows(monkeypatch):
 
     reads = []
     real = paged_attention.tile_kv
-    monkeypatch.setattr(paged_attention, "tile_kv", lambda pool, ids: reads.extend(ids) or real(pool, ids))
+    monkeypatch.setattr(paged_attention, "tile_kv",
+                        lambda pool, scale, ids, dtype: reads.extend(ids) or real(pool, scale, ids, dtype))
     params = dict(EDGE, batch=4, blocks_per_seq=50, pool_blocks=60, block_size=16, table_kind="beams",
                   delta_range=(-(2**31), 2**31), dtype=torch.float64)
     (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)

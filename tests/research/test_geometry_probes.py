@@ -48,7 +48,7 @@ def _reference(parts) -> DynamicCache:
 
 
 def _cache_with_prompt() -> ManifoldCache:
-    cache = ManifoldCache(MODEL.config, max_batch_size=1, max_tokens=128, block_size=4, dtype=torch.float64)
+    cache = ManifoldCache(MODEL.config, max_batch_size=1, max_tokens=128, block_size=4, kv_dtype=torch.float64)
     with torch.no_grad():
         MODEL(input_ids=PROMPT, past_key_values=cache, use_cache=True)
     return cache

@@ -25,7 +25,7 @@ SPANS = (7, 10, 5)  # partial last blocks (block size 4)
 
 def _setup(dtype=torch.float32):
     model = random_model("llama", dtype=dtype).eval()
-    cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=128, block_size=4, dtype=dtype)
+    cache = ManifoldCache(model.config, max_batch_size=1, max_tokens=128, block_size=4, kv_dtype=dtype)
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in SPANS]
     chunks = [cache.prefill(model, ids) for ids in docs]
