@@ -65,7 +65,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -301,6 +301,69 @@ inline VF loadf(const float* p) {
   return v;
 }
 
+// W channels [d, d + W) of a stored row as float32 lanes, straight from the pool (no widened copy of the row): the
+// tiles below read every format this way where `direct<P>` (codes times their group's scale, exact as load_row).
+typedef uint16_t VH __attribute__((vector_size(2 * W)));
+typedef uint32_t VU __attribute__((vector_size(VBYTES)));
+// W bytes widened to W 32-bit lanes, sign- or zero-extended: one instruction (vpmovsxbd / vpmovzxbd) where the
+// machine has it (GCC's __builtin_convertvector from 8-bit lanes measured scalarised).
+template <bool SIGNED> inline VI widen_bytes(const void* p) {
+  VI v;
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  const __m512i w = SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+  std::memcpy(&v, &w, sizeof(VI));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(static_cast<const __m128i*>(p));
+  const __m256i w = SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+  std::memcpy(&v, &w, sizeof(VI));
+#else
+  for (int i = 0; i < W; ++i) {
+    v[i] = SIGNED ? static_cast<int32_t>(static_cast<const int8_t*>(p)[i]) : static_cast<const uint8_t*>(p)[i];
+  }
+#endif
+  return v;
+}
+template <typename P> constexpr bool direct() {
+  if constexpr (std::is_same_v<P, Int4Pool>) {
+    return FLOAT_TILES && (GROUP / 2) % W == 0;  // a vector's channels lie in one half of a group (one nibble)
+  } else {
+    return FLOAT_TILES && !std::is_same_v<typename P::Elem, c10::Half> && !std::is_same_v<typename P::Elem, double>;
+  }
+}
+template <typename P> inline VF load_vec(const typename P::Elem* row, const Scale* sc, int64_t d) {
+  if constexpr (std::is_same_v<P, FloatPool<float>>) {
+    return loadf(row + d);
+  } else if constexpr (std::is_same_v<P, FloatPool<c10::BFloat16>>) {
+    VH h;
+    std::memcpy(&h, row + d, sizeof(VH));
+    const VU u = __builtin_convertvector(h, VU) << 16;
+    VF f;
+    std::memcpy(&f, &u, sizeof(VF));
+    return f;
+  } else if constexpr (std::is_same_v<P, Int8Pool>) {
+    return __builtin_convertvector(widen_bytes<true>(row + d), VF) * bf16_bits(sc[d / GROUP]);
+  } else if constexpr (std::is_same_v<P, Fp8Pool>) {
+    const VU u = reinterpret_cast<VU>(widen_bytes<false>(row + d));
+    const VU em = u & 0x7fu;
+    VU bits = (em << 20) + (120u << 23);
+    VF f;
+    std::memcpy(&f, &bits, sizeof(VF));
+    const VF sub = __builtin_convertvector(em, VF) * 0.001953125f;
+    f = em < 8u ? sub : f;
+    std::memcpy(&bits, &f, sizeof(VF));
+    bits |= (u & 0x80u) << 24;
+    std::memcpy(&f, &bits, sizeof(VF));
+    return f * bf16_bits(sc[d / GROUP]);
+  } else {  // Int4Pool
+    constexpr int64_t H2 = GROUP / 2;
+    const int64_t g = d / GROUP, o = d % GROUP;
+    const VI b = widen_bytes<false>(row + g * H2 + o % H2);
+    const VI nib = o < H2 ? (b & 15) : (b >> 4);
+    return __builtin_convertvector(nib - 8, VF) * bf16_bits(sc[g]);
+  }
+}
+
 // exp of W lanes, each x <= 0 (scores minus their running max): Cephes' polynomial, 2 ulp.  x is clamped to -88,
 // where the exponent bits below come out as those of +0, so exp(-inf) = 0 exactly.
 inline VF exp_lanes(VF x) {
@@ -397,15 +460,17 @@ inline VF reduce_lanes(VF* v) {
 #undef FOLD
 #undef SHUFFLE2
 
-// out[r * out_stride + t] = q_r . k_t for R rows (D apart) and the first `tn` of TILE_KEYS keys.
-template <int R>
-inline void score_tile(const float* q, const float* const* k, int64_t tn, float* out, int64_t out_stride) {
+// out[r * out_stride + t] = q_r . k_t for R rows (D apart) and the first `tn` of TILE_KEYS keys (rows of format P,
+// with their scales ks).
+template <int R, typename P>
+inline void score_tile(const float* q, const typename P::Elem* const* k, const Scale* const* ks, int64_t tn,
+                       float* out, int64_t out_stride) {
   VF acc[W] = {};
   for (int64_t d = 0; d < D; d += W) {
     VF qv[R];
     for (int r = 0; r < R; ++r) qv[r] = loadf(q + r * D + d);
     for (int t = 0; t < TILE_KEYS; ++t) {
-      const VF kv = loadf(k[t] + d);
+      const VF kv = load_vec<P>(k[t], ks[t], d);
       for (int r = 0; r < R; ++r) acc[TILE_KEYS * r + t] += qv[r] * kv;
     }
   }
@@ -415,28 +480,31 @@ inline void score_tile(const float* q, const float* const* k, int64_t tn, float*
   }
 }
 
-inline void score_rows(const float* q, int64_t rows, const float* const* k, int64_t tn, float* out,
-                       int64_t out_stride) {
+template <typename P>
+inline void score_rows(const float* q, int64_t rows, const typename P::Elem* const* k, const Scale* const* ks,
+                       int64_t tn, float* out, int64_t out_stride) {
   in_fours(rows, [&](auto tile_rows, int64_t r) {
     constexpr int n = decltype(tile_rows)::value;
-    score_tile<n>(q + r * D, k, tn, out + r * out_stride, out_stride);
+    score_tile<n, P>(q + r * D, k, ks, tn, out + r * out_stride, out_stride);
   });
 }
 
 // a_r <- alpha_r * a_r + sum_t p_r[t] * v_t for R rows of one head (accumulators D apart, probabilities
 // p_stride apart), the value rows of the chunk read once per slice of SLICE registers.
-template <int R>
-inline void value_tile(float* a, const float* alpha, const float* p, int64_t p_stride, const float* const* vrows,
-                       int64_t nc, int64_t stride, int64_t h) {
+template <int R, typename P>
+inline void value_tile(float* a, const float* alpha, const float* p, int64_t p_stride,
+                       const typename P::Elem* const* vrows, const Scale* const* vscales, int64_t nc, int64_t stride,
+                       int64_t h) {
   for (int64_t s0 = 0; s0 < D; s0 += SLICE * W) {
     VF acc[R][SLICE];
     for (int r = 0; r < R; ++r) {
       for (int i = 0; i < SLICE; ++i) acc[r][i] = loadf(a + r * D + s0 + W * i) * alpha[r];
     }
     for (int64_t t = 0; t < nc; ++t) {
-      const float* vr = vrows[t * stride + h] + s0;
+      const typename P::Elem* vr = vrows[t * stride + h];
+      const Scale* vs = vscales[t * stride + h];
       VF v[SLICE];
-      for (int i = 0; i < SLICE; ++i) v[i] = loadf(vr + W * i);
+      for (int i = 0; i < SLICE; ++i) v[i] = load_vec<P>(vr, vs, s0 + W * i);
       for (int r = 0; r < R; ++r) {
         const float pt = p[r * p_stride + t];
         for (int i = 0; i < SLICE; ++i) acc[r][i] += pt * v[i];
@@ -448,11 +516,13 @@ inline void value_tile(float* a, const float* alpha, const float* p, int64_t p_s
   }
 }
 
+template <typename P>
 inline void value_rows(float* a, const float* alpha, const float* p, int64_t p_stride, int64_t rows,
-                       const float* const* vrows, int64_t nc, int64_t stride, int64_t h) {
+                       const typename P::Elem* const* vrows, const Scale* const* vscales, int64_t nc, int64_t stride,
+                       int64_t h) {
   in_fours(rows, [&](auto tile_rows, int64_t r) {
     constexpr int n = decltype(tile_rows)::value;
-    value_tile<n>(a + r * D, alpha + r, p + r * p_stride, p_stride, vrows, nc, stride, h);
+    value_tile<n, P>(a + r * D, alpha + r, p + r * p_stride, p_stride, vrows, vscales, nc, stride, h);
   });
 }
 
@@ -685,7 +755,9 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
     std::vector<A> qs, qr, sc, scale_by, kb(TILE_KEYS * D), vb;  // kb/vb: rows widened from other formats
-    if constexpr (!std::is_same_v<P, FloatPool<A>>) vb.resize(CHUNK * std::min<int64_t>(Hkv, MAX_KV_HEADS_PER_PASS) * D);
+    if constexpr (!std::is_same_v<P, FloatPool<A>> && !direct<P>()) {
+      vb.resize(CHUNK * std::min<int64_t>(Hkv, MAX_KV_HEADS_PER_PASS) * D);
+    }
     std::vector<char> live;
     ChunkRows<P> chunk_rows[2];  // the chunk being read and the next one (prefetched meanwhile)
     for (int64_t it; (it = next.fetch_add(1)) < n_items;) {
@@ -790,13 +862,25 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
             for (int64_t t0 = t_begin; t0 < t_end; t0 += TILE_KEYS) {  // TILE_KEYS tokens at a time, every head
               const int64_t tn = std::min<int64_t>(TILE_KEYS, t_end - t0);
               for (int64_t h = 0; h < Hkv; ++h) {
+                const E* kc[TILE_KEYS];  // rows read in place (direct<P>), or widened into kb first
                 const float* kt[TILE_KEYS];
+                const Scale* kcs[TILE_KEYS];
                 for (int64_t t = 0; t < TILE_KEYS; ++t) {  // a short tile repeats its last key (scores not stored)
                   const int64_t tk = t0 + std::min(t, tn - 1);
-                  kt[t] = row<P, A>(cur->k[tk] + h * ks2, kr.head_scales(cur->ks[tk], h), kb.data() + t * D);
+                  kcs[t] = kr.head_scales(cur->ks[tk], h);
+                  if constexpr (direct<P>()) {
+                    kc[t] = cur->k[tk] + h * ks2;
+                  } else {
+                    kt[t] = row<P, A>(cur->k[tk] + h * ks2, kcs[t], kb.data() + t * D);
+                  }
                   if (t0 + t < ahead->n) prefetch(*ahead, t0 + t, h);
                 }
-                score_rows(qcur + h * per_head * D, per_head, kt, tn, sc.data() + h * per_head * CHUNK + t0, CHUNK);
+                float* out = sc.data() + h * per_head * CHUNK + t0;
+                if constexpr (direct<P>()) {
+                  score_rows<P>(qcur + h * per_head * D, per_head, kc, kcs, tn, out, CHUNK);
+                } else {
+                  score_rows<FloatPool<float>>(qcur + h * per_head * D, per_head, kt, kcs, tn, out, CHUNK);
+                }
               }
             }
           } else {
@@ -835,20 +919,30 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Ten
           scale_by[r] = alpha;
         }
         // rescale and add the weighted values, each row's accumulators held in registers over the chunk
-        const A* vrows[CHUNK * MAX_KV_HEADS_PER_PASS];
+        const A* vrows[CHUNK * MAX_KV_HEADS_PER_PASS];  // widened rows (formats not read in place)
+        const E* vcodes[CHUNK * MAX_KV_HEADS_PER_PASS];  // rows read in place (direct<P>)
+        const Scale* vscales[CHUNK * MAX_KV_HEADS_PER_PASS];
         for (int64_t h0 = 0; h0 < Hkv; h0 += MAX_KV_HEADS_PER_PASS) {
           const int64_t hn = std::min<int64_t>(MAX_KV_HEADS_PER_PASS, Hkv - h0);
           for (int64_t t = 0; t < nc; ++t) {
             for (int64_t h = 0; h < hn; ++h) {
-              vrows[t * hn + h] = row<P, A>(cur->v[t] + (h0 + h) * vs2, vr.head_scales(cur->vs[t], h0 + h),
-                                            vb.data() + (t * hn + h) * D);
+              vscales[t * hn + h] = vr.head_scales(cur->vs[t], h0 + h);
+              if constexpr (direct<P>()) {
+                vcodes[t * hn + h] = cur->v[t] + (h0 + h) * vs2;
+              } else {
+                vrows[t * hn + h] = row<P, A>(cur->v[t] + (h0 + h) * vs2, vscales[t * hn + h],
+                                              vb.data() + (t * hn + h) * D);
+              }
             }
           }
           for (int64_t h = 0; h < hn; ++h) {
             const int64_t r0 = (h0 + h) * per_head;
-            if constexpr (std::is_same_v<A, float> && FLOAT_TILES) {
-              value_rows(acc + r0 * D, scale_by.data() + r0, sc.data() + r0 * CHUNK, CHUNK, per_head, vrows, nc, hn,
-                         h);
+            if constexpr (direct<P>()) {
+              value_rows<P>(acc + r0 * D, scale_by.data() + r0, sc.data() + r0 * CHUNK, CHUNK, per_head, vcodes,
+                            vscales, nc, hn, h);
+            } else if constexpr (std::is_same_v<A, float> && FLOAT_TILES) {
+              value_rows<FloatPool<float>>(acc + r0 * D, scale_by.data() + r0, sc.data() + r0 * CHUNK, CHUNK,
+                                           per_head, vrows, vscales, nc, hn, h);
             } else {
               for (int64_t r = r0; r < r0 + per_head; ++r) {
                 if (!live[r]) continue;

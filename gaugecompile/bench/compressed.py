@@ -35,10 +35,10 @@ FORMATS = ("float32", "bfloat16", "float8_e4m3fn", "int8", "int4")
 
 
 def bytes_floor(tensors: list[torch.Tensor], repeat: int = 7) -> float:
-    """Best seconds of one pass over every byte of `tensors` (an int32 reduction of their bytes, whatever their
-    dtype, so every format's floor is measured the same way)."""
-    words = [t.view(torch.int32) for t in tensors]
-    return min(timed(lambda: [w.sum() for w in words], 1) for _ in range(repeat))
+    """Best seconds of one pass over every byte of `tensors`: a max over their bytes (whatever their dtype, so every
+    format's floor is measured the same way; a vectorised reduction that runs at a float32 sum's speed here)."""
+    raw = [t.view(torch.uint8) for t in tensors]
+    return min(timed(lambda: [r.amax() for r in raw], 1) for _ in range(repeat))
 
 
 @torch.no_grad()
