@@ -303,8 +303,6 @@ inline VF loadf(const float* p) {
 
 // W channels [d, d + W) of a stored row as float32 lanes, straight from the pool (no widened copy of the row): the
 // tiles below read every format this way where `direct<P>` (codes times their group's scale, exact as load_row).
-typedef uint16_t VH __attribute__((vector_size(2 * W)));
-typedef uint32_t VU __attribute__((vector_size(VBYTES)));
 // W bytes widened to W 32-bit lanes, sign- or zero-extended: one instruction (vpmovsxbd / vpmovzxbd) where the
 // machine has it (GCC's __builtin_convertvector from 8-bit lanes measured scalarised).
 template <bool SIGNED> inline VI widen_bytes(const void* p) {
@@ -324,37 +322,68 @@ template <bool SIGNED> inline VI widen_bytes(const void* p) {
 #endif
   return v;
 }
+
+// W 16-bit values: bfloat16 bits widened to float32 lanes (a shift), or float16 bits converted (F16C).
+template <bool HALF> inline VF widen_halves(const void* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  const __m512 f = HALF ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif defined(__AVX2__) && defined(__F16C__)
+  const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  const __m256 f = HALF ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  VF f;
+  for (int i = 0; i < W; ++i) {
+    const uint16_t bits = static_cast<const uint16_t*>(p)[i];
+    f[i] = HALF ? static_cast<float>(c10::Half(bits, c10::Half::from_bits())) : bf16_bits(bits);
+  }
+#endif
+  VF v;
+  std::memcpy(&v, &f, sizeof(VF));
+  return v;
+}
+
+// W float8 e4m3fn values as float16 bits in 16-bit lanes: exponent and mantissa moved up 7 bits (0x7f << 7), the
+// sign to bit 15.  That float16 is the e4m3fn value times 2^-8 for normal and subnormal values alike (the exponent
+// biases differ by 8), so the caller scales by 2^8.
+inline VF fp8_lanes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+                                    _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+  const __m512 f = _mm512_cvtph_ps(h);
+#elif defined(__AVX2__) && defined(__F16C__)
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7),
+                                 _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+  const __m256 f = _mm256_cvtph_ps(h);
+#else
+  VF f;
+  for (int i = 0; i < W; ++i) f[i] = fp8_bits(p[i]) * 0.00390625f;
+#endif
+  VF v;
+  std::memcpy(&v, &f, sizeof(VF));
+  return v;
+}
+
 template <typename P> constexpr bool direct() {
   if constexpr (std::is_same_v<P, Int4Pool>) {
     return FLOAT_TILES && (GROUP / 2) % W == 0;  // a vector's channels lie in one half of a group (one nibble)
   } else {
-    return FLOAT_TILES && !std::is_same_v<typename P::Elem, c10::Half> && !std::is_same_v<typename P::Elem, double>;
+    return FLOAT_TILES && !std::is_same_v<typename P::Elem, double>;
   }
 }
 template <typename P> inline VF load_vec(const typename P::Elem* row, const Scale* sc, int64_t d) {
   if constexpr (std::is_same_v<P, FloatPool<float>>) {
     return loadf(row + d);
   } else if constexpr (std::is_same_v<P, FloatPool<c10::BFloat16>>) {
-    VH h;
-    std::memcpy(&h, row + d, sizeof(VH));
-    const VU u = __builtin_convertvector(h, VU) << 16;
-    VF f;
-    std::memcpy(&f, &u, sizeof(VF));
-    return f;
+    return widen_halves<false>(row + d);
+  } else if constexpr (std::is_same_v<P, FloatPool<c10::Half>>) {
+    return widen_halves<true>(row + d);
   } else if constexpr (std::is_same_v<P, Int8Pool>) {
     return __builtin_convertvector(widen_bytes<true>(row + d), VF) * bf16_bits(sc[d / GROUP]);
   } else if constexpr (std::is_same_v<P, Fp8Pool>) {
-    const VU u = reinterpret_cast<VU>(widen_bytes<false>(row + d));
-    const VU em = u & 0x7fu;
-    VU bits = (em << 20) + (120u << 23);
-    VF f;
-    std::memcpy(&f, &bits, sizeof(VF));
-    const VF sub = __builtin_convertvector(em, VF) * 0.001953125f;
-    f = em < 8u ? sub : f;
-    std::memcpy(&bits, &f, sizeof(VF));
-    bits |= (u & 0x80u) << 24;
-    std::memcpy(&f, &bits, sizeof(VF));
-    return f * bf16_bits(sc[d / GROUP]);
+    return fp8_lanes(row + d) * (bf16_bits(sc[d / GROUP]) * 256.0f);
   } else {  // Int4Pool
     constexpr int64_t H2 = GROUP / 2;
     const int64_t g = d / GROUP, o = d % GROUP;

@@ -144,7 +144,7 @@ def step_rows(model, length: int, steps: int, inner: str = "inductor") -> list[d
             ids = logits[:, -1:].argmax(-1)
         step = statistics.median(times[2:])
         base = base or step
-        rows.append(dict(kv_dtype=name, tokens=length, step_s=step, speedup_vs_float32=ratio(step, base),
+        rows.append(dict(kv_dtype=name, tokens=length, step_s=step, speedup_vs_float32=ratio(base, step),
                          kv_bytes=cache.blocks_in_use * cache.bytes_per_block))
     return rows
 
