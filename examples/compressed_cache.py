@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from gaugecompile.bench.decode_loops import greedy
 from gaugecompile.bench.prompts import QUESTION, chat_ids, decode
 from gaugecompile.cache import ManifoldCache
 from gaugecompile.models import add_model_arguments, model_from_args
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             results[kv_dtype] = (model.generate(ids, past_key_values=cache, **kwargs), cache, dict(runs))
         per_token = cache.bytes_per_block / cache.block_size
-        print(f"{kv_dtype:>14} pools: {per_token / 1024:.1f} KiB a token (scales included); kernel calls "
+        print(f"{kv_dtype:>14} pools: {per_token:,.0f} bytes a token (scales included); kernel calls "
               f"{runs['kernel']}, fallbacks {runs['masked_fallback']}")
     base, got = results["float32"][0], results[args.kv_dtype][0]
     same = int((got[0, ids.shape[1]:] == base[0, ids.shape[1]:]).sum())
@@ -79,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     cache.fork(seq, 1)
     cache.set_batch([seq])
     runs.clear()
-    token, more = got[:, -1:], []
-    with torch.no_grad():
-        for _ in range(4):  # greedy by hand: the cache holds more than the token ids generate() would be given
-            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            more.append(int(token))
+    more, _ = greedy(model, got[:, -1:], cache, 4)  # by hand: the cache holds more than the ids generate() is given
     unchanged = stored_bytes(cache, list(blocks)) == before
     print(f"after a delete, a splice at 10^6 and a fork: {decode(tokenizer, more)!r}, kernel calls {runs['kernel']}; "
           f"stored bytes of the first view's {len(blocks)} blocks unchanged: {unchanged}")

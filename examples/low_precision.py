@@ -20,6 +20,7 @@ import sys
 import torch
 from transformers import DynamicCache
 
+from gaugecompile.bench.decode_loops import greedy
 from gaugecompile.bench.precision import variant
 from gaugecompile.bench.prompts import QUESTION, chat_ids, decode
 from gaugecompile.cache import ManifoldCache
@@ -68,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     cache.splice(cache.batch[0], chunk, 10**6)
     chunk.free()
     runs.clear()
-    token, more = got[:, -1:], []
-    with torch.no_grad():
-        for _ in range(4):  # greedy by hand: the cache holds more than the token ids generate() would be given
-            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            more.append(int(token))
+    more, _ = greedy(model, got[:, -1:], cache, 4)  # by hand: the cache holds more than the ids generate() is given
     print(f"after a splice at 10^6: {decode(tokenizer, more)!r}, kernel calls {runs['kernel']}")
 
     ok = (same and rewritten and all(n == model.config.num_hidden_layers for n in rewritten) and not refused

@@ -47,6 +47,12 @@ def _compressed(k: torch.Tensor, v: torch.Tensor, fmt: str):
     return kc, vc, ks, vs
 
 
+def _case(fmt: str, **params):
+    """A float32 case of `make_case` with its pools in `fmt`: (q, (kc, vc, ks, vs), table, delta, lens, inv_freq)."""
+    (q, k, v, table, delta, lens), inv_freq = make_case(None, dtype=torch.float32, **params)
+    return q, _compressed(k, v, fmt), table, delta, lens, inv_freq
+
+
 @pytest.mark.parametrize("impl", ["auto", "loop"])
 @settings(max_examples=40)
 @given(case=cases(dtypes=(torch.float32, torch.bfloat16)), fmt=st.sampled_from(POOL_FORMATS))
@@ -73,10 +79,9 @@ def test_op_over_every_format_is_the_reference_over_its_values(impl, case, fmt):
 @pytest.mark.parametrize("fmt", COMPRESSED)
 def test_reference_and_native_agree_on_compressed_pools(fmt):
     """reference_attention takes the scales too (it dequantizes first, then is the definition)."""
-    params = dict(batch=2, heads=4, group=2, q_len=3, head_dim=64, rotary_dim=32, block_size=4, blocks_per_seq=5,
-                  pool_blocks=8, dtype=torch.float32, table_kind="ragged", delta_range=(-99, 99), seed=3)
-    (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)
-    kc, vc, ks, vs = _compressed(k, v, fmt)
+    q, (kc, vc, ks, vs), table, delta, lens, inv_freq = _case(
+        fmt, batch=2, heads=4, group=2, q_len=3, head_dim=64, rotary_dim=32, block_size=4, blocks_per_seq=5,
+        pool_blocks=8, table_kind="ragged", delta_range=(-99, 99), seed=3)
     rope = gc.RopeSpec(inv_freq, 32, True)
     a = gc.rotated_query_attention(q, kc, vc, table, delta, lens, rope, k_scale=ks, v_scale=vs, impl="native")
     b = gc.reference_attention(q, kc, vc, table, delta, lens, rope, k_scale=ks, v_scale=vs)
@@ -89,10 +94,9 @@ def test_materialize_dequantizes_then_rerotates(fmt):
     from gaugecompile.ops.materialize import materialize_views
     from gaugecompile.ops.reference import rerotate
 
-    params = dict(batch=2, heads=2, group=1, q_len=1, head_dim=32, rotary_dim=32, block_size=4, blocks_per_seq=3,
-                  pool_blocks=6, dtype=torch.float32, table_kind="ragged", delta_range=(-50, 50), seed=5)
-    (_, k, v, table, delta, lens), inv_freq = make_case(None, **params)
-    kc, vc, ks, vs = _compressed(k, v, fmt)
+    _, (kc, vc, ks, vs), table, delta, lens, inv_freq = _case(
+        fmt, batch=2, heads=2, group=1, q_len=1, head_dim=32, rotary_dim=32, block_size=4, blocks_per_seq=3,
+        pool_blocks=6, table_kind="ragged", delta_range=(-50, 50), seed=5)
     rope = gc.RopeSpec(inv_freq, 32, False)
     length = int(lens.sum(1)[0])
     lens[1] = lens[0]
@@ -116,10 +120,9 @@ def test_materialize_dequantizes_then_rerotates(fmt):
 def test_gradients_over_compressed_pools_are_those_over_their_values(fmt):
     """The backward where deltas are learnable: dq and d delta over codes equal those over the dequantized pools
     (float32 both); the codes themselves get none."""
-    params = dict(batch=2, heads=4, group=2, q_len=2, head_dim=32, rotary_dim=32, block_size=4, blocks_per_seq=3,
-                  pool_blocks=5, dtype=torch.float32, table_kind="contiguous", delta_range=(-20, 20), seed=11)
-    (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)
-    kc, vc, ks, vs = _compressed(k, v, fmt)
+    q, (kc, vc, ks, vs), table, delta, lens, inv_freq = _case(
+        fmt, batch=2, heads=4, group=2, q_len=2, head_dim=32, rotary_dim=32, block_size=4, blocks_per_seq=3,
+        pool_blocks=5, table_kind="contiguous", delta_range=(-20, 20), seed=11)
     rope = gc.RopeSpec(inv_freq, 32, False)
     grads = []
     for pools in ((kc, vc, ks, vs), (dequantize(kc, ks), dequantize(vc, vs), None, None)):
@@ -136,10 +139,9 @@ def test_gradients_over_compressed_pools_are_those_over_their_values(fmt):
 @pytest.mark.parametrize("fmt", COMPRESSED)
 def test_opcheck_with_scales(fmt):
     """Schema, fake kernel and autograd registration agree for compressed pools (torch.library.opcheck)."""
-    params = dict(batch=1, heads=2, group=2, q_len=2, head_dim=32, rotary_dim=16, block_size=4, blocks_per_seq=2,
-                  pool_blocks=3, dtype=torch.float32, table_kind="contiguous", delta_range=(-5, 5), seed=2)
-    (q, k, v, table, delta, lens), inv_freq = make_case(None, **params)
-    kc, vc, ks, vs = _compressed(k, v, fmt)
+    q, (kc, vc, ks, vs), table, delta, lens, inv_freq = _case(
+        fmt, batch=1, heads=2, group=2, q_len=2, head_dim=32, rotary_dim=16, block_size=4, blocks_per_seq=2,
+        pool_blocks=3, table_kind="contiguous", delta_range=(-5, 5), seed=2)
     args = (q, kc, vc, table, delta, lens, inv_freq, 16, False, 0.2, True, 0, 0.0, ks, vs)
     # test_schema compares the inputs before and after with allclose, which float8 tensors do not implement
     utils = [u for u in ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
