@@ -607,8 +607,8 @@ template <typename P> struct ChunkRows {
   int64_t run_end[CHUNK];     // the token after each run
   const E* k[CHUNK];
   const E* v[CHUNK];
-  const Scale* ks[CHUNK];
-  const Scale* vs[CHUNK];
+  const Scale* ks[CHUNK] = {};  // null for float formats (their rows have no scales)
+  const Scale* vs[CHUNK] = {};
 };
 
 struct Segment {

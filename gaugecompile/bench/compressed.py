@@ -17,7 +17,6 @@ and gains in speed, against float32 pools, side by side in one run.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -25,7 +24,7 @@ from ..cache import ManifoldCache
 from ..kv_format import kv_format, quantize
 from ..ops import rotated_query_attention
 from ..rope import RopeSpec
-from .decode_loops import gauge_forward
+from .decode_loops import gauge_forward, greedy
 from .measure import log, ratio, timed
 from .synthetic import decode_tables
 
@@ -135,14 +134,8 @@ def step_rows(model, length: int, steps: int, inner: str = "inductor") -> list[d
     for name in ("float32", "int8"):
         log(f"compressed KV decode step: {name} pools, {length} tokens (compiling on first use)")
         cache = filled_cache(model, name, length)
-        ids = torch.tensor([[1]])
-        times = []
-        for _ in range(steps + 2):  # the first two compile and warm up
-            start = time.perf_counter()
-            logits = forward(input_ids=ids, past_key_values=cache, use_cache=True).logits
-            times.append(time.perf_counter() - start)
-            ids = logits[:, -1:].argmax(-1)
-        step = statistics.median(times[2:])
+        _, times = greedy(forward, torch.tensor([[1]]), cache, steps + 1)
+        step = statistics.median(times[2:])  # the first two compile and warm up
         base = base or step
         rows.append(dict(kv_dtype=name, tokens=length, step_s=step, speedup_vs_float32=ratio(base, step),
                          kv_bytes=cache.blocks_in_use * cache.bytes_per_block))

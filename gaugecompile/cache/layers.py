@@ -134,7 +134,7 @@ class AttentionLayer:
         for (codes, scale), (pools, scales) in zip(stored, targets, strict=False):
             for new, t in ((codes, pools[self.index]), (scale, scales[self.index])):
                 if t is not None:  # float8 as its bytes (index_copy_ has no float8 kernel on the CPU)
-                    flat, new = t.view(-1, *t.shape[2:]), new.to(t.dtype)
+                    flat = t.view(-1, *t.shape[2:])
                     if t.dtype == torch.float8_e4m3fn:
                         flat, new = flat.view(torch.uint8), new.view(torch.uint8)
                     flat.index_copy_(0, slots, new)
